@@ -1,0 +1,3 @@
+"""CLI commands: train (being written)."""
+
+from dagan_gn.cli.app import app  # noqa: F401

@@ -1,0 +1,29 @@
+"""Seeding and device selection shared by every command."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+__all__ = ["seed_everything", "resolve_device"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available else CPU; ``cuda``/``cuda:1``/``cpu`` as given, with a clear error when CUDA
+    is asked for but absent."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"--device {name} was requested but no CUDA device is available; use --device cpu")
+    return torch.device(name)
