@@ -87,10 +87,10 @@ def parse_norm_spec(spec: NormSpec) -> tuple[str, dict[str, Any]]:
                 raise NormSpecError(f"norm spec {spec!r}: argument after ':' must be integer(s)") from exc
             kwargs[_SHORT_ARG[name]] = values[0] if len(values) == 1 else values
     elif isinstance(spec, (tuple, list)) and len(spec) in (1, 2) and isinstance(spec[0], str):
-        name = spec[0]
-        kwargs = dict(spec[1]) if len(spec) == 2 else {}
         if len(spec) == 2 and not isinstance(spec[1], dict):
             raise NormSpecError(f"norm spec {spec!r}: second element must be a dict of arguments")
+        name = spec[0]
+        kwargs = dict(spec[1]) if len(spec) == 2 else {}
     else:
         raise NormSpecError(f"cannot read norm spec {spec!r}; use e.g. 'group:8' or ('group', {{'num_groups': 8}})")
     name = _ALIASES.get(str(name).lower(), str(name).lower())
@@ -164,14 +164,33 @@ class ConditionalBatchNorm2d(nn.Module):
 
 
 def make_norm(spec: NormSpec, channels: int, *, layer_index: int = 0, spatial_dims: int = 2,
-              shared_embedding: nn.Embedding | None = None) -> nn.Module:
+              shared_embedding: nn.Embedding | None = None, where: str = "") -> nn.Module:
     """The activation-norm layer for ``channels`` feature channels, or ``nn.Identity`` for none/weight/spectral.
 
-    ``spatial_dims`` is 2 for feature maps (N, C, H, W) and 1... for (N, C) vectors use ``spatial_dims=0``.
+    Args:
+        spec: a registry spec (see the module docstring).
+        channels: number of feature channels the layer normalises.
+        layer_index: position of the layer in its network; picks entry ``layer_index`` of per-layer schedules such as
+            ``("group", {"num_groups": [16, 8, 4]})`` (the last entry repeats).
+        spatial_dims: 2 for feature maps (N, C, H, W), 1 for (N, C, L), 0 for (N, C) vectors.
+        shared_embedding: the generator's class embedding, shared by ``conditional_batch`` layers (BigGAN).
+        where: a readable name of the layer (e.g. ``"DAGANGenerator.encoder.2.norm1"``) used in error messages.
+
+    Raises:
+        NormSpecError: unknown name, bad arguments, or a group count that does not divide ``channels``.
     """
     from monai.networks.layers.factories import Norm  # MONAI's norm factory: the layers themselves
 
     name, kwargs = parse_norm_spec(spec)
+    place = f" at {where}" if where else ""
+    try:
+        return _build_norm(Norm, name, kwargs, channels, layer_index, spatial_dims, shared_embedding, place)
+    except TypeError as exc:  # an argument the torch layer does not take, e.g. ("batch", {"momentun": 0.1})
+        raise NormSpecError(f"norm spec {spec!r}{place}: {exc}") from exc
+
+
+def _build_norm(Norm: Any, name: str, kwargs: dict[str, Any], channels: int, layer_index: int, spatial_dims: int,
+                shared_embedding: nn.Embedding | None, place: str) -> nn.Module:
     if name in ("none",) + WEIGHT_NORMS:
         return nn.Identity()
     if name == "batch":
@@ -180,7 +199,7 @@ def make_norm(spec: NormSpec, channels: int, *, layer_index: int = 0, spatial_di
         return Norm[Norm.BATCH, spatial_dims](channels, **kwargs)
     if name == "instance":
         if spatial_dims == 0:
-            raise NormSpecError("instance norm is undefined for (N, C) vectors; use 'layer' there")
+            raise NormSpecError(f"instance norm{place} is undefined for (N, C) vectors; use 'layer' there")
         kwargs = {"affine": True, **kwargs}
         return Norm[Norm.INSTANCE, spatial_dims](channels, **kwargs)
     if name == "layer":
@@ -191,13 +210,19 @@ def make_norm(spec: NormSpec, channels: int, *, layer_index: int = 0, spatial_di
         groups = int(_pick(kwargs.pop("num_groups"), layer_index))
         if groups < 1 or channels % groups != 0:
             raise NormSpecError(
-                f"group norm with num_groups={groups} cannot normalise {channels} channels "
+                f"group norm with num_groups={groups} cannot normalise {channels} channels{place} "
                 f"(layer {layer_index}): num_groups must divide the channel count; "
                 f"divisors of {channels} are {[d for d in range(1, channels + 1) if channels % d == 0]}"
             )
         return Norm[Norm.GROUP, spatial_dims](num_groups=groups, num_channels=channels, **kwargs)
     if name == "conditional_batch":
+        if spatial_dims != 2:
+            raise NormSpecError(f"conditional_batch norm{place} is only defined for (N, C, H, W) feature maps")
         num_classes = int(kwargs.get("num_classes", 0))
+        if num_classes < 1 and shared_embedding is not None:
+            num_classes = shared_embedding.num_embeddings
+        if num_classes < 1:
+            raise NormSpecError(f"conditional_batch norm{place} needs num_classes >= 1 (a class-conditional model)")
         return ConditionalBatchNorm2d(channels, num_classes, int(kwargs.get("embedding_dim", 128)), shared_embedding)
     raise NormSpecError(f"unknown normalization '{name}'")  # pragma: no cover - parse_norm_spec guards
 
@@ -205,10 +230,13 @@ def make_norm(spec: NormSpec, channels: int, *, layer_index: int = 0, spatial_di
 def apply_weight_norm(module: nn.Module, spec: NormSpec) -> nn.Module:
     """Wrap a conv/linear with weight or spectral normalization when ``spec`` asks for it; else return it as is."""
     name, kwargs = parse_norm_spec(spec)
-    if name == "weight":
-        return nn.utils.parametrizations.weight_norm(module, **kwargs)
-    if name == "spectral":
-        return nn.utils.parametrizations.spectral_norm(module, **kwargs)
+    try:
+        if name == "weight":
+            return nn.utils.parametrizations.weight_norm(module, **kwargs)
+        if name == "spectral":
+            return nn.utils.parametrizations.spectral_norm(module, **kwargs)
+    except TypeError as exc:  # an argument the parametrization does not take
+        raise NormSpecError(f"norm spec {spec!r}: {exc}") from exc
     return module
 
 

@@ -1,0 +1,249 @@
+"""Conditional DAGAN (Antoniou et al. 2017) for 1-channel patches: a U-Net residual generator and a pair critic.
+
+Generator ``G(x, z, y=None)``: a real patch ``x`` in [-1, 1] goes through a residual U-Net (UResNet in spirit) whose
+encoder downsamples *immediately* (a cheap full-resolution stem, then stride-2 residual blocks) and spends its width
+at low resolution; noise ``z`` (and the class embedding, when conditional) forms a conditioning vector ``c`` that is
+
+* projected to a ``z_channels × b × b`` map concatenated with the bottleneck features, and
+* projected to a per-channel bias added inside every decoder stage (:class:`~dagan_gn.modules.blocks.UNetUpBlock`),
+
+so the noise acts at every scale. Decoder stages take the encoder features of their resolution as skips; the output
+is ``tanh(conv(act(norm(h))))``, an image like ``x``.
+
+Levels: level ``l`` has resolution ``S / 2**l``; ``widths[l]`` its channels, from full resolution (level 0) to the
+``bottleneck_size`` map (level ``L-1``). Block indices for per-layer norm schedules: encoder down-blocks ``0..L-2``,
+bottleneck ``L-1``, decoder stages ``L..2L-2`` (coarse to fine), output norm ``2L-1``.
+
+Critic ``D(x, x_other, y=None) -> [B]``: the pair stacked on channels (2C), a stride-2 stem conv, stride-2 residual
+down-blocks to 4×4, activation, global mean pool, linear, plus the projection term ``⟨embed(y), h⟩`` when
+``num_classes > 0``. Default norm ``layer`` (per-sample, keeps the WGAN-GP penalty well defined).
+
+Sizes and costs of the presets (:func:`dagan_preset`) are in ``docs/networks.md`` and ``benchmarks/nets_flops.py``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from ..modules.blocks import ResBlock, UNetUpBlock, activation, conv2d, critic_norm_spec, linear
+from ..modules.norms import NormSpec, apply_norm, make_norm, parse_norm_spec
+
+__all__ = ["DAGANGenerator", "DAGANCritic", "dagan_preset", "DAGAN_PRESETS", "default_generator_widths",
+           "default_critic_widths"]
+
+
+def _levels(image_size: int, low: int, where: str) -> int:
+    """Number of halvings from ``image_size`` down to ``low`` (both powers of two)."""
+    if image_size < low or image_size % low or (image_size // low) & (image_size // low - 1):
+        raise ValueError(f"{where}: image_size {image_size} must be {low} times a power of two")
+    return int(math.log2(image_size // low))
+
+
+def default_generator_widths(image_size: int, width: int, bottleneck_size: int = 4,
+                             max_width: int | None = None, stem_width: int | None = None) -> list[int]:
+    """Channels per generator level: ``stem_width`` (default ``width // 2``) at full resolution, then ``width``,
+    doubling per halving up to ``max_width`` (default ``8 * width``)."""
+    n = _levels(image_size, bottleneck_size, "DAGANGenerator")
+    max_width = 8 * width if max_width is None else max_width
+    stem = max(width // 2, 1) if stem_width is None else stem_width
+    return [stem] + [min(width * 2 ** (level - 1), max_width) for level in range(1, n + 1)]
+
+
+def default_critic_widths(image_size: int, width: int, max_width: int | None = None) -> list[int]:
+    """Channels per critic level, from the stem output (``image_size / 2``) to 4×4: ``width`` doubling up to
+    ``max_width`` (default ``8 * width``)."""
+    n = _levels(image_size, 8, "DAGANCritic")
+    max_width = 8 * width if max_width is None else max_width
+    return [min(width * 2 ** level, max_width) for level in range(n + 1)]
+
+
+class DAGANGenerator(nn.Module):
+    """U-Net residual generator of the conditional DAGAN.
+
+    Args:
+        image_size: side ``S`` of the square input/output patches (``bottleneck_size`` times a power of two).
+        channels: image channels ``C``.
+        z_dim: noise size.
+        width: base width (see :func:`default_generator_widths`); ignored when ``widths`` is given.
+        norm: registry spec for every norm of the generator (``group:8`` by default; ``conditional_batch`` needs
+            ``num_classes > 0``).
+        num_classes: 0 for unconditional; otherwise a class embedding joins the noise in the conditioning vector
+            (and feeds ``conditional_batch`` norms).
+        dropout: dropout probability at the output of every decoder stage (0 disables).
+        widths: explicit channels per level, full resolution first, ``log2(S / bottleneck_size) + 1`` entries.
+        bottleneck_size: side of the lowest-resolution map.
+        z_channels: channels of the noise map concatenated at the bottleneck (default ``max(8, widths[-1] // 4)``).
+        embedding_dim: size of the class embedding (default ``min(z_dim, 64)``).
+        max_width, stem_width: see :func:`default_generator_widths`.
+        act: activation name.
+
+    Forward: ``x`` [B, C, S, S] in [-1, 1], ``z`` [B, z_dim], ``y`` LongTensor [B] or None → [B, C, S, S] in (-1, 1).
+    """
+
+    def __init__(self, image_size: int = 64, channels: int = 1, z_dim: int = 128, width: int = 32,
+                 norm: NormSpec = "group:8", num_classes: int = 0, dropout: float = 0.0, *,
+                 widths: Sequence[int] | None = None, bottleneck_size: int = 4, z_channels: int | None = None,
+                 embedding_dim: int | None = None, max_width: int | None = None, stem_width: int | None = None,
+                 act: str = "relu") -> None:
+        super().__init__()
+        if widths is None:
+            widths = default_generator_widths(image_size, width, bottleneck_size, max_width, stem_width)
+        widths = [int(w) for w in widths]
+        n_levels = _levels(image_size, bottleneck_size, "DAGANGenerator") + 1
+        if len(widths) != n_levels:
+            raise ValueError(f"DAGANGenerator: widths {widths} must have {n_levels} entries for image_size "
+                             f"{image_size} and bottleneck_size {bottleneck_size}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"DAGANGenerator: dropout must be in [0, 1), got {dropout}")
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.z_dim = int(z_dim)
+        self.num_classes = int(num_classes)
+        self.norm_spec = norm
+        self.widths = widths
+        self.bottleneck_size = int(bottleneck_size)
+        L = n_levels
+        if parse_norm_spec(norm)[0] == "conditional_batch" and num_classes <= 0:
+            raise ValueError("DAGANGenerator: norm 'conditional_batch' needs num_classes > 0")
+
+        embedding_dim = min(z_dim, 64) if embedding_dim is None else int(embedding_dim)
+        self.class_embedding = nn.Embedding(num_classes, embedding_dim) if num_classes > 0 else None
+        if self.class_embedding is not None:
+            nn.init.normal_(self.class_embedding.weight, std=1.0)
+        cond_dim = z_dim + (embedding_dim if num_classes > 0 else 0)
+        self.z_channels = max(8, widths[-1] // 4) if z_channels is None else int(z_channels)
+
+        name = "DAGANGenerator"
+        self.stem = conv2d(channels, widths[0], 3, norm=norm)
+        self.down = nn.ModuleList(
+            ResBlock(widths[level - 1], widths[level], resample="down", down_mode="stride", norm=norm,
+                     block_index=level - 1, act=act, shared_embedding=self.class_embedding,
+                     where=f"{name}.down.{level - 1}")
+            for level in range(1, L)
+        )
+        b = self.bottleneck_size
+        self.z_map = linear(cond_dim, self.z_channels * b * b, norm=norm)
+        self.bottleneck = ResBlock(widths[-1] + self.z_channels, widths[-1], norm=norm, block_index=L - 1, act=act,
+                                   shared_embedding=self.class_embedding, where=f"{name}.bottleneck")
+        # Decoder stages from the coarsest to the finest level.
+        self.up = nn.ModuleList(
+            UNetUpBlock(widths[level + 1], widths[level], widths[level], cond_dim=cond_dim, norm=norm,
+                        block_index=L + i, act=act, shared_embedding=self.class_embedding, dropout=dropout,
+                        where=f"{name}.up.{i}")
+            for i, level in enumerate(range(L - 2, -1, -1))
+        )
+        self.out_norm = make_norm(norm, widths[0], layer_index=2 * L - 1, shared_embedding=self.class_embedding,
+                                  where=f"{name}.out_norm")
+        self.out_act = activation(act)
+        self.out_conv = conv2d(widths[0], channels, 3, norm=norm)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.channels or x.shape[-1] != self.image_size or \
+                x.shape[-2] != self.image_size:
+            raise ValueError(f"DAGANGenerator expects x of shape [B, {self.channels}, {self.image_size}, "
+                             f"{self.image_size}], got {list(x.shape)}")
+        if z.shape != (x.shape[0], self.z_dim):
+            raise ValueError(f"DAGANGenerator expects z of shape [{x.shape[0]}, {self.z_dim}], got {list(z.shape)}")
+        cond = z
+        if self.class_embedding is not None:
+            if y is None:
+                raise ValueError("this DAGAN generator is class-conditional: pass labels y")
+            cond = torch.cat([z, self.class_embedding(y)], dim=1)
+        h = self.stem(x)
+        skips = [h]
+        for block in self.down:
+            h = block(h, y)
+            skips.append(h)
+        b = self.bottleneck_size
+        zmap = self.z_map(cond).view(x.shape[0], self.z_channels, b, b)
+        h = self.bottleneck(torch.cat([h, zmap], dim=1), y)
+        for i, block in enumerate(self.up):
+            h = block(h, skips[-2 - i], cond, y)
+        h = self.out_act(apply_norm(self.out_norm, h, y))
+        return torch.tanh(self.out_conv(h))
+
+
+class DAGANCritic(nn.Module):
+    """Pair critic of the conditional DAGAN: scores ``(x, x_other)`` stacked on channels.
+
+    Args:
+        image_size: side ``S`` of the patches (8 times a power of two).
+        channels: image channels ``C`` (the critic sees ``2C``).
+        width: base width (see :func:`default_critic_widths`); ignored when ``widths`` is given.
+        norm: registry spec (``layer`` by default; ``conditional_batch`` is rejected).
+        num_classes: > 0 adds the projection term ``⟨embed(y), h⟩``.
+        widths: explicit channels per level, from the stem output (``S / 2``) to 4×4.
+        down_mode: ``"stride"`` (default, cheap) or ``"pool"`` (Gulrajani's conv-then-mean-pool blocks).
+        act: activation name.
+
+    Forward: ``x``, ``x_other`` [B, C, S, S], ``y`` LongTensor [B] or None → scores [B].
+    """
+
+    def __init__(self, image_size: int = 64, channels: int = 1, width: int = 32, norm: NormSpec = "layer",
+                 num_classes: int = 0, *, widths: Sequence[int] | None = None, max_width: int | None = None,
+                 down_mode: str = "stride", act: str = "relu") -> None:
+        super().__init__()
+        critic_norm_spec(norm, "DAGANCritic")
+        if widths is None:
+            widths = default_critic_widths(image_size, width, max_width)
+        widths = [int(w) for w in widths]
+        n_levels = _levels(image_size, 8, "DAGANCritic") + 1
+        if len(widths) != n_levels:
+            raise ValueError(f"DAGANCritic: widths {widths} must have {n_levels} entries for image_size {image_size}")
+        self.image_size = int(image_size)
+        self.channels = int(channels)
+        self.num_classes = int(num_classes)
+        self.norm_spec = norm
+        self.widths = widths
+        self.stem = conv2d(2 * channels, widths[0], 4, 2, norm=norm, padding=1)
+        self.blocks = nn.ModuleList(
+            ResBlock(widths[i], widths[i + 1], resample="down", down_mode=down_mode, norm=norm, block_index=i,
+                     act=act, where=f"DAGANCritic.blocks.{i}")
+            for i in range(len(widths) - 1)
+        )
+        self.act = activation(act)
+        self.out = linear(widths[-1], 1, norm=norm)
+        self.projection = None
+        if num_classes > 0:
+            from .cifar_resnet import _class_embedding
+
+            self.projection = _class_embedding(num_classes, widths[-1], norm)
+
+    def forward(self, x: torch.Tensor, x_other: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if x.shape != x_other.shape:
+            raise ValueError(f"DAGANCritic: x {list(x.shape)} and x_other {list(x_other.shape)} differ in shape")
+        h = self.stem(torch.cat([x, x_other], dim=1))
+        for block in self.blocks:
+            h = block(h)
+        h = self.act(h).mean(dim=(2, 3))
+        score = self.out(h).squeeze(1)
+        if self.projection is not None:
+            if y is None:
+                raise ValueError("this DAGAN critic is class-conditional: pass labels y")
+            score = score + (self.projection(y) * h).sum(dim=1)
+        return score
+
+
+#: ModelConfig overrides per preset (``image_size``, widths, z size and constructor extras).
+DAGAN_PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"image_size": 64, "z_dim": 32, "g_width": 16, "d_width": 16, "g_kwargs": {}, "d_kwargs": {}},
+    "64": {"image_size": 64, "z_dim": 128, "g_width": 64, "d_width": 64, "g_kwargs": {}, "d_kwargs": {}},
+    "128": {"image_size": 128, "z_dim": 128, "g_width": 48, "d_width": 48, "g_kwargs": {}, "d_kwargs": {}},
+    "256": {"image_size": 256, "z_dim": 128, "g_width": 32, "d_width": 32, "g_kwargs": {}, "d_kwargs": {}},
+}
+
+
+def dagan_preset(name: str) -> dict[str, Any]:
+    """ModelConfig overrides of a DAGAN preset: ``tiny`` (tests, CPU demo), ``64``, ``128``, ``256``.
+
+    Apply with ``dataclasses.replace(cfg.model, name="dagan", **dagan_preset("256"))``.
+    """
+    key = str(name)
+    if key not in DAGAN_PRESETS:
+        raise ValueError(f"unknown DAGAN preset '{name}'; choose one of: {', '.join(DAGAN_PRESETS)}")
+    preset = DAGAN_PRESETS[key]
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in preset.items()}
