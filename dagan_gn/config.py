@@ -160,6 +160,10 @@ class MetricsConfig:
     metrics: list = field(default_factory=lambda: ["fid", "kid"])
     #: KID subset size (must not exceed the number of samples).
     kid_subset_size: int = 100
+    #: Feature extractor: ``inception`` (torch-fidelity's Inception-v3, offline weights), ``tiny`` (a fixed random
+    #: conv net: plumbing checks and tests only, numbers not comparable to anything) or any registered
+    #: torch-fidelity extractor name.
+    feature_extractor: str = "inception"
 
 
 @dataclass
@@ -190,6 +194,7 @@ RESUME_SAFE_KEYS = frozenset(
         "metrics.inception_weights",
         "metrics.metrics",
         "metrics.kid_subset_size",
+        "metrics.feature_extractor",
     }
 )
 
