@@ -1,0 +1,321 @@
+"""Per-model training steps (mimicry style): one class per network family knows how to feed its networks.
+
+The trainer owns optimizers, scalers, schedules and logging; a model class only turns a batch into a critic loss or a
+generator loss (plus detached values to log) and knows how to draw sample grids:
+
+* :class:`DAGANModel` — the conditional DAGAN: ``G(x, z, y) -> x'`` and a pair critic ``D(x, x_other, y)`` that
+  tells a real same-class pair ``(x, x_other)`` from ``(x, G(x, z))``.
+* :class:`UnconditionalGANModel` — CIFAR-10 ResNet/DCGAN: ``G(z, y) -> image``, ``D(image, y)``; class conditioning is
+  used when ``model.num_classes > 0`` (fakes take the labels of the real batch, so the class mix matches the data).
+
+Two things keep the critic steps cheap and are deliberate:
+
+1. fakes for critic steps are generated under ``torch.no_grad()`` by the bare generator — the critic loss never needs
+   gradients with respect to G's parameters (many WGAN-GP/DAGAN ports back-propagate through G here and discard it);
+2. in the generator step the critic's parameters are frozen (``requires_grad=False``) so backward computes only
+   the input gradients that flow into G, and the bare critic is called (no DDP all-reduce of unused gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from dagan_gn.config import LossConfig, ModelConfig
+from dagan_gn.training.losses import drift_penalty, get_loss, gradient_penalty
+
+__all__ = ["GANModel", "DAGANModel", "UnconditionalGANModel", "MODELS", "build_train_model", "truncated_noise", "frozen"]
+
+
+def truncated_noise(
+    n: int, z_dim: int, truncation: float = 0.0, *, generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Standard normal noise ``[n, z_dim]``; with ``truncation > 0`` entries beyond ±truncation are redrawn
+    (the BigGAN truncation trick). Drawn on the CPU from ``generator`` when given (reproducible grids), else on
+    ``device`` from the global RNG."""
+    gen_device = "cpu" if generator is not None else device
+    z = torch.randn(n, z_dim, generator=generator, device=gen_device)
+    if truncation and truncation > 0:
+        for _ in range(100):
+            bad = z.abs() > truncation
+            if not bad.any():
+                break
+            z = torch.where(bad, torch.randn(z.shape, generator=generator, device=gen_device), z)
+        z = z.clamp(-truncation, truncation)
+    return z.to(device)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Temporarily set ``requires_grad=False`` on the parameters that had it."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class GANModel:
+    """Shared plumbing: devices, autocast, channels_last, flips, the loss object.
+
+    Args:
+        generator, critic: the networks as trained (possibly ``torch.compile``-d).
+        generator_ddp, critic_ddp: DDP wrappers used where gradients must be all-reduced (default: the same nets).
+        generator_bare, critic_bare: the plain networks (used for no-grad fakes and the frozen critic).
+    """
+
+    def __init__(
+        self,
+        generator: nn.Module,
+        critic: nn.Module,
+        *,
+        model_cfg: ModelConfig,
+        loss_cfg: LossConfig,
+        device: torch.device | str = "cpu",
+        amp_dtype: torch.dtype | None = None,
+        channels_last: bool = False,
+        hflip: bool = False,
+        generator_ddp: nn.Module | None = None,
+        critic_ddp: nn.Module | None = None,
+        generator_bare: nn.Module | None = None,
+        critic_bare: nn.Module | None = None,
+    ) -> None:
+        self.G = generator
+        self.D = critic
+        self.G_ddp = generator_ddp if generator_ddp is not None else generator
+        self.D_ddp = critic_ddp if critic_ddp is not None else critic
+        self.G_bare = generator_bare if generator_bare is not None else generator
+        self.D_bare = critic_bare if critic_bare is not None else critic
+        self.model_cfg = model_cfg
+        self.loss_cfg = loss_cfg
+        self.loss = get_loss(loss_cfg.name)
+        self.device = torch.device(device)
+        self.amp_dtype = amp_dtype
+        self.channels_last = channels_last
+        self.hflip = hflip
+        self.conditional = model_cfg.num_classes > 0
+        self.z_dim = int(getattr(self.G_bare, "z_dim", model_cfg.z_dim))
+
+    # ------------------------------------------------------------------ helpers
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _flip(self, x: torch.Tensor) -> torch.Tensor:
+        """Random horizontal flip per sample (drawn from the global RNG on the CPU, so resumes reproduce it)."""
+        mask = torch.rand(x.shape[0]) < 0.5
+        if not mask.any():
+            return x
+        mask = mask.to(x.device).view(-1, *([1] * (x.dim() - 1)))
+        return torch.where(mask, x.flip(-1), x)
+
+    def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Move a collated batch to the device (and flip images when ``data.hflip``)."""
+        out = dict(batch)
+        for key in ("image", "pair"):
+            if key in out:
+                x = out[key]
+                if self.hflip:
+                    x = self._flip(x)
+                out[key] = self._to_device(x)
+        if "label" in out and isinstance(out["label"], torch.Tensor):
+            out["label"] = out["label"].to(self.device, non_blocking=True).long()
+        return out
+
+    def labels(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        return batch["label"] if self.conditional else None
+
+    def noise(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.z_dim, device=self.device)
+
+    def _critic_objective(
+        self, d_real: torch.Tensor, d_fake: torch.Tensor, critic_fn, real, fake, grad_scale: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        loss = self.loss.critic_loss(d_real, d_fake)
+        logs = {
+            "loss/critic_adversarial": loss.detach(),
+            "critic/real": d_real.detach().float().mean(),
+            "critic/fake": d_fake.detach().float().mean(),
+            "wasserstein_estimate": (d_real.detach().float().mean() - d_fake.detach().float().mean()),
+        }
+        if self.loss.uses_gradient_penalty and self.loss_cfg.gp_weight > 0:
+            gp, gnorm = gradient_penalty(
+                critic_fn, real, fake, center=self.loss_cfg.gp_center, one_sided=self.loss_cfg.gp_one_sided,
+                grad_scale=grad_scale,
+            )
+            loss = loss + self.loss_cfg.gp_weight * gp
+            logs["loss/gradient_penalty"] = gp.detach()
+            logs["critic/interp_grad_norm"] = gnorm.mean()
+        if self.loss_cfg.drift > 0:
+            drift = drift_penalty(d_real)
+            loss = loss + self.loss_cfg.drift * drift
+            logs["loss/drift"] = drift.detach()
+        logs["loss/critic"] = loss.detach()
+        return loss, logs
+
+    # ------------------------------------------------------------------ interface
+    def critic_step(self, batch: dict[str, Any], grad_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def generator_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def sample_grid(self, generator: nn.Module, fixed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Images for the PNG grid and the number per row."""
+        raise NotImplementedError
+
+    def fixed_inputs(self, dataset, n: int, seed: int) -> dict[str, torch.Tensor]:
+        """The fixed inputs (noise, sources, labels) of the periodic sample grids."""
+        raise NotImplementedError
+
+
+class DAGANModel(GANModel):
+    """Conditional DAGAN (Antoniou et al. 2017) with a pair critic."""
+
+    def critic_step(self, batch, grad_scale: float = 1.0):
+        x, x_other, y = batch["image"], batch["pair"], self.labels(batch)
+        z = self.noise(x.shape[0])
+        with torch.no_grad(), self.autocast():
+            fake = self.G_bare(x, z, y)
+        fake = fake.detach()
+        if self.channels_last and fake.dim() == 4:
+            fake = fake.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            d_real = self.D_ddp(x, x_other, y)
+            d_fake = self.D_ddp(x, fake, y)
+
+        def critic_fn(a, b):
+            with self.autocast():
+                return self.D_ddp(a, b, y)
+
+        return self._critic_objective(d_real, d_fake, critic_fn, (x, x_other), (x, fake), grad_scale)
+
+    def generator_step(self, batch):
+        x, y = batch["image"], self.labels(batch)
+        z = self.noise(x.shape[0])
+        with frozen(self.D_bare), self.autocast():
+            fake = self.G_ddp(x, z, y)
+            d_fake = self.D_bare(x, fake, y)
+        loss = self.loss.generator_loss(d_fake)
+        return loss, {"loss/generator": loss.detach()}
+
+    @torch.no_grad()
+    def generate(self, generator: nn.Module, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None):
+        was_training = generator.training
+        generator.eval()
+        try:
+            with self.autocast():
+                out = generator(self._to_device(x), z.to(self.device), None if y is None else y.to(self.device))
+        finally:
+            generator.train(was_training)
+        return out.float()
+
+    def fixed_inputs(self, dataset, n: int, seed: int, variants: int = 7, truncation: float = 0.0):
+        g = torch.Generator().manual_seed(seed + 12345)
+        idx = torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))].tolist()
+        items = [dataset[i] for i in idx]
+        sources = torch.stack([it["image"] for it in items])
+        labels = torch.tensor([int(it["label"]) for it in items])
+        noise = truncated_noise(variants, self.z_dim, truncation, generator=g)
+        return {"sources": sources, "labels": labels, "noise": noise}
+
+    def sample_grid(self, generator, fixed):
+        """Rows: a source patch followed by its variants, one per fixed noise vector."""
+        sources, noise = fixed["sources"], fixed["noise"]
+        labels = fixed["labels"] if self.conditional else None
+        s, v = sources.shape[0], noise.shape[0]
+        x = sources.repeat_interleave(v, dim=0)
+        z = noise.repeat(s, 1)
+        y = labels.repeat_interleave(v, dim=0) if labels is not None else None
+        fakes = self.generate(generator, x, z, y).cpu().view(s, v, *sources.shape[1:])
+        rows = torch.cat([sources.unsqueeze(1), fakes], dim=1)
+        return rows.reshape(s * (v + 1), *sources.shape[1:]), v + 1
+
+
+class UnconditionalGANModel(GANModel):
+    """Noise-to-image GANs (CIFAR-10 ResNet/DCGAN), optionally class-conditional."""
+
+    def critic_step(self, batch, grad_scale: float = 1.0):
+        real, y = batch["image"], self.labels(batch)
+        z = self.noise(real.shape[0])
+        with torch.no_grad(), self.autocast():
+            fake = self.G_bare(z, y)
+        fake = fake.detach()
+        if self.channels_last and fake.dim() == 4:
+            fake = fake.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            d_real = self.D_ddp(real, y)
+            d_fake = self.D_ddp(fake, y)
+
+        def critic_fn(a):
+            with self.autocast():
+                return self.D_ddp(a, y)
+
+        return self._critic_objective(d_real, d_fake, critic_fn, real, fake, grad_scale)
+
+    def generator_step(self, batch):
+        y = self.labels(batch)
+        n = batch["image"].shape[0]
+        z = self.noise(n)
+        with frozen(self.D_bare), self.autocast():
+            fake = self.G_ddp(z, y)
+            d_fake = self.D_bare(fake, y)
+        loss = self.loss.generator_loss(d_fake)
+        return loss, {"loss/generator": loss.detach()}
+
+    @torch.no_grad()
+    def generate(self, generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None):
+        was_training = generator.training
+        generator.eval()
+        try:
+            with self.autocast():
+                out = generator(z.to(self.device), None if y is None else y.to(self.device))
+        finally:
+            generator.train(was_training)
+        return out.float()
+
+    def fixed_inputs(self, dataset, n: int, seed: int, truncation: float = 0.0):
+        g = torch.Generator().manual_seed(seed + 12345)
+        noise = truncated_noise(n, self.z_dim, truncation, generator=g)
+        k = max(1, self.model_cfg.num_classes)
+        labels = torch.arange(n) % k
+        return {"noise": noise, "labels": labels}
+
+    def sample_grid(self, generator, fixed):
+        labels = fixed["labels"] if self.conditional else None
+        images = self.generate(generator, fixed["noise"], labels).cpu()
+        n = images.shape[0]
+        nrow = self.model_cfg.num_classes if self.conditional and self.model_cfg.num_classes <= n else int(n**0.5)
+        return images, max(1, nrow)
+
+
+#: Network family (``ModelConfig.name``) → training-step class.
+MODELS: dict[str, type[GANModel]] = {
+    "dagan": DAGANModel,
+    "cifar_resnet": UnconditionalGANModel,
+    "cifar_dcgan": UnconditionalGANModel,
+}
+
+
+def build_train_model(name: str, *args, **kwargs) -> GANModel:
+    """The training-step object for network family ``name`` (unknown families with an ``x``-conditioned generator
+    are not guessed: the error lists the registered ones)."""
+    try:
+        cls = MODELS[name]
+    except KeyError:
+        raise ValueError(f"no training steps registered for model '{name}'; known: {', '.join(MODELS)}") from None
+    return cls(*args, **kwargs)

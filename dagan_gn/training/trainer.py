@@ -1,0 +1,698 @@
+"""The training loop shared by every GAN in dagan-gn, and :func:`train`, what ``dagan train`` calls.
+
+One generator step = ``optim.n_critic`` critic updates (each on a fresh batch) + one generator update (on the last
+critic batch's images/labels). ``train.steps`` counts generator steps, and so do checkpoints, logs and grids.
+
+Reproducibility: a run is a function of (config, seed). The data order is derived from (seed, epoch) and the
+position inside the epoch is checkpointed; noise and flips come from the global RNGs, whose states are
+checkpointed per rank; sample grids and evaluation draw from their own seeded generators. ``--resume`` therefore
+continues bit for bit on the CPU (on CUDA up to cuDNN's non-determinism). Randomness inside a dataset's
+``__getitem__`` running in DataLoader workers is reproducible per epoch but not across a mid-epoch resume; the
+datasets of this package are deterministic per item and leave augmentation to the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from dagan_gn.config import ExperimentConfig, config_from_dict, resume_mismatches, save_config
+from dagan_gn.runtime import resolve_device, seed_everything
+from dagan_gn.training import distributed as dist_utils
+from dagan_gn.training.checkpoint import (
+    capture_rng_state,
+    checkpoint_dir,
+    checkpoint_path,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    restore_rng_state,
+    save_checkpoint,
+)
+from dagan_gn.training.ema import EMA
+from dagan_gn.training.logging import RunLogger, plot_loss_curves, save_image_grid
+from dagan_gn.training.losses import get_loss
+from dagan_gn.training.models import GANModel, build_train_model
+
+__all__ = ["TrainingError", "Trainer", "train", "build_dataset", "ResumableSampler", "InfiniteBatches"]
+
+
+class TrainingError(RuntimeError):
+    """A training run cannot start or continue; the message says why and what to change."""
+
+
+# ============================================================================================ data
+class ResumableSampler(DistributedSampler):
+    """``DistributedSampler`` (per-epoch permutation from ``seed + epoch``, one shard per rank) that can start an
+    epoch part-way through, so a resumed run sees exactly the samples the uninterrupted run would have seen."""
+
+    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0,
+                 shuffle: bool = True) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
+        self.start = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        return iter(indices[self.start :])
+
+    def __len__(self) -> int:
+        return max(0, self.num_samples - self.start)
+
+
+class InfiniteBatches:
+    """Endless batches over epochs with a checkpointable position ``(epoch, batches consumed in it)``.
+
+    Workers and pinned memory come from the DataLoader; the loader's own generator (it seeds worker RNGs) is reset
+    from (seed, epoch) at each epoch so worker randomness does not depend on when the iterator was created.
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0,
+                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> None:
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
+        self.batches_per_epoch = self.sampler.num_samples // self.batch_size
+        if self.batches_per_epoch < 1:
+            raise TrainingError(
+                f"the training data has {len(dataset)} items ({self.sampler.num_samples} per process), fewer than "
+                f"one batch of {batch_size}; lower data.batch_size (e.g. data.batch_size={max(1, self.sampler.num_samples)})"
+            )
+        self._generator = torch.Generator()
+        self.loader = DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            drop_last=True,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=num_workers > 0,
+            generator=self._generator,
+        )
+        self.epoch = 0
+        self.position = 0  # batches consumed in the current epoch
+        self._it: Iterator | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": int(self.epoch), "position": int(self.position)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._it = None
+
+    def __iter__(self) -> "InfiniteBatches":
+        return self
+
+    def __next__(self) -> Any:
+        for _ in range(2):
+            if self._it is None:
+                self.sampler.set_epoch(self.epoch)
+                self.sampler.start = self.position * self.batch_size
+                self._generator.manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it = None
+                self.epoch += 1
+                self.position = 0
+                continue
+            self.position += 1
+            return batch
+        raise TrainingError("the data loader produced no batch for a whole epoch")  # pragma: no cover
+
+
+def _dataset_labels(ds: Dataset) -> list[int]:
+    labels = getattr(ds, "labels", None)
+    if labels is not None:
+        return [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
+    if isinstance(ds, torch.utils.data.Subset):
+        base = _dataset_labels(ds.dataset)
+        return [base[i] for i in ds.indices]
+    return [int(ds[i]["label"]) for i in range(len(ds))]
+
+
+def _limit_per_class(ds: Dataset, limit: int) -> Dataset:
+    if limit <= 0:
+        return ds
+    counts: dict[int, int] = {}
+    keep = []
+    for i, label in enumerate(_dataset_labels(ds)):
+        if counts.get(label, 0) < limit:
+            counts[label] = counts.get(label, 0) + 1
+            keep.append(i)
+    subset = torch.utils.data.Subset(ds, keep)
+    for attr in ("class_names",):
+        if hasattr(ds, attr):
+            setattr(subset, attr, getattr(ds, attr))
+    return subset
+
+
+def build_dataset(cfg: ExperimentConfig) -> Dataset:
+    """The training Dataset for a config: HDF5 patches (same-class pairs for the DAGAN) or CIFAR-10."""
+    data = cfg.data
+    if not data.path:
+        raise TrainingError("no training data given: pass --data PATH (or set data.path)")
+    path = Path(data.path)
+    if not path.exists():
+        raise TrainingError(f"training data {path} does not exist")
+    if data.kind == "patches":
+        from dagan_gn.data.datasets import PatchDataset
+
+        try:
+            base = PatchDataset(path, split=data.split, classes=list(data.classes) or None)
+        except (KeyError, ValueError, OSError) as exc:
+            raise TrainingError(f"cannot use {path} split '{data.split}': {exc}") from exc
+        if len(base) == 0:
+            raise TrainingError(f"{path}: split '{data.split}' has no patches (empty split); check data.split/data.classes")
+        base = _limit_per_class(base, data.limit_per_class)
+        if cfg.model.name == "dagan":
+            from dagan_gn.data.datasets import SameClassPairDataset
+
+            labels = _dataset_labels(base)
+            names = list(getattr(base, "class_names", []) or [])
+            counts: dict[int, int] = {}
+            for label in labels:
+                counts[label] = counts.get(label, 0) + 1
+            lonely = [names[k] if k < len(names) else str(k) for k, c in sorted(counts.items()) if c < 2]
+            if lonely:
+                raise TrainingError(
+                    f"{path}: class(es) {', '.join(lonely)} have a single patch in split '{data.split}'; the DAGAN "
+                    f"critic needs at least two patches per class (restrict data.classes or extract more patches)"
+                )
+            try:
+                return SameClassPairDataset(base, seed=cfg.train.seed)
+            except ValueError as exc:
+                raise TrainingError(f"{path}: {exc}") from exc
+        return base
+    if data.kind == "cifar10":
+        from dagan_gn.data.cifar10 import CIFAR10Dataset
+
+        try:
+            ds = CIFAR10Dataset(path, split="train", limit_per_class=data.limit_per_class)
+        except (KeyError, ValueError, OSError) as exc:
+            raise TrainingError(f"cannot read CIFAR-10 from {path}: {exc}") from exc
+        if len(ds) == 0:
+            raise TrainingError(f"{path}: the CIFAR-10 training split is empty")
+        return ds
+    raise TrainingError(f"unknown data.kind '{data.kind}'; choose patches or cifar10")
+
+
+def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig) -> None:
+    item = ds[0]
+    shape = tuple(item["image"].shape)
+    want = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+    if shape != want:
+        raise TrainingError(
+            f"the training images are {list(shape)} (C, H, W) but the model expects {list(want)}; set "
+            f"model.channels/model.image_size to match the data (or use the matching config)"
+        )
+    if cfg.model.name == "dagan" and "pair" not in item:
+        raise TrainingError("the DAGAN needs same-class pairs: the dataset items have no 'pair' (SameClassPairDataset)")
+    if cfg.model.num_classes > 0:
+        labels = set(_dataset_labels(ds)) if len(ds) <= 100_000 else set()
+        if labels and max(labels) >= cfg.model.num_classes:
+            raise TrainingError(
+                f"the data has class label {max(labels)} but model.num_classes={cfg.model.num_classes}"
+            )
+
+
+# ============================================================================================ helpers
+def orthogonal_regularization(module: nn.Module) -> torch.Tensor:
+    """BigGAN's orthogonal regularisation ``Σ ||W Wᵀ ⊙ (1 - I)||²_F`` over conv/linear weights (rows = outputs)."""
+    total = None
+    for name, p in module.named_parameters():
+        if p.dim() < 2 or not p.requires_grad:
+            continue
+        w = p.reshape(p.shape[0], -1).float()
+        gram = w @ w.t()
+        off = gram * (1.0 - torch.eye(gram.shape[0], device=gram.device))
+        term = (off**2).sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def _grad_norm(params) -> float:
+    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(norms).norm()) if norms else 0.0
+
+
+def _is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(
+        exc, getattr(torch.cuda, "OutOfMemoryError", ())
+    ):
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def _amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    name = (name or "none").lower()
+    if name in ("none", "fp32", "no", "off", "false"):
+        return None
+    if name not in ("bf16", "fp16"):
+        raise TrainingError(f"unknown train.amp '{name}'; choose none, bf16 or fp16")
+    if device.type != "cuda":
+        return None  # the CPU trains in fp32 (autocast on CPU is slower than fp32 for these convs)
+    return torch.bfloat16 if name == "bf16" else torch.float16
+
+
+# ============================================================================================ trainer
+class Trainer:
+    """Builds everything a run needs from an :class:`ExperimentConfig` and runs the loop.
+
+    Args:
+        cfg: the resolved config.
+        run_dir: output folder (config.yaml, checkpoints/, samples/, tensorboard/, metrics.jsonl, loss_curves.png).
+        resume: continue from the newest checkpoint of ``run_dir`` (starts fresh, with a message, when there is none).
+        dataset: use this Dataset instead of building one from ``cfg.data`` (tests, notebooks).
+        networks: ``(generator, critic)`` instead of ``dagan_gn.nets.build_networks(cfg.model)``.
+        evaluator: a callable like ``dagan_gn.metrics.fidelity.TrainingEvaluator`` (built lazily from the config
+            when ``metrics.eval_every > 0`` and none is given).
+        log: where one-line status messages go (``print`` by default; rank 0 only).
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        dataset: Dataset | None = None,
+        networks: tuple[nn.Module, nn.Module] | None = None,
+        evaluator: Callable | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self._print = log or (lambda msg: print(msg, file=sys.stderr))
+        get_loss(cfg.loss.name)  # fail early on an unknown loss
+        if cfg.optim.n_critic < 1:
+            raise TrainingError(f"optim.n_critic must be >= 1, got {cfg.optim.n_critic}")
+        if cfg.optim.lr_decay not in ("linear", "none"):
+            raise TrainingError(f"unknown optim.lr_decay '{cfg.optim.lr_decay}'; choose linear or none")
+        if cfg.train.steps < 1:
+            raise TrainingError(f"train.steps must be >= 1, got {cfg.train.steps}")
+
+        device = resolve_device(cfg.train.device)
+        self.dist = dist_utils.init_distributed(device)
+        self.device = dist_utils.process_device(device, self.dist)
+        self.is_main = self.dist.is_main
+        self.amp_dtype = _amp_dtype(cfg.train.amp, self.device)
+        if cfg.train.amp not in ("none", "") and self.amp_dtype is None and self.is_main:
+            self.say(f"note: train.amp={cfg.train.amp} ignored on {self.device.type}; training in fp32")
+
+        # --- resume guard before anything is written
+        self.resume_from: Path | None = None
+        if resume:
+            self.resume_from = latest_checkpoint(self.run_dir)
+            if self.resume_from is None:
+                self.say(f"--resume: no checkpoint in {self.run_dir}; starting a new run")
+        elif latest_checkpoint(self.run_dir) is not None:
+            raise TrainingError(
+                f"{self.run_dir} already holds checkpoints; pass --resume to continue that run or choose another --out"
+            )
+        state = load_checkpoint(self.resume_from) if self.resume_from else None
+        if state is not None:
+            mismatched = resume_mismatches(config_from_dict(state["config"]), cfg)
+            if mismatched:
+                raise TrainingError(
+                    f"cannot resume {self.resume_from}: the config differs in {', '.join(mismatched)} "
+                    f"(resume with the run's own config.yaml, or start a new --out)"
+                )
+
+        # --- networks (same seed on every rank → same initial weights; DDP also broadcasts rank 0's)
+        seed_everything(cfg.train.seed)
+        if networks is None:
+            from dagan_gn.nets import build_networks
+
+            networks = build_networks(cfg.model)
+        g_bare, d_bare = networks
+        self.g_bare, self.d_bare = g_bare.to(self.device), d_bare.to(self.device)
+        if cfg.train.channels_last:
+            self.g_bare.to(memory_format=torch.channels_last)
+            self.d_bare.to(memory_format=torch.channels_last)
+        self.g_bare.train()
+        self.d_bare.train()
+        self.ema = EMA(self.g_bare, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema_decay > 0 else None
+
+        g_run, d_run = self.g_bare, self.d_bare
+        if cfg.train.compile:
+            g_run = torch.compile(self.g_bare)
+            # Double backward (the gradient penalty) is not supported by torch.compile; compile D only without it.
+            if not get_loss(cfg.loss.name).uses_gradient_penalty:
+                d_run = torch.compile(self.d_bare)
+        self.g_ddp = dist_utils.wrap_ddp(g_run, self.dist, self.device)
+        self.d_ddp = dist_utils.wrap_ddp(d_run, self.dist, self.device)
+
+        betas = tuple(float(b) for b in cfg.optim.betas)
+        if len(betas) != 2:
+            raise TrainingError(f"optim.betas must have two values, got {cfg.optim.betas}")
+        self.opt_g = torch.optim.Adam(self.g_bare.parameters(), lr=cfg.optim.g_lr, betas=betas)
+        self.opt_d = torch.optim.Adam(self.d_bare.parameters(), lr=cfg.optim.d_lr, betas=betas)
+        fp16 = self.amp_dtype == torch.float16
+        self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
+
+        self.model: GANModel = build_train_model(
+            cfg.model.name,
+            g_run,
+            d_run,
+            model_cfg=cfg.model,
+            loss_cfg=cfg.loss,
+            device=self.device,
+            amp_dtype=self.amp_dtype,
+            channels_last=cfg.train.channels_last,
+            hflip=cfg.data.hflip,
+            generator_ddp=self.g_ddp,
+            critic_ddp=self.d_ddp,
+            generator_bare=self.g_bare,
+            critic_bare=self.d_bare,
+        )
+
+        # --- data
+        self.dataset = dataset if dataset is not None else build_dataset(cfg)
+        if len(self.dataset) == 0:
+            raise TrainingError("the training dataset is empty")
+        _check_data_fits_model(self.dataset, cfg)
+        self.data = InfiniteBatches(
+            self.dataset,
+            cfg.data.batch_size,
+            seed=cfg.train.seed,
+            num_workers=cfg.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+        )
+        self.fixed = self.model.fixed_inputs(self.dataset, 8 if cfg.model.name == "dagan" else 64, cfg.train.seed,
+                                             truncation=cfg.train.truncation)
+        self.evaluator = evaluator
+        self.best_fid = math.inf
+        self.step = 0
+
+        # --- restore or start fresh
+        if state is not None:
+            self._load_state(state)
+        else:
+            seed_everything(cfg.train.seed + 7919 * self.dist.rank)
+        self.logger = RunLogger(self.run_dir, enabled=self.is_main)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            if state is not None:
+                self.logger.truncate_after(self.step)
+        self._stop_requested = False
+        self._signals_seen = 0
+
+    # ------------------------------------------------------------------ messages
+    def say(self, msg: str) -> None:
+        if self.dist.is_main:
+            self._print(msg)
+
+    # ------------------------------------------------------------------ state
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.g_bare.load_state_dict(state["generator"])
+        self.d_bare.load_state_dict(state["critic"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"] if state.get("ema") is not None else state["generator"])
+        self.opt_g.load_state_dict(state["optim_g"])
+        self.opt_d.load_state_dict(state["optim_d"])
+        scalers = state.get("scaler") or {}
+        if scalers.get("g"):
+            self.scaler_g.load_state_dict(scalers["g"])
+        if scalers.get("d"):
+            self.scaler_d.load_state_dict(scalers["d"])
+        self.step = int(state["step"])
+        self.best_fid = float(state.get("best_fid", math.inf))
+        if state.get("data"):
+            self.data.load_state_dict(state["data"])
+        rng = state.get("rng") or {}
+        per_rank = rng.get("ranks") if isinstance(rng, dict) else None
+        if per_rank and self.dist.rank < len(per_rank):
+            restore_rng_state(per_rank[self.dist.rank])
+        else:
+            seed_everything(self.cfg.train.seed + 7919 * self.dist.rank + self.step)
+        self.say(f"resumed {self.resume_from} at step {self.step}")
+
+    def save(self, path: Path | None = None) -> Path | None:
+        """Checkpoint the run (every rank must call this: RNG states are gathered; rank 0 writes)."""
+        rng_states = dist_utils.all_gather_objects(capture_rng_state(), self.dist)
+        if not self.is_main:
+            return None
+        path = path or checkpoint_path(self.run_dir, self.step)
+        scalers = {}
+        if self.scaler_g.is_enabled():
+            scalers = {"g": self.scaler_g.state_dict(), "d": self.scaler_d.state_dict()}
+        save_checkpoint(
+            path,
+            step=self.step,
+            generator=self.g_bare,
+            critic=self.d_bare,
+            config=self.cfg,
+            optim_g=self.opt_g,
+            optim_d=self.opt_d,
+            ema=self.ema.module if self.ema is not None else None,
+            scaler=scalers,
+            rng={"ranks": rng_states},
+            extra={"data": self.data.state_dict(), "best_fid": float(self.best_fid)},
+        )
+        if path.name.startswith("step_"):
+            prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
+        return path
+
+    # ------------------------------------------------------------------ pieces of a step
+    def _set_lr(self) -> float:
+        frac = 1.0
+        if self.cfg.optim.lr_decay == "linear":
+            frac = max(0.0, 1.0 - self.step / float(self.cfg.train.steps))
+        for opt, base in ((self.opt_g, self.cfg.optim.g_lr), (self.opt_d, self.cfg.optim.d_lr)):
+            for group in opt.param_groups:
+                group["lr"] = base * frac
+        return self.cfg.optim.g_lr * frac
+
+    def _critic_update(self, batch: dict[str, Any], want_norm: bool) -> tuple[dict[str, torch.Tensor], float]:
+        self.opt_d.zero_grad(set_to_none=True)
+        scale = float(self.scaler_d.get_scale()) if self.scaler_d.is_enabled() else 1.0
+        loss, logs = self.model.critic_step(batch, grad_scale=scale)
+        self.scaler_d.scale(loss).backward()
+        norm = 0.0
+        if want_norm:
+            self.scaler_d.unscale_(self.opt_d)
+            norm = _grad_norm(self.d_bare.parameters())
+        self.scaler_d.step(self.opt_d)
+        self.scaler_d.update()
+        if self.model.loss.clips_weights:
+            c = self.cfg.loss.clip_value
+            with torch.no_grad():
+                for p in self.d_bare.parameters():
+                    p.clamp_(-c, c)
+        return logs, norm
+
+    def _generator_update(self, batch: dict[str, Any], want_norm: bool) -> tuple[dict[str, torch.Tensor], float]:
+        self.opt_g.zero_grad(set_to_none=True)
+        loss, logs = self.model.generator_step(batch)
+        if self.cfg.optim.ortho_reg > 0:
+            ortho = orthogonal_regularization(self.g_bare)
+            loss = loss + self.cfg.optim.ortho_reg * ortho
+            logs["loss/orthogonal_reg"] = ortho.detach()
+        self.scaler_g.scale(loss).backward()
+        norm = 0.0
+        if want_norm:
+            self.scaler_g.unscale_(self.opt_g)
+            norm = _grad_norm(self.g_bare.parameters())
+        self.scaler_g.step(self.opt_g)
+        self.scaler_g.update()
+        return logs, norm
+
+    def sample_images(self) -> Path | None:
+        """Write ``samples/step_XXXXXXX.png`` from the fixed grid inputs (EMA generator when enabled)."""
+        if not self.is_main:
+            return None
+        g = self.ema.module if self.ema is not None else self.g_bare
+        images, nrow = self.model.sample_grid(g, self.fixed)
+        return save_image_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow)
+
+    def _sample_fn(self) -> Callable[[int], torch.Tensor]:
+        """``n -> n generated images in [-1, 1]`` for the evaluator, from a private RNG (no effect on training)."""
+        g = self.ema.module if self.ema is not None else self.g_bare
+        gen = torch.Generator().manual_seed(self.cfg.train.seed + 31337)
+        from dagan_gn.training.models import truncated_noise
+
+        def sample(n: int) -> torch.Tensor:
+            out = []
+            done = 0
+            bs = self.cfg.data.batch_size
+            while done < n:
+                k = min(bs, n - done)
+                z = truncated_noise(k, self.model.z_dim, self.cfg.train.truncation, generator=gen)
+                if self.cfg.model.name == "dagan":
+                    idx = torch.randint(len(self.dataset), (k,), generator=gen).tolist()
+                    items = [self.dataset[i] for i in idx]
+                    x = torch.stack([it["image"] for it in items])
+                    y = torch.tensor([int(it["label"]) for it in items]) if self.model.conditional else None
+                    out.append(self.model.generate(g, x, z, y).cpu())
+                else:
+                    y = (torch.randint(self.cfg.model.num_classes, (k,), generator=gen)
+                         if self.model.conditional else None)
+                    out.append(self.model.generate(g, z, y).cpu())
+                done += k
+            return torch.cat(out)[:n]
+
+        return sample
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.is_main:
+            return {}
+        if self.evaluator is None:
+            from dagan_gn.metrics.fidelity import TrainingEvaluator
+
+            self.evaluator = TrainingEvaluator(self.cfg, self.device)
+        results = {k: float(v) for k, v in self.evaluator(self._sample_fn(), self.step).items()}
+        self.logger.log(self.step, results, prefix="eval/")
+        fid = results.get("fid")
+        if fid is not None and math.isfinite(fid) and fid < self.best_fid:
+            self.best_fid = fid
+            self.save(checkpoint_dir(self.run_dir) / "best.pt")
+        return results
+
+    # ------------------------------------------------------------------ signals
+    def _handle_signal(self, signum, frame) -> None:  # pragma: no cover - exercised by the CLI in practice
+        self._signals_seen += 1
+        if self._signals_seen > 1 and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        self.say(f"\nreceived signal {signum}: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
+
+    @contextlib.contextmanager
+    def _signals(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._handle_signal)
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after the current step (and checkpoint), as Ctrl-C/SIGTERM do."""
+        self._stop_requested = True
+
+    def _should_stop(self) -> bool:
+        flag = self._stop_requested
+        if self.dist.enabled:  # every rank must leave the loop at the same step
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.dist.backend == "nccl" else "cpu")
+            torch.distributed.all_reduce(t)
+            flag = bool(t.item() > 0)
+        return flag
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self, stop_at: int | None = None) -> Path:
+        """Train until ``train.steps`` (or ``stop_at``, or a stop request), checkpoint, plot; returns the run dir."""
+        cfg = self.cfg
+        total = cfg.train.steps
+        end = min(total, stop_at) if stop_at is not None else total
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, initial=self.step, disable=not (cfg.train.progress and self.is_main),
+                   desc="train", unit="step", dynamic_ncols=True)
+        self.say(
+            f"training {cfg.model.name} on {self.device} ({self.dist.world_size} process(es)), "
+            f"{len(self.dataset)} images, batch {cfg.data.batch_size}, steps {self.step}->{end}"
+        )
+        if self.step == 0 and self.is_main and cfg.train.sample_every > 0:
+            self.sample_images()
+        last_saved = -1
+        t0, s0 = time.perf_counter(), self.step
+        try:
+            with self._signals():
+                while self.step < end:
+                    log_now = cfg.train.log_every > 0 and (self.step + 1) % cfg.train.log_every == 0
+                    lr = self._set_lr()
+                    batch = None
+                    for i in range(cfg.optim.n_critic):
+                        batch = self.model.prepare(next(self.data))
+                        d_logs, d_norm = self._critic_update(batch, want_norm=log_now and i == cfg.optim.n_critic - 1)
+                    g_logs, g_norm = self._generator_update(batch, want_norm=log_now)
+                    self.step += 1
+                    if self.ema is not None:
+                        self.ema.update(self.g_bare, self.step)
+                    if log_now or self.step == end:
+                        scalars = {k: float(v) for k, v in {**d_logs, **g_logs}.items()}
+                        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
+                        if bad:
+                            raise TrainingError(
+                                f"non-finite {', '.join(bad)} at step {self.step}; lower the learning rates or "
+                                f"check the data (last good checkpoint is kept)"
+                            )
+                        scalars.update({"grad_norm/critic": d_norm, "grad_norm/generator": g_norm, "lr": lr})
+                        elapsed = time.perf_counter() - t0
+                        scalars["steps_per_s"] = (self.step - s0) / max(elapsed, 1e-9)
+                        self.logger.log(self.step, scalars)
+                        bar.set_postfix(d=f"{scalars['loss/critic']:.3f}", g=f"{scalars['loss/generator']:.3f}",
+                                        refresh=False)
+                    bar.update(1)
+                    if cfg.train.sample_every > 0 and self.step % cfg.train.sample_every == 0:
+                        self.sample_images()
+                    if cfg.metrics.eval_every > 0 and self.step % cfg.metrics.eval_every == 0:
+                        self.evaluate()
+                    if cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0:
+                        self.save()
+                        last_saved = self.step
+                    if self._should_stop():
+                        self.say(f"stopping at step {self.step} on request")
+                        break
+        except Exception as exc:
+            if _is_oom(exc):
+                raise TrainingError(
+                    f"out of memory on {self.device} at data.batch_size={cfg.data.batch_size}; lower the batch size "
+                    f"(e.g. data.batch_size={max(1, cfg.data.batch_size // 2)}) or use train.amp=bf16"
+                ) from exc
+            raise
+        finally:
+            bar.close()
+        if last_saved != self.step:
+            self.save()
+        if self.is_main:
+            if cfg.train.sample_every > 0 and self.step % cfg.train.sample_every != 0:
+                self.sample_images()
+            self.logger.flush()
+            plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
+        return self.run_dir
+
+    def close(self) -> None:
+        self.logger.close()
+        dist_utils.cleanup_distributed(self.dist)
+
+
+def train(
+    cfg: ExperimentConfig,
+    out_dir: str | Path,
+    *,
+    resume: bool = False,
+    dataset: Dataset | None = None,
+    networks: tuple[nn.Module, nn.Module] | None = None,
+    stop_at: int | None = None,
+) -> Path:
+    """Train a GAN as configured and return the run folder (see ``docs/training.md``).
+
+    ``stop_at`` stops after that generator step with a checkpoint, exactly as an interrupted run would (the linear
+    LR schedule still targets ``train.steps``); used to test resumption.
+    """
+    trainer = Trainer(cfg, out_dir, resume=resume, dataset=dataset, networks=networks)
+    try:
+        return trainer.fit(stop_at=stop_at)
+    finally:
+        trainer.close()
