@@ -1,0 +1,8 @@
+"""Metrics: FID/KID/IS through torch-fidelity with offline Inception weights (``fidelity``, ``inception``),
+test-set reconstruction error (``reconstruction``), memorization checks (``memorization``).
+
+Submodules are imported on use (torch-fidelity pulls in torchvision), e.g.
+``from dagan_gn.metrics.fidelity import compute_fidelity``.
+"""
+
+__all__ = ["fidelity", "inception", "reconstruction", "memorization"]
