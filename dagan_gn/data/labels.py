@@ -122,10 +122,12 @@ class LabelTable:
         uid = getattr(meta, "sop_instance_uid", "") or ""
         if uid:
             keys.append((self.by_uid, uid))
-        pid = getattr(meta, "patient_id", "") or ""
-        if pid:
-            keys.append((self.by_patient_view, (pid, getattr(meta, "laterality", "") or "",
-                                                (getattr(meta, "view", "") or "").upper())))
+        side, view = getattr(meta, "laterality", "") or "", (getattr(meta, "view", "") or "").upper()
+        # the CSV may use the PatientID as stored or the patient part of it (CBIS-DDSM: P_00173 of
+        # Mass-Test_P_00173_LEFT_CC); accept both
+        for pid in dict.fromkeys([getattr(meta, "patient_id", "") or "", getattr(meta, "raw_patient_id", "") or ""]):
+            if pid:
+                keys.append((self.by_patient_view, (pid, side, view)))
         for table, key in keys:
             for lesion in table.get(key, ()):
                 if lesion not in found:
