@@ -36,22 +36,40 @@ def make_patch_file(path, n_train=6, n_val=2, n_test=2, size=SIZE, channels=1, s
     return path
 
 
-def make_checkpoint(run_dir, *, num_classes=3, image_size=SIZE, channels=1, steps=2):
-    """A tiny DAGAN run: trained for a few steps when the trainer is available, else the initial weights saved
-    through the checkpoint module (with an EMA copy that differs from the raw weights)."""
+class _PairDataset(torch.utils.data.Dataset):
+    """Same-class pairs of the train split of a patch file (what the DAGAN trainer consumes)."""
+
+    def __init__(self, path):
+        with PatchFile(path) as pf:
+            rows = pf.split_indices("train")
+            self.images = torch.from_numpy(pf.patches[rows.tolist()].astype(np.float32) / 65535 * 2 - 1)
+            self.labels = pf.labels[rows]
+            self.class_names = pf.class_names
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        same = np.flatnonzero(self.labels == self.labels[i])
+        j = int(same[(np.flatnonzero(same == i)[0] + 1) % len(same)])
+        return {"image": self.images[i], "pair": self.images[j], "label": int(self.labels[i]), "index": i}
+
+
+def make_checkpoint(run_dir, patch_path, *, num_classes=3, steps=2):
+    """A tiny conditional DAGAN trained for ``steps`` steps on the train split of ``patch_path`` (EMA on)."""
     from dagan_gn.config import ExperimentConfig
-    from dagan_gn.nets import build_networks
     from dagan_gn.nets.dagan import dagan_preset
-    from dagan_gn.training.checkpoint import checkpoint_path, save_checkpoint
+    from dagan_gn.training.trainer import train
 
     cfg = ExperimentConfig()
     cfg.model = dataclasses.replace(cfg.model, name="dagan", **dagan_preset("tiny"))
-    cfg.model.image_size, cfg.model.channels, cfg.model.num_classes = image_size, channels, num_classes
-    torch.manual_seed(0)
-    g, d = build_networks(cfg.model)
-    ema = {k: v + 0.01 if v.is_floating_point() else v for k, v in g.state_dict().items()}
-    save_checkpoint(checkpoint_path(run_dir, steps), step=steps, generator=g, critic=d, config=cfg, ema=ema)
-    return run_dir
+    cfg.model.image_size, cfg.model.num_classes = SIZE, num_classes
+    cfg.model.g_width, cfg.model.d_width = 8, 8
+    cfg.data = dataclasses.replace(cfg.data, batch_size=4, num_workers=0, path=str(patch_path))
+    cfg.optim = dataclasses.replace(cfg.optim, n_critic=1)
+    cfg.train = dataclasses.replace(cfg.train, steps=steps, device="cpu", ema_start=0, ema_decay=0.5, log_every=1,
+                                    sample_every=10_000, checkpoint_every=steps, progress=False)
+    return train(cfg, run_dir, dataset=_PairDataset(patch_path))
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +78,8 @@ def patch_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    return make_checkpoint(tmp_path_factory.mktemp("run") / "run")
+def run_dir(tmp_path_factory, patch_file):
+    return make_checkpoint(tmp_path_factory.mktemp("run") / "run", patch_file)
 
 
 def read_all(path):
