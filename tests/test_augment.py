@@ -36,25 +36,6 @@ def make_patch_file(path, n_train=6, n_val=2, n_test=2, size=SIZE, channels=1, s
     return path
 
 
-class _PairDataset(torch.utils.data.Dataset):
-    """Same-class pairs of the train split of a patch file (what the DAGAN trainer consumes)."""
-
-    def __init__(self, path):
-        with PatchFile(path) as pf:
-            rows = pf.split_indices("train")
-            self.images = torch.from_numpy(pf.patches[rows.tolist()].astype(np.float32) / 65535 * 2 - 1)
-            self.labels = pf.labels[rows]
-            self.class_names = pf.class_names
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        same = np.flatnonzero(self.labels == self.labels[i])
-        j = int(same[(np.flatnonzero(same == i)[0] + 1) % len(same)])
-        return {"image": self.images[i], "pair": self.images[j], "label": int(self.labels[i]), "index": i}
-
-
 def make_checkpoint(run_dir, patch_path, *, num_classes=3, steps=2):
     """A tiny conditional DAGAN trained for ``steps`` steps on the train split of ``patch_path`` (EMA on)."""
     from dagan_gn.config import ExperimentConfig
@@ -69,7 +50,7 @@ def make_checkpoint(run_dir, patch_path, *, num_classes=3, steps=2):
     cfg.optim = dataclasses.replace(cfg.optim, n_critic=1)
     cfg.train = dataclasses.replace(cfg.train, steps=steps, device="cpu", ema_start=0, ema_decay=0.5, log_every=1,
                                     sample_every=10_000, checkpoint_every=steps, progress=False)
-    return train(cfg, run_dir, dataset=_PairDataset(patch_path))
+    return train(cfg, run_dir)  # PatchDataset + SameClassPairDataset of the train split, as `dagan train` does
 
 
 @pytest.fixture(scope="module")
