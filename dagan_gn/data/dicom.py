@@ -1,0 +1,634 @@
+"""Read DICOM mammograms with pydicom into float images in [0, 1] (tissue bright) plus the header fields we need.
+
+The display pipeline follows DICOM PS3.3 C.11 in order:
+
+1. decode the stored values with pydicom's pixel handlers (native, RLE Lossless, and JPEG / JPEG-LS / JPEG 2000 when a
+   decoder plugin such as Pillow, pylibjpeg or python-gdcm is installed; otherwise a :class:`DicomReadError` names
+   the transfer syntax and the packages that would decode it);
+2. keep only the ``BitsStored`` low bits (unused high bits may carry overlays or garbage);
+3. Modality LUT / rescale (:func:`pydicom.pixels.apply_modality_lut`);
+4. VOI LUT or window (:func:`pydicom.pixels.apply_voi_lut`), mapped onto [0, 1] by the window's output range; without
+   a VOI LUT or window, the robust range (0.5th to 99.9th percentile) of the image is stretched onto [0, 1];
+5. MONOCHROME1 is inverted so that tissue is always bright.
+
+Every failure (not DICOM, empty, corrupt, truncated, wrong modality, colour, multi-frame, no pixel data, missing decoder)
+raises :class:`DicomReadError` with the path and one line saying what is wrong, so a batch job can log it and go on.
+
+Identifiers (patient name and ID, UIDs, accession number, dates) are read into :class:`ImageMeta` only so that
+:mod:`dagan_gn.data.privacy` can pseudonymise them; nothing in this package writes them out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut, apply_windowing, get_decoder
+from pydicom.tag import Tag
+
+__all__ = [
+    "DicomReadError",
+    "ImageMeta",
+    "DicomImage",
+    "read_dicom_meta",
+    "read_dicom",
+    "resample_to_spacing",
+    "spacing_scales",
+    "list_dicom_files",
+    "parse_laterality_view",
+    "canonical_patient_id",
+    "DEFAULT_MODALITIES",
+    "ANY_MODALITY",
+]
+
+#: Modalities accepted unless the caller allows more (``--allow-modality``).
+DEFAULT_MODALITIES: tuple[str, ...] = ("MG",)
+#: Put this in ``allow_modalities`` to accept every modality (and files without a Modality tag).
+ANY_MODALITY = "*"
+
+_PIXEL_TAGS = {Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009)}  # Pixel, Float, Double Float Pixel Data
+_DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+# Names that are DICOM but never an image of a study: DICOMDIR is the media directory of a CD/DVD export.
+_SKIP_NAMES = {"DICOMDIR"}
+
+# Mammography view codes (DICOM CID 4014 abbreviations as used in ViewPosition).
+_VIEWS = ("CC", "MLO", "ML", "LM", "LMO", "XCCL", "XCCM", "XCC", "FB", "SIO", "AT", "CV", "RL", "RM", "ID")
+_VIEW_MEANINGS = {  # ViewCodeSequence CodeMeaning (lower case, punctuation removed) -> abbreviation
+    "craniocaudal": "CC",
+    "cranio caudal": "CC",
+    "mediolateral oblique": "MLO",
+    "medio lateral oblique": "MLO",
+    "mediolateral": "ML",
+    "medio lateral": "ML",
+    "lateromedial": "LM",
+    "latero medial": "LM",
+    "lateromedial oblique": "LMO",
+    "exaggerated craniocaudal": "XCC",
+    "caudocranial": "FB",
+    "from below": "FB",
+    "superolateral to inferomedial oblique": "SIO",
+    "axillary tail": "AT",
+    "cleavage": "CV",
+}
+_SIDE_WORDS = {"LEFT": "L", "RIGHT": "R", "L": "L", "R": "R"}
+_FUSED_TOKEN = re.compile(r"^([LR])(" + "|".join(sorted(_VIEWS, key=len, reverse=True)) + r")$")
+# CBIS-DDSM style per-image patient IDs: "Mass-Test_P_00173_LEFT_CC" (and ROI files "..._LEFT_CC_1").
+_COLLECTION_PREFIX = re.compile(r"^(?:Mass|Calc)-(?:Training|Test)_", re.IGNORECASE)
+_SIDE_VIEW_SUFFIX = re.compile(
+    r"[_\-\s](?:LEFT|RIGHT)[_\-\s](?:" + "|".join(_VIEWS) + r")(?:[_\-\s]\d+)?$", re.IGNORECASE
+)
+
+
+class DicomReadError(Exception):
+    """A file that cannot be used as a mammogram: ``path`` is the file and ``reason`` one line saying why."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+    def __reduce__(self):  # picklable across multiprocessing workers
+        return (type(self), (self.path, self.reason))
+
+
+@dataclass
+class ImageMeta:
+    """Header fields of one DICOM image.
+
+    ``patient_id`` is the patient key used for pseudonyms and the patient-level split: the PatientID with per-image
+    decorations removed (CBIS-DDSM stores one PatientID per image, ``Mass-Test_P_00173_LEFT_CC``; its patient is
+    ``P_00173``), so every image of a patient gets the same pseudonym. ``raw_patient_id`` is the tag as stored.
+    Identifiers are held here only to be pseudonymised; never write them out.
+    """
+
+    patient_id: str
+    patient_name: str
+    study_uid: str
+    series_uid: str
+    sop_instance_uid: str
+    accession: str
+    study_date: str
+    modality: str
+    laterality: str  # 'L', 'R' or ''
+    view: str  # 'CC', 'MLO', ... or ''
+    pixel_spacing_mm: tuple[float, float] | None  # (row, column) spacing in mm
+    rows: int
+    cols: int
+    bits_stored: int
+    photometric: str
+    transfer_syntax: str  # UID
+    manufacturer: str
+    raw_patient_id: str = ""
+    transfer_syntax_name: str = ""
+
+
+@dataclass
+class DicomImage:
+    """A decoded mammogram: ``pixels`` float32 [H, W] in [0, 1] with tissue bright, and its header ``meta``."""
+
+    pixels: np.ndarray
+    meta: ImageMeta
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Header parsing
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    value = ds.get(keyword, None)
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        value = value[0] if len(value) else ""
+    return str(value).strip()
+
+
+def _int(ds: Dataset, keyword: str, default: int = 0) -> int:
+    try:
+        value = ds.get(keyword, None)
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
+def _spacing(ds: Dataset) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = ds.get(keyword, None)
+        try:
+            if value is not None and len(value) == 2:
+                row, col = float(value[0]), float(value[1])
+                if row > 0 and col > 0 and np.isfinite(row) and np.isfinite(col):
+                    return (row, col)
+        except (TypeError, ValueError):
+            continue
+    return None
+
+
+def parse_laterality_view(*texts: str) -> tuple[str, str]:
+    """Find laterality ('L'/'R'/'') and view ('CC', 'MLO', ... or '') in free text such as a CBIS-DDSM PatientID
+    (``Mass-Test_P_00173_LEFT_CC``) or a SeriesDescription (``L CC``, ``RMLO``, ``Left MLO``). Only whole tokens count,
+    so an ID that merely contains the letters "CC" is not mistaken for a view. The first text that has a value wins.
+    """
+    laterality, view = "", ""
+    for text in texts:
+        if not text:
+            continue
+        tokens = [t for t in re.split(r"[^A-Za-z]+", text.upper()) if t]
+        for token in tokens:
+            fused = _FUSED_TOKEN.match(token)
+            if fused:
+                laterality = laterality or fused.group(1)
+                view = view or fused.group(2)
+            elif token in ("LEFT", "RIGHT"):
+                laterality = laterality or _SIDE_WORDS[token]
+            elif token in _VIEWS and len(token) > 1:
+                view = view or token
+        # Single letters L/R count only next to a view token ("L CC"), never on their own.
+        if not laterality:
+            for a, b in zip(tokens, tokens[1:]):
+                if a in ("L", "R") and b in _VIEWS:
+                    laterality = a
+                    break
+        if laterality and view:
+            break
+    return laterality, view
+
+
+def _view_from_code(ds: Dataset) -> str:
+    seq = ds.get("ViewCodeSequence", None)
+    if not seq:
+        return ""
+    meaning = str(seq[0].get("CodeMeaning", "")).lower()
+    meaning = re.sub(r"[^a-z ]+", " ", meaning).strip()
+    meaning = re.sub(r"\s+", " ", meaning)
+    return _VIEW_MEANINGS.get(meaning, "")
+
+
+def canonical_patient_id(patient_id: str) -> str:
+    """The patient part of a PatientID: strips CBIS-DDSM's collection prefix (``Mass-Test_``) and per-image suffix
+    (``_LEFT_CC``, ``_RIGHT_MLO_1``) so all images of one patient share one key; other IDs come back stripped of
+    surrounding spaces only."""
+    pid = patient_id.strip()
+    stripped = _SIDE_VIEW_SUFFIX.sub("", pid)
+    if stripped != pid:
+        stripped = _COLLECTION_PREFIX.sub("", stripped)
+    return stripped or pid
+
+
+def _meta_from_dataset(ds: Dataset) -> ImageMeta:
+    raw_pid = _text(ds, "PatientID")
+    series_description = _text(ds, "SeriesDescription")
+    parsed_lat, parsed_view = parse_laterality_view(raw_pid, series_description, _text(ds, "ProtocolName"))
+    laterality = (_text(ds, "ImageLaterality") or _text(ds, "Laterality")).upper()[:1]
+    if laterality not in ("L", "R"):
+        laterality = parsed_lat
+    view = _text(ds, "ViewPosition").upper() or _view_from_code(ds) or parsed_view
+    file_meta = getattr(ds, "file_meta", None)
+    tsyntax = file_meta.get("TransferSyntaxUID", None) if file_meta is not None else None
+    return ImageMeta(
+        patient_id=canonical_patient_id(raw_pid),
+        patient_name=_text(ds, "PatientName"),
+        study_uid=_text(ds, "StudyInstanceUID"),
+        series_uid=_text(ds, "SeriesInstanceUID"),
+        sop_instance_uid=_text(ds, "SOPInstanceUID"),
+        accession=_text(ds, "AccessionNumber"),
+        study_date=_text(ds, "StudyDate"),
+        modality=_text(ds, "Modality").upper(),
+        laterality=laterality,
+        view=view,
+        pixel_spacing_mm=_spacing(ds),
+        rows=_int(ds, "Rows"),
+        cols=_int(ds, "Columns"),
+        bits_stored=_int(ds, "BitsStored", _int(ds, "BitsAllocated")),
+        photometric=_text(ds, "PhotometricInterpretation").upper(),
+        transfer_syntax=str(tsyntax) if tsyntax else "",
+        manufacturer=_text(ds, "Manufacturer"),
+        raw_patient_id=raw_pid,
+        transfer_syntax_name=tsyntax.name if tsyntax else "",
+    )
+
+
+def _normalise_modalities(allow_modalities: Iterable[str] | None) -> tuple[str, ...] | None:
+    if allow_modalities is None:
+        return None
+    allowed = tuple(m.strip().upper() for m in allow_modalities if m and m.strip())
+    if not allowed or ANY_MODALITY in allowed or "ANY" in allowed:
+        return None
+    return allowed
+
+
+def _check_header(path: Path, ds: Dataset, meta: ImageMeta, allow_modalities, has_pixels: bool) -> None:
+    allowed = _normalise_modalities(allow_modalities)
+    if allowed is not None and meta.modality not in allowed:
+        if not meta.modality:
+            raise DicomReadError(
+                path, f"no Modality tag (expected {', '.join(allowed)}); pass --allow-modality '*' to accept it"
+            )
+        raise DicomReadError(
+            path,
+            f"modality {meta.modality} is not {' or '.join(allowed)}; pass --allow-modality {meta.modality} "
+            "to accept it",
+        )
+    if not has_pixels:
+        sop = ds.get("SOPClassUID", None)
+        kind = f" ({sop.name})" if sop is not None and hasattr(sop, "name") else ""
+        raise DicomReadError(path, f"no pixel data: not an image{kind}")
+    frames = _int(ds, "NumberOfFrames", 1)
+    if frames > 1:
+        raise DicomReadError(path, f"multi-frame image ({frames} frames, e.g. tomosynthesis) is not supported")
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if samples != 1 or meta.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        raise DicomReadError(
+            path,
+            f"colour image (PhotometricInterpretation {meta.photometric or 'missing'}, {samples} samples per pixel) "
+            "is not supported: mammograms are MONOCHROME1 or MONOCHROME2",
+        )
+    if meta.rows <= 0 or meta.cols <= 0:
+        raise DicomReadError(path, f"bad image size {meta.rows}x{meta.cols} (Rows/Columns missing or zero)")
+
+
+def _open_checks(path: Path) -> None:
+    if not path.exists():
+        raise DicomReadError(path, "file not found")
+    if path.is_dir():
+        raise DicomReadError(path, "is a directory, not a file")
+    if path.stat().st_size == 0:
+        raise DicomReadError(path, "empty file (0 bytes)")
+
+
+def _read_dataset(path: Path, header_only: bool) -> tuple[Dataset, bool]:
+    """dcmread with clear errors; returns (dataset, has_pixel_data). Header-only reads stop at the pixel data tag and
+    remember whether they reached it, so "no pixel data" is known without reading the pixels."""
+    _open_checks(path)
+    seen = {"pixels": False}
+
+    def stop_at_pixels(tag, vr, length) -> bool:
+        if tag in _PIXEL_TAGS:
+            seen["pixels"] = True
+            return True
+        return False
+
+    def read(force: bool) -> Dataset:
+        with open(path, "rb") as fh, warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns about every odd value; we report what matters
+            if header_only:
+                return pydicom.filereader.read_partial(fh, stop_when=stop_at_pixels, force=force)
+            return pydicom.dcmread(fh, force=force)
+
+    try:
+        try:
+            ds = read(force=False)
+        except InvalidDicomError:
+            # No "DICM" preamble: old archives store bare datasets. Accept only what parses into an image header.
+            try:
+                ds = read(force=True)
+            except Exception:
+                raise DicomReadError(path, "not a DICOM file (no DICM preamble and not a parseable dataset)") from None
+            if "SOPClassUID" not in ds and "Modality" not in ds or "Rows" not in ds:
+                raise DicomReadError(path, "not a DICOM file (no DICM preamble and no image header)")
+            if getattr(ds, "file_meta", None) is None:
+                ds.file_meta = pydicom.dataset.FileMetaDataset()
+            if "TransferSyntaxUID" not in ds.file_meta:
+                implicit = getattr(ds, "is_implicit_VR", True)
+                ds.file_meta.TransferSyntaxUID = (
+                    pydicom.uid.ImplicitVRLittleEndian if implicit in (True, None) else pydicom.uid.ExplicitVRLittleEndian
+                )
+    except DicomReadError:
+        raise
+    except (EOFError, OSError) as exc:
+        raise DicomReadError(path, f"file truncated or unreadable ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:  # pydicom raises many types for corrupt headers
+        raise DicomReadError(path, f"corrupt DICOM header ({type(exc).__name__}: {exc})") from None
+
+    if header_only:
+        has_pixels = seen["pixels"]
+    else:
+        has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
+    return ds, has_pixels
+
+
+def read_dicom_meta(
+    path: str | os.PathLike, allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES
+) -> ImageMeta:
+    """Read the header of one DICOM image without its pixels (fast) and check it is a usable mammogram.
+
+    Args:
+        path: the DICOM file (with or without ``.dcm``).
+        allow_modalities: accepted Modality values; ``None`` or ``("*",)`` accepts all.
+
+    Raises:
+        DicomReadError: not DICOM, empty, corrupt header, wrong modality, no pixel data, colour or multi-frame.
+    """
+    path = Path(path)
+    ds, has_pixels = _read_dataset(path, header_only=True)
+    meta = _meta_from_dataset(ds)
+    _check_header(path, ds, meta, allow_modalities, has_pixels)
+    return meta
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Pixels
+
+
+def _pip_names(requirement_text: str) -> list[str]:
+    """'pylibjpeg - requires pylibjpeg>=2.0 and pylibjpeg-libjpeg>=2.1' -> ['pylibjpeg', 'pylibjpeg-libjpeg']."""
+    _, _, reqs = requirement_text.partition("requires")
+    names = []
+    for part in re.split(r"\band\b|,", reqs):
+        name = re.split(r"[<>=!~ ]", part.strip(), maxsplit=1)[0]
+        if name and name != "numpy":
+            names.append("python-gdcm" if name == "gdcm" else name)
+    return names
+
+
+def _missing_decoder_reason(ds: Dataset) -> str | None:
+    """None when pydicom can decode the transfer syntax now, else a sentence naming it and what to install."""
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    if not tsyntax.is_compressed:
+        return None
+    try:
+        decoder = get_decoder(tsyntax)
+    except NotImplementedError:
+        return f"transfer syntax {tsyntax.name} ({tsyntax}) has no pydicom decoder"
+    if decoder.is_available:
+        return None
+    options = [" + ".join(_pip_names(dep)) for dep in decoder.missing_dependencies]
+    options = [o for o in options if o]
+    return (
+        f"cannot decode transfer syntax {tsyntax.name} ({tsyntax}): no decoder installed; "
+        f"pip install one of: {'; '.join(options) or 'a pydicom decoder plugin'}"
+    )
+
+
+def _expected_native_bytes(ds: Dataset) -> int:
+    rows, cols = int(ds.Rows), int(ds.Columns)
+    bits = int(ds.get("BitsAllocated", 16))
+    samples = int(ds.get("SamplesPerPixel", 1))
+    return (rows * cols * samples * bits + 7) // 8
+
+
+def _decode(path: Path, ds: Dataset) -> np.ndarray:
+    reason = _missing_decoder_reason(ds)
+    if reason:
+        raise DicomReadError(path, reason)
+    tsyntax = ds.file_meta.TransferSyntaxUID
+    if not tsyntax.is_compressed and "PixelData" in ds:
+        have, need = len(ds.PixelData), _expected_native_bytes(ds)
+        if have < need:
+            raise DicomReadError(path, f"pixel data truncated: {have} of {need} bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            arr = ds.pixel_array
+    except DicomReadError:
+        raise
+    except Exception as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        message = " ".join(lines) or type(exc).__name__
+        lowered = message.lower()
+        if any(word in lowered for word in ("truncat", "less than expected", "end of", "insufficient", "eof")):
+            raise DicomReadError(path, f"pixel data truncated ({message})") from None
+        hint = ""
+        if tsyntax.is_compressed:
+            with contextlib.suppress(Exception):
+                options = [" + ".join(_pip_names(dep)) for dep in get_decoder(tsyntax).missing_dependencies]
+                if options:
+                    hint = f"; another decoder may handle it: pip install one of: {'; '.join(options)}"
+        raise DicomReadError(
+            path, f"cannot decode {tsyntax.name} pixel data, corrupt or unsupported ({message}){hint}"
+        ) from None
+    if arr.ndim != 2:
+        raise DicomReadError(path, f"expected a single grey-level frame, got pixel array of shape {arr.shape}")
+    return arr
+
+
+def _honour_bits_stored(arr: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Drop the bits above BitsStored (they may hold overlays) and sign-extend signed data, when the decoder did not."""
+    bits_stored = _int(ds, "BitsStored", arr.dtype.itemsize * 8)
+    bits_alloc = arr.dtype.itemsize * 8
+    if not (0 < bits_stored < bits_alloc) or arr.dtype.kind not in "iu":
+        return arr
+    if _int(ds, "PixelRepresentation", 0) == 0:
+        limit = (1 << bits_stored) - 1
+        if arr.dtype.kind == "u" and int(arr.max()) <= limit:
+            return arr
+        return (arr.astype(np.uint64, copy=False) & limit).astype(arr.dtype) if arr.dtype.kind == "i" else arr & limit
+    lo, hi = -(1 << (bits_stored - 1)), (1 << (bits_stored - 1)) - 1
+    if int(arr.min()) >= lo and int(arr.max()) <= hi:
+        return arr
+    unsigned = arr.view(np.dtype(f"u{arr.dtype.itemsize}")) & ((1 << bits_stored) - 1)
+    shifted = unsigned.astype(np.int64) << (64 - bits_stored)
+    return (shifted >> (64 - bits_stored)).astype(arr.dtype)
+
+
+def _voi_output_range(ds: Dataset) -> tuple[float, float] | None:
+    """The output range of the VOI transform pydicom will apply, or None when the file has no VOI LUT or window."""
+    seq = ds.get("VOILUTSequence", None)
+    if seq and seq[0].get("LUTDescriptor") is not None and seq[0].get("LUTData") is not None:
+        descriptor = seq[0].LUTDescriptor
+        n_entries = int(descriptor[0]) or 2**16
+        first = int(descriptor[1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            lut = apply_voi(np.arange(first, first + n_entries, dtype=np.int64), ds)
+        return float(lut.min()), float(lut.max())
+    if ds.get("WindowCenter", None) is not None and ds.get("WindowWidth", None) is not None:
+        probe = apply_windowing(np.array([-1e15, 1e15]), ds)
+        return float(probe.min()), float(probe.max())
+    return None
+
+
+def _robust_range(arr: np.ndarray) -> tuple[float, float]:
+    step = max(1, int(np.sqrt(arr.size / 250_000)))  # ~250k samples: percentiles in milliseconds
+    sample = arr[::step, ::step]
+    lo, hi = np.percentile(sample, (0.5, 99.9))
+    if hi <= lo:
+        lo, hi = float(sample.min()), float(sample.max())
+    return float(lo), float(hi)
+
+
+def _to_unit_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    out = arr.astype(np.float32, copy=True) if arr.dtype != np.float32 else arr.copy()
+    if hi > lo:
+        out -= np.float32(lo)
+        out *= np.float32(1.0 / (hi - lo))
+        np.clip(out, 0.0, 1.0, out=out)
+    else:  # a constant image
+        out[...] = 0.0
+    return out
+
+
+def _display_pixels(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    arr = _honour_bits_stored(stored, ds)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            values = apply_modality_lut(arr, ds)
+            voi_range = _voi_output_range(ds)
+            if voi_range is not None:
+                if ds.get("VOILUTSequence") and values.dtype.kind == "f":
+                    values = np.rint(values).astype(np.int64)  # VOI LUTs index with integers
+                values = apply_voi_lut(values, ds)
+    except Exception as exc:
+        raise DicomReadError(path, f"bad Modality/VOI LUT or window ({type(exc).__name__}: {exc})") from None
+    lo, hi = voi_range if voi_range is not None else _robust_range(values)
+    pixels = _to_unit_range(values, lo, hi)
+    if _text(ds, "PhotometricInterpretation").upper() == "MONOCHROME1":
+        np.subtract(np.float32(1.0), pixels, out=pixels)
+    return pixels
+
+
+def read_dicom(path: str | os.PathLike, allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES) -> DicomImage:
+    """Decode one DICOM mammogram into float32 [H, W] in [0, 1] with tissue bright (see the module docstring for the
+    pipeline).
+
+    Args:
+        path: the DICOM file.
+        allow_modalities: accepted Modality values; ``None`` or ``("*",)`` accepts all.
+
+    Raises:
+        DicomReadError: for any file that cannot be used (never another exception for bad input).
+    """
+    path = Path(path)
+    ds, has_pixels = _read_dataset(path, header_only=False)
+    meta = _meta_from_dataset(ds)
+    _check_header(path, ds, meta, allow_modalities, has_pixels)
+    stored = _decode(path, ds)
+    if stored.shape != (meta.rows, meta.cols):
+        raise DicomReadError(path, f"decoded shape {stored.shape} differs from Rows x Columns {meta.rows}x{meta.cols}")
+    pixels = _display_pixels(path, ds, stored)
+    return DicomImage(pixels=pixels, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resampling and file discovery
+
+
+def spacing_scales(spacing_mm: tuple[float, float] | None, target_mm: float | None) -> tuple[float, float]:
+    """Per-axis (row, column) factors old_spacing / target that bring an image to ``target_mm`` per pixel; (1, 1)
+    when either is unknown or the image is already at least as coarse (images are only ever downsampled)."""
+    if target_mm is None or spacing_mm is None:
+        return (1.0, 1.0)
+    if target_mm <= 0:
+        raise ValueError(f"target spacing must be positive, got {target_mm} mm")
+    return tuple(min(1.0, float(s) / float(target_mm)) for s in spacing_mm)  # type: ignore[return-value]
+
+
+def resample_to_spacing(
+    pixels: np.ndarray, spacing_mm: tuple[float, float] | None, target_mm: float | None
+) -> tuple[np.ndarray, float]:
+    """Downsample ``pixels`` (anti-aliased, scikit-image) so one pixel is ``target_mm`` wide.
+
+    Returns ``(pixels, scale)`` with ``scale = old_spacing / new_spacing`` (≤ 1): a coordinate ``c`` in the input maps
+    to ``c * scale``. No-op (scale 1.0) when ``spacing_mm`` or ``target_mm`` is None or the image is already coarser
+    than the target (upsampling invents no detail). Anisotropic spacing (never seen in mammography) is resampled per
+    axis and the returned scale is the row factor; :func:`spacing_scales` gives both.
+    """
+    sy, sx = spacing_scales(spacing_mm, target_mm)
+    if sy >= 1.0 and sx >= 1.0:
+        return pixels, 1.0
+    from skimage.transform import resize
+
+    h, w = pixels.shape
+    shape = (max(1, int(round(h * sy))), max(1, int(round(w * sx))))
+    # Gaussian pre-filter with sigma (1/scale - 1)/2 per axis is skimage's anti-aliasing default.
+    out = resize(pixels, shape, order=1, mode="reflect", anti_aliasing=True, preserve_range=True)
+    return out.astype(pixels.dtype, copy=False), float(sy)
+
+
+def _is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _looks_like_dicom(path: Path) -> bool:
+    if path.name in _SKIP_NAMES:
+        return False
+    if path.suffix.lower() in _DICOM_SUFFIXES:
+        return True  # named DICOM: keep it even if broken, so the job reports it instead of ignoring it
+    try:
+        return pydicom.misc.is_dicom(path)
+    except OSError:
+        return False
+
+
+def list_dicom_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """All DICOM files under ``inputs`` (directories searched recursively, files taken as given), sorted.
+
+    A file counts when its name ends in ``.dcm``/``.dicom``/``.dic`` (kept even when broken, so the extraction job can
+    report it) or when it carries the DICOM "DICM" preamble whatever its name. Hidden files and folders (leading dot)
+    and DICOMDIR indexes are skipped. Files named explicitly in ``inputs`` are always kept.
+
+    Raises:
+        FileNotFoundError: an input path does not exist.
+    """
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    found: set[Path] = set()
+    for item in inputs:
+        root = Path(item)
+        if root.is_file():
+            found.add(root)
+            continue
+        if not root.is_dir():
+            raise FileNotFoundError(f"input not found: {root}")
+        for dirpath, dirnames, filenames in os.walk(root):
+            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+            for name in filenames:
+                if _is_hidden(name):
+                    continue
+                candidate = Path(dirpath) / name
+                if candidate.is_file() and _looks_like_dicom(candidate):
+                    found.add(candidate)
+    return sorted(found, key=lambda p: p.as_posix())
