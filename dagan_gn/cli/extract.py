@@ -1,3 +1,123 @@
-"""CLI commands: extract (being written)."""
+"""CLI commands ``dagan extract-patches`` and ``dagan merge-patches`` (see ``docs/extract.md``).
 
-from dagan_gn.cli.app import app  # noqa: F401
+Exit codes: 0 = every input file was used; 3 = finished, but some files were skipped (listed in the log and in
+``<out>.report.json``); 2 = fatal (bad options, unreadable labels CSV, resume mismatch; nothing written as final).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dagan_gn.cli.app import app
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"expected i/n such as 0/4, got {text!r}", param_hint="--shard") from None
+    if n < 1 or not 0 <= i < n:
+        raise typer.BadParameter(f"need 0 <= i < n, got {text!r}", param_hint="--shard")
+    return i, n
+
+
+def _setup_logging(quiet: bool) -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(message)s")
+
+
+@app.command("extract-patches")
+def extract_patches_cmd(
+    inputs: List[Path] = typer.Argument(..., help="DICOM files and/or folders (searched recursively; files with or "
+                                                  "without .dcm)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output HDF5 patch file (written as OUT.partial, renamed when "
+                                                      "complete; a report goes to OUT.report.json)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Lesion labels CSV (docs/labels-csv.md). Without it "
+                                                                 "every patch is class 'tissue'."),
+    patch_size: int = typer.Option(256, "--patch-size", help="Patch side S in pixels (after --target-spacing)."),
+    per_image: int = typer.Option(8, "--per-image", help="Normal-tissue patches drawn per image."),
+    per_lesion: int = typer.Option(1, "--per-lesion", help="Lesion-centred patches per labelled lesion (each "
+                                                           "jittered; the lesion stays inside the patch)."),
+    stride: Optional[int] = typer.Option(None, "--stride", help="Grid mode: take every qualifying normal patch on "
+                                                                "a grid with this step (ignores --per-image)."),
+    min_tissue: float = typer.Option(0.9, "--min-tissue", help="Minimum fraction of a normal patch inside the "
+                                                               "breast mask (0-1)."),
+    target_spacing: Optional[float] = typer.Option(None, "--target-spacing", help="Downsample every image to this "
+                                                   "pixel spacing in mm first, so patches mean the same physical "
+                                                   "size across scanners."),
+    split: str = typer.Option("0.8,0.1,0.1", "--split", help="train,val,test fractions, assigned per patient."),
+    workers: int = typer.Option(1, "--workers", "-j", help="Decoding processes (one writer process appends)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of patch sampling and of the patient split."),
+    salt: Optional[str] = typer.Option(None, "--salt", help="Secret salt for the pseudonyms (default: read or "
+                                                            "create --salt-file)."),
+    salt_file: Optional[Path] = typer.Option(None, "--salt-file", help="File holding the secret salt (default "
+                                             "OUT.salt, created once). Keep it secret; never share it with the "
+                                             "HDF5. Shards of one archive must share it."),
+    resume: bool = typer.Option(False, "--resume", help="Continue OUT.partial left by a killed run (same options)."),
+    shard: Optional[str] = typer.Option(None, "--shard", help="i/n: process only the i-th of n deterministic parts "
+                                                              "of the archive (job arrays); join with merge-patches."),
+    allow_modality: List[str] = typer.Option([], "--allow-modality", help="Also accept this DICOM modality "
+                                             "(repeatable; '*' for any). MG is always accepted."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar; only warnings and errors."),
+) -> None:
+    """Extract S×S patches from DICOM mammograms into one HDF5 file ready for GAN training.
+
+    Exit code 0: all files used; 3: some files were skipped (see OUT.report.json); 2: fatal error."""
+    _setup_logging(quiet)
+    from dagan_gn.data.extract import ExtractError, extract_patches
+
+    try:
+        from dagan_gn.data.privacy import parse_split_fractions
+
+        fractions = parse_split_fractions(split)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--split") from None
+    shard_tuple = _parse_shard(shard) if shard else (0, 1)
+    modalities = ("MG", *[m.upper() for m in allow_modality])
+    try:
+        report = extract_patches(
+            inputs, out, labels_csv=labels, patch_size=patch_size, per_image=per_image, per_lesion=per_lesion,
+            min_tissue=min_tissue, stride=stride, target_spacing_mm=target_spacing, split=fractions,
+            workers=workers, seed=seed, salt=salt, salt_file=salt_file, resume=resume, shard=shard_tuple,
+            allow_modalities=modalities, progress=not quiet,
+        )
+    except ExtractError as exc:
+        _fail(str(exc))
+        return
+    typer.echo(
+        f"{out}: {report.patches_total} patches ({report.patches_written} new) from {report.files_used} files; "
+        f"{report.files_skipped} skipped, {report.files_already_done} already done; report {out}.report.json"
+    )
+    if report.exit_code:
+        typer.echo(f"warning: {report.files_skipped} file(s) skipped; reasons in {out}.report.json", err=True)
+    raise typer.Exit(report.exit_code)
+
+
+@app.command("merge-patches")
+def merge_patches_cmd(
+    inputs: List[Path] = typer.Argument(..., help="Patch files to join (e.g. the shards of extract-patches --shard)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged HDF5 patch file (written atomically)."),
+) -> None:
+    """Join patch files (same patch size, format and salt) into one; class tables are unified."""
+    from dagan_gn.data.store import StoreError, merge_patch_files
+
+    if out.resolve() in {p.resolve() for p in inputs}:
+        _fail(f"--out {out} is also an input")
+    try:
+        merged = merge_patch_files(inputs, out)
+    except StoreError as exc:
+        _fail(str(exc))
+        return
+    from dagan_gn.data.store import PatchFile
+
+    with PatchFile(merged) as pf:
+        typer.echo(f"{merged}: {len(pf)} patches from {len(inputs)} files, classes {pf.class_names}")
