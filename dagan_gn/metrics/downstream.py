@@ -1,0 +1,417 @@
+"""Does DAGAN augmentation help? Train the same small classifier under four data regimes and compare.
+
+Regimes (:data:`REGIMES`), all trained on the *train* split only and evaluated on the held-out *test* split (other
+patients):
+
+- ``real``                 real patches only;
+- ``real+albumentations``  real patches with classical augmentation (albumentations: flips, 90° rotations, small
+                            affine and brightness/contrast changes);
+- ``real+dagan``           real patches mixed with DAGAN variants (:class:`~dagan_gn.data.mixing.MixedRealSyntheticDataset`);
+- ``real+both``            the mix, with the albumentations transform on top.
+
+Every regime trains the same MONAI classifier (``resnet``: ``monai.networks.nets.ResNet`` with basic blocks, or
+``densenet``: ``DenseNet121``; 1 input channel for mammograms; a configurable width so it runs on a CPU) for the same
+number of optimizer steps (``epochs`` passes over the *real* training set), for several seeds. Accuracy and AUC
+(one-vs-rest, macro-averaged over the classes present in the test set, via ``monai.metrics.compute_roc_auc``) are
+reported as mean ± 95 % confidence interval (Student t over seeds) in a Markdown table and a PNG bar chart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = [
+    "REGIMES",
+    "DownstreamConfig",
+    "DownstreamReport",
+    "build_classifier",
+    "classical_augmentation",
+    "train_classifier",
+    "evaluate_classifier",
+    "evaluate_augmentation",
+    "evaluate_augmentation_files",
+    "mean_ci",
+    "write_downstream_report",
+]
+
+REGIMES: tuple[str, ...] = ("real", "real+albumentations", "real+dagan", "real+both")
+
+
+@dataclass
+class DownstreamConfig:
+    """How the downstream classifier is built and trained."""
+
+    #: ``resnet`` (MONAI ResNet with basic blocks) or ``densenet`` (MONAI DenseNet121).
+    arch: str = "resnet"
+    #: Base width: ResNet stage widths ``[w, 2w, 4w, 8w]``; DenseNet ``init_features=2w``, ``growth_rate=w``.
+    width: int = 16
+    #: ResNet blocks per stage (``[2, 2, 2, 2]`` is ResNet-18).
+    layers: list = field(default_factory=lambda: [1, 1, 1, 1])
+    #: Passes over the real training set; every regime gets the same number of optimizer steps.
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    #: Fraction of synthetic items in the DAGAN regimes, or ``"balance"`` for per-class balancing.
+    synthetic_ratio: Any = 0.5
+    #: Classical augmentation preset: ``mammo`` (flips, 90° rotations, affine, brightness/contrast) or ``natural``
+    #: (horizontal flip, small shifts: for CIFAR-10-like images).
+    augmentation: str = "mammo"
+    seeds: list = field(default_factory=lambda: [0, 1, 2])
+    device: str = "auto"
+    num_workers: int = 0
+
+
+def classical_augmentation(preset: str = "mammo", image_size: int = 64) -> Any:
+    """The albumentations pipeline of the ``+albumentations`` regimes."""
+    import albumentations as A
+
+    if preset == "mammo":
+        # Patches have no canonical orientation (left/right breasts, CC/MLO views): flips and 90° turns are
+        # label-preserving; small affine and contrast changes mimic positioning and exposure differences.
+        return A.Compose([
+            A.HorizontalFlip(p=0.5),
+            A.VerticalFlip(p=0.5),
+            A.RandomRotate90(p=0.5),
+            A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-15, 15), border_mode=2, p=0.5),
+            A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=0.5),
+        ])
+    if preset == "natural":
+        pad = max(1, image_size // 8)
+        return A.Compose([
+            A.HorizontalFlip(p=0.5),
+            A.Affine(translate_px=(-pad, pad), border_mode=2, p=0.5),
+        ])
+    raise ValueError(f"unknown augmentation preset {preset!r}; choose 'mammo' or 'natural'")
+
+
+def build_classifier(
+    num_classes: int, in_channels: int = 1, image_size: int = 64, *, arch: str = "resnet", width: int = 16,
+    layers: Sequence[int] = (1, 1, 1, 1),
+) -> nn.Module:
+    """A 2-D MONAI classifier producing logits ``[B, num_classes]``."""
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    if arch == "resnet":
+        from monai.networks.nets import ResNet
+
+        return ResNet(
+            block="basic", layers=list(layers), block_inplanes=[width, 2 * width, 4 * width, 8 * width],
+            spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes,
+            # Small images keep full resolution in the stem; large patches halve it first.
+            conv1_t_size=7 if image_size >= 128 else 3, conv1_t_stride=2 if image_size >= 128 else 1,
+            no_max_pool=image_size < 64,
+        )
+    if arch == "densenet":
+        from monai.networks.nets import DenseNet121
+
+        return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
+                           init_features=2 * width, growth_rate=width)
+    raise ValueError(f"unknown classifier {arch!r}; choose 'resnet' or 'densenet'")
+
+
+def _forever(loader: DataLoader, dataset: Dataset) -> Any:
+    epoch = 0
+    while True:
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def train_classifier(
+    train_set: Dataset,
+    num_classes: int,
+    *,
+    steps: int,
+    config: DownstreamConfig,
+    seed: int,
+    image_size: int,
+    in_channels: int,
+    device: torch.device,
+) -> nn.Module:
+    """Train a fresh :func:`build_classifier` for ``steps`` Adam steps on ``train_set`` (dict items with ``image``
+    and ``label``), seeded by ``seed`` (weights and batch order)."""
+    torch.manual_seed(seed)
+    model = build_classifier(num_classes, in_channels, image_size, arch=config.arch, width=config.width,
+                             layers=config.layers).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    gen = torch.Generator().manual_seed(seed)
+    batch = min(config.batch_size, len(train_set))
+    loader = DataLoader(train_set, batch_size=batch, shuffle=True, drop_last=True, generator=gen,
+                        num_workers=config.num_workers)
+    model.train()
+    for _, item in zip(range(steps), _forever(loader, train_set)):
+        x = item["image"].to(device, torch.float32)
+        y = torch.as_tensor(item["label"]).to(device)
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: nn.Module, test_set: Dataset, num_classes: int, *, device: torch.device, batch_size: int = 128
+) -> dict[str, float]:
+    """Accuracy and AUC (binary, or one-vs-rest macro-averaged over the classes present) on ``test_set``."""
+    from monai.metrics import compute_roc_auc
+
+    probs, labels = [], []
+    for item in DataLoader(test_set, batch_size=batch_size, shuffle=False):
+        probs.append(torch.softmax(model(item["image"].to(device, torch.float32)).float(), 1).cpu())
+        labels.append(torch.as_tensor(item["label"]))
+    p, y = torch.cat(probs), torch.cat(labels).long()
+    acc = float((p.argmax(1) == y).float().mean())
+    present = torch.unique(y)
+    if len(present) < 2:
+        auc = float("nan")  # AUC is undefined with a single class in the test set
+    elif num_classes == 2:
+        auc = float(compute_roc_auc(p[:, 1], y))
+    else:
+        per_class = []
+        onehot = nn.functional.one_hot(y, num_classes)
+        for c in present.tolist():
+            per_class.append(float(compute_roc_auc(p[:, c], onehot[:, c])))
+        auc = float(np.mean(per_class))
+    return {"accuracy": acc, "auc": auc}
+
+
+def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the Student-t confidence interval (NaN half-width for fewer than 2 values)."""
+    from scipy import stats
+
+    v = np.asarray([x for x in values if np.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return float("nan"), float("nan")
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    half = stats.t.ppf(0.5 + confidence / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), float(half)
+
+
+@dataclass
+class DownstreamReport:
+    """Per-seed results and their summary."""
+
+    #: One row per (regime, seed): ``{"regime", "seed", "accuracy", "auc", "train_items", "synthetic_items"}``.
+    runs: list[dict[str, Any]]
+    class_names: list[str]
+    n_train: int
+    n_test: int
+    n_synthetic: int
+    config: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def regimes(self) -> list[str]:
+        return list(dict.fromkeys(r["regime"] for r in self.runs))
+
+    def summary(self) -> dict[str, dict[str, tuple[float, float]]]:
+        """Regime → metric → (mean, 95 % CI half-width)."""
+        out: dict[str, dict[str, tuple[float, float]]] = {}
+        for regime in self.regimes:
+            rows = [r for r in self.runs if r["regime"] == regime]
+            out[regime] = {m: mean_ci([r[m] for r in rows]) for m in ("accuracy", "auc")}
+        return out
+
+    def to_markdown(self) -> str:
+        def fmt(mean: float, half: float) -> str:
+            if not np.isfinite(mean):
+                return "n/a"
+            return f"{mean:.3f} ± {half:.3f}" if np.isfinite(half) else f"{mean:.3f}"
+
+        seeds = sorted({r["seed"] for r in self.runs})
+        lines = [
+            "# Downstream classifier: does augmentation help?",
+            "",
+            f"Classifier `{self.config.get('arch')}` (width {self.config.get('width')}), "
+            f"{self.config.get('epochs')} epochs over {self.n_train} real training patches; evaluated on "
+            f"{self.n_test} held-out test patches; {len(self.class_names)} classes ({', '.join(self.class_names)}); "
+            f"{self.n_synthetic} synthetic patches available. Mean ± 95 % CI over {len(seeds)} seed(s) {seeds}.",
+            "",
+            "| regime | accuracy | AUC |",
+            "| --- | ---: | ---: |",
+        ]
+        for regime, m in self.summary().items():
+            lines.append(f"| {regime} | {fmt(*m['accuracy'])} | {fmt(*m['auc'])} |")
+        return "\n".join(lines) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["summary"] = {k: {m: list(v) for m, v in ms.items()} for k, ms in self.summary().items()}
+        return d
+
+    def plot(self, path: str | os.PathLike) -> Path:
+        """Grouped bar chart (accuracy and AUC per regime, 95 % CI error bars) as a PNG, written atomically."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from dagan_gn.fileio import atomic_path
+
+        summ = self.summary()
+        regimes = list(summ)
+        xs = np.arange(len(regimes))
+        fig, ax = plt.subplots(figsize=(1.6 * len(regimes) + 2, 3.6))
+        for k, (metric, label) in enumerate((("accuracy", "accuracy"), ("auc", "AUC"))):
+            means = [summ[r][metric][0] for r in regimes]
+            halves = [summ[r][metric][1] if np.isfinite(summ[r][metric][1]) else 0.0 for r in regimes]
+            ax.bar(xs + (k - 0.5) * 0.38, np.nan_to_num(means), 0.38, yerr=halves, capsize=3, label=label)
+        ax.set_xticks(xs, regimes, rotation=15)
+        ax.set_ylim(0, 1)
+        ax.set_ylabel("test score (mean ± 95 % CI)")
+        ax.legend(loc="lower right")
+        ax.grid(axis="y", alpha=0.3)
+        fig.tight_layout()
+        path = Path(path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=120)
+        plt.close(fig)
+        return path
+
+
+def evaluate_augmentation(
+    real_train: Dataset,
+    test: Dataset,
+    synthetic: Dataset | None,
+    *,
+    num_classes: int,
+    class_names: Sequence[str] | None = None,
+    config: DownstreamConfig | None = None,
+    regimes: Sequence[str] = REGIMES,
+    progress: bool = True,
+    on_run: Callable[[dict[str, Any]], None] | None = None,
+) -> DownstreamReport:
+    """Train and evaluate the classifier under ``regimes`` × ``config.seeds``.
+
+    Args:
+        real_train: real training items (dicts with ``image`` in [-1, 1] and ``label``), e.g. ``PatchDataset``.
+        test: held-out items, same classes.
+        synthetic: synthetic items (``dagan augment`` output) for the DAGAN regimes; required when those are asked.
+        num_classes: number of classes (labels are ``0..num_classes-1``).
+        class_names: for the report.
+        config: classifier and training settings.
+        regimes: subset of :data:`REGIMES`.
+        progress: tqdm bar over the runs.
+        on_run: called with each finished run's row (e.g. to log it).
+    """
+    from tqdm.auto import tqdm
+
+    from dagan_gn.data.mixing import MixedRealSyntheticDataset
+    from dagan_gn.runtime import resolve_device
+
+    config = config or DownstreamConfig()
+    unknown = [r for r in regimes if r not in REGIMES]
+    if unknown:
+        raise ValueError(f"unknown regime(s) {unknown}; choose from {list(REGIMES)}")
+    if synthetic is None and any("dagan" in r or "both" in r for r in regimes):
+        raise ValueError("the real+dagan / real+both regimes need a synthetic dataset (dagan augment output)")
+    if len(real_train) == 0 or len(test) == 0:
+        raise ValueError(f"need real training and test items (got {len(real_train)} and {len(test)})")
+    device = resolve_device(config.device)
+    sample = real_train[0]["image"]
+    in_channels, image_size = int(sample.shape[0]), int(sample.shape[-1])
+    steps = config.epochs * max(1, len(real_train) // min(config.batch_size, len(real_train)))
+    runs: list[dict[str, Any]] = []
+    bar = tqdm(total=len(regimes) * len(config.seeds), desc="evaluate-augmentation", unit="run",
+               disable=not progress)
+    for regime in regimes:
+        for seed in config.seeds:
+            tf = classical_augmentation(config.augmentation, image_size) if regime in (
+                "real+albumentations", "real+both") else None
+            use_syn = regime in ("real+dagan", "real+both")
+            data = MixedRealSyntheticDataset(real_train, synthetic if use_syn else None,
+                                             synthetic_ratio=config.synthetic_ratio if use_syn else 0.0,
+                                             transform=tf, seed=int(seed))
+            model = train_classifier(data, num_classes, steps=steps, config=config, seed=int(seed),
+                                     image_size=image_size, in_channels=in_channels, device=device)
+            row = {"regime": regime, "seed": int(seed),
+                   **evaluate_classifier(model, test, num_classes, device=device),
+                   "train_items": len(data), "synthetic_items": data.num_synthetic, "steps": steps}
+            runs.append(row)
+            if on_run is not None:
+                on_run(row)
+            bar.update(1)
+    bar.close()
+    return DownstreamReport(
+        runs=runs, class_names=list(class_names or [str(i) for i in range(num_classes)]), n_train=len(real_train),
+        n_test=len(test), n_synthetic=0 if synthetic is None else len(synthetic), config=asdict(config),
+    )
+
+
+def write_downstream_report(report: DownstreamReport, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """``downstream.md`` (table), ``downstream.json`` (every run) and ``downstream.png`` (bar chart) in ``out_dir``."""
+    from dagan_gn.fileio import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "downstream.md", "json": out_dir / "downstream.json",
+             "png": out_dir / "downstream.png"}
+    atomic_write_text(paths["markdown"], report.to_markdown())
+    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2, default=str))
+    report.plot(paths["png"])
+    return paths
+
+
+def evaluate_augmentation_files(
+    real_path: str | os.PathLike,
+    synthetic_path: str | os.PathLike | None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    train_split: str = "train",
+    test_split: str = "test",
+    classes: Sequence[str] | None = None,
+    config: DownstreamConfig | None = None,
+    regimes: Sequence[str] = REGIMES,
+    progress: bool = True,
+) -> DownstreamReport:
+    """:func:`evaluate_augmentation` on patch files: ``train_split`` of the real file for training, its
+    ``test_split`` (held-out patients) for evaluation, and the synthetic file (``dagan augment``) for the DAGAN
+    regimes. Writes the report to ``out_dir`` when given."""
+    from dagan_gn.data.datasets import PatchDataset
+
+    if train_split == test_split:
+        raise ValueError(f"train and test split are both {train_split!r}: evaluation would not be held out")
+    real = PatchDataset(real_path, split=train_split, classes=list(classes) if classes else None)
+    test = PatchDataset(real_path, split=test_split, classes=list(classes) if classes else None)
+    if len(real) == 0:
+        raise ValueError(f"{real_path}: the {train_split!r} split has no patches")
+    if len(test) == 0:
+        raise ValueError(f"{real_path}: the {test_split!r} split has no patches to evaluate on")
+    synthetic = None
+    if synthetic_path is not None:
+        from dagan_gn.data.store import PatchFile
+
+        with PatchFile(synthetic_path) as pf:
+            if not pf.synthetic:
+                raise ValueError(f"{synthetic_path} is not a synthetic patch file (made by `dagan augment`)")
+            syn_classes = list(pf.class_names)
+            split_present = [pf.split_names[s] for s in np.unique(pf.split)]
+        if syn_classes != list(PatchDataset(real_path, split=train_split).class_names):
+            raise ValueError(f"{synthetic_path} has classes {syn_classes}, not those of {real_path}")
+        if test_split in split_present:
+            raise ValueError(
+                f"{synthetic_path} contains variants of {test_split!r} patches: evaluating on that split would leak"
+            )
+        synthetic = PatchDataset(synthetic_path, split=train_split, classes=list(classes) if classes else None)
+    report = evaluate_augmentation(real, test, synthetic, num_classes=len(real.class_names),
+                                   class_names=real.class_names, config=config, regimes=regimes, progress=progress)
+    report.meta.update(real=str(real_path), synthetic=None if synthetic_path is None else str(synthetic_path),
+                       train_split=train_split, test_split=test_split)
+    if out_dir is not None:
+        write_downstream_report(report, out_dir)
+    return report

@@ -1,0 +1,149 @@
+"""Tests of dagan_gn/metrics/downstream.py: the four-regime evaluation end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from dagan_gn.data.store import PatchWriter, to_uint16
+from dagan_gn.metrics.downstream import (
+    REGIMES,
+    DownstreamConfig,
+    build_classifier,
+    classical_augmentation,
+    evaluate_augmentation,
+    evaluate_augmentation_files,
+    evaluate_classifier,
+    mean_ci,
+    write_downstream_report,
+)
+
+TINY = DownstreamConfig(width=4, epochs=2, batch_size=8, seeds=[0, 1], device="cpu")
+
+
+def blobs(n, num_classes, size=16, seed=0):
+    """Images whose class is a bright square in one of the quadrants: learnable in a few steps."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % num_classes
+    x = torch.rand(n, 1, size, size, generator=g) * 0.4 - 0.8
+    h = size // 2
+    for i, c in enumerate(labels.tolist()):
+        r, col = divmod(c % 4, 2)
+        x[i, 0, r * h : (r + 1) * h, col * h : (col + 1) * h] += 1.2
+    return x.clamp(-1, 1), labels
+
+
+class Items(Dataset):
+    def __init__(self, x, y, class_names=None):
+        self.x, self.labels = x, y.numpy()
+        if class_names:
+            self.class_names = class_names
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"image": self.x[i], "label": int(self.labels[i]), "index": i}
+
+
+def test_build_classifier_shapes():
+    for arch in ("resnet", "densenet"):
+        net = build_classifier(3, 1, 32, arch=arch, width=4)
+        assert net(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+    assert build_classifier(2, 1, 256, width=4)(torch.zeros(1, 1, 256, 256)).shape == (1, 2)
+    with pytest.raises(ValueError, match="unknown classifier"):
+        build_classifier(2, arch="vgg")
+    with pytest.raises(ValueError, match="at least 2"):
+        build_classifier(1)
+
+
+def test_classical_augmentation_presets():
+    img = np.random.default_rng(0).random((16, 16, 1)).astype(np.float32)
+    for preset in ("mammo", "natural"):
+        assert classical_augmentation(preset, 16)(image=img)["image"].shape == (16, 16, 1)
+    with pytest.raises(ValueError, match="preset"):
+        classical_augmentation("medical")
+
+
+def test_mean_ci():
+    m, h = mean_ci([0.5, 0.7, 0.6])
+    assert m == pytest.approx(0.6) and h == pytest.approx(4.302653 * 0.1 / np.sqrt(3), rel=1e-5)
+    assert np.isnan(mean_ci([0.4])[1]) and mean_ci([0.4])[0] == 0.4
+    assert mean_ci([0.5, float("nan"), 0.5]) == (0.5, 0.0)
+
+
+def test_evaluate_classifier_auc_binary_and_multiclass():
+    class Oracle(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :3] * 10
+
+    x = torch.eye(3).repeat(4, 1).reshape(12, 1, 1, 3)
+    y = torch.arange(3).repeat(4)
+    res = evaluate_classifier(Oracle(), Items(x, y), 3, device=torch.device("cpu"))
+    assert res == {"accuracy": 1.0, "auc": 1.0}
+    res = evaluate_classifier(Oracle(), Items(x[:2], y[:1].repeat(2)), 3, device=torch.device("cpu"))
+    assert np.isnan(res["auc"])  # a single class in the test set: AUC undefined, not an exception
+
+
+def test_four_regimes_end_to_end(tmp_path):
+    x, y = blobs(32, 3, seed=0)
+    xt, yt = blobs(24, 3, seed=1)
+    xs, ys = blobs(48, 3, seed=2)
+    names = ["a", "b", "c"]
+    report = evaluate_augmentation(Items(x, y, names), Items(xt, yt, names), Items(xs, ys, names), num_classes=3,
+                                   class_names=names, config=TINY, progress=False)
+    assert [r["regime"] for r in report.runs] == [r for r in REGIMES for _ in (0, 1)]
+    for row in report.runs:
+        assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["auc"] <= 1.0
+        assert row["synthetic_items"] == (32 if "dagan" in row["regime"] or "both" in row["regime"] else 0)
+    summ = report.summary()
+    assert set(summ) == set(REGIMES) and all(np.isfinite(v[0]) and np.isfinite(v[1])
+                                             for m in summ.values() for v in m.values())
+    assert summ["real"]["auc"][0] > 0.6  # the classifier learns something in a few steps
+    paths = write_downstream_report(report, tmp_path)
+    md = paths["markdown"].read_text()
+    assert all(f"| {r} |" in md for r in REGIMES) and "±" in md
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads(paths["json"].read_text())
+    assert len(data["runs"]) == 8 and set(data["summary"]) == set(REGIMES)
+    # same seeds → same numbers
+    again = evaluate_augmentation(Items(x, y, names), Items(xt, yt, names), None, num_classes=3, config=TINY,
+                                  regimes=["real"], progress=False)
+    assert [r["accuracy"] for r in again.runs] == [r["accuracy"] for r in report.runs[:2]]
+
+
+def test_regime_validation():
+    x, y = blobs(8, 2)
+    with pytest.raises(ValueError, match="synthetic dataset"):
+        evaluate_augmentation(Items(x, y), Items(x, y), None, num_classes=2, config=TINY, progress=False)
+    with pytest.raises(ValueError, match="unknown regime"):
+        evaluate_augmentation(Items(x, y), Items(x, y), None, num_classes=2, regimes=["mixup"], progress=False)
+
+
+def _write(path, x, y, split, synthetic=False):
+    with PatchWriter(path, patch_size=x.shape[-1], class_names=["normal", "mass"], provenance={"source_index": "int64"},
+                     synthetic=synthetic) as w:
+        w.append(to_uint16((x.numpy() + 1) / 2), y.numpy(), split, {"source_index": np.arange(len(y))})
+    return path
+
+
+def test_files_end_to_end_and_leak_guard(tmp_path):
+    x, y = blobs(36, 2, seed=0)
+    real = _write(tmp_path / "real.h5", x, y, ["train"] * 24 + ["val"] * 4 + ["test"] * 8)
+    xs, ys = blobs(24, 2, seed=5)
+    syn = _write(tmp_path / "syn.h5", xs, ys, ["train"] * 24, synthetic=True)
+    cfg = DownstreamConfig(width=4, epochs=1, batch_size=8, seeds=[0], device="cpu")
+    report = evaluate_augmentation_files(real, syn, tmp_path / "out", config=cfg, progress=False)
+    assert report.n_train == 24 and report.n_test == 8 and report.n_synthetic == 24
+    assert (tmp_path / "out" / "downstream.md").is_file() and (tmp_path / "out" / "downstream.png").is_file()
+    leaky = _write(tmp_path / "leaky.h5", xs, ys, ["test"] * 24, synthetic=True)
+    with pytest.raises(ValueError, match="leak"):
+        evaluate_augmentation_files(real, leaky, config=cfg, progress=False)
+    with pytest.raises(ValueError, match="not a synthetic"):
+        evaluate_augmentation_files(real, real, config=cfg, progress=False)
+    with pytest.raises(ValueError, match="held out"):
+        evaluate_augmentation_files(real, syn, test_split="train", config=cfg, progress=False)
