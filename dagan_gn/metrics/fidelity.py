@@ -324,7 +324,8 @@ def reference_images_for_config(cfg, num: int, seed: int = 0) -> tuple[torch.Ten
     if kind == "cifar10":
         from dagan_gn.data.cifar10 import CIFAR10Dataset
 
-        ds = CIFAR10Dataset(cfg.data.path, "train", cfg.data.limit_per_class, cfg.train.seed)
+        # The same images the trainer sees (it builds the dataset with the default selection seed).
+        ds = CIFAR10Dataset(cfg.data.path, "train", limit_per_class=cfg.data.limit_per_class)
         images = ds.images_uint8
         split = "train"
     elif kind == "patches":
