@@ -386,106 +386,85 @@ def check_memorization_files(
     max_train: int | None = None,
     max_synthetic: int | None = None,
     percentile: float = 1.0,
+    copy_factor: float = 0.5,
     feature_extractor: Callable[[torch.Tensor], torch.Tensor] | str | None = "random-conv",
     chunk_size: int = 1024,
     device: str = "cpu",
     seed: int = 0,
 ) -> MemorizationReport:
-    """:func:`check_memorization` on HDF5 patch files: the real file's ``train_split`` is the training set, its
+    """:func:`check_memorization` on patch files: the real file's ``train_split`` is the training set, its
     ``heldout_splits`` the baseline, and the synthetic file (from ``dagan augment``) is checked against them.
-    Patient pseudonyms come from the ``patient`` provenance column when present; ``source_index`` from the synthetic
-    file's provenance. ``max_train`` / ``max_synthetic`` subsample (seeded) for very large files.
+
+    Patient pseudonyms come from the ``patient_pseudonym`` provenance columns; the source of each synthetic patch from
+    its ``source_index`` column (a row of the real file). ``max_train`` / ``max_synthetic`` subsample (seeded) very
+    large files; the sources of the checked synthetic patches are always kept in the training set.
+    Writes ``memorization.md`` / ``memorization.json`` to ``out_dir`` when given.
     """
+    from dagan_gn.data.store import PatchFile
     from dagan_gn.runtime import resolve_device
 
-    real = _read_patch_file(real_path)
-    syn = _read_patch_file(synthetic_path)
-    if not syn["synthetic"]:
-        raise ValueError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")
-    split_names = real["split_names"]
-    for s in (train_split, *heldout_splits):
-        if s not in split_names:
-            raise ValueError(f"{real_path}: unknown split {s!r}; splits: {', '.join(split_names)}")
-    train_sel = np.flatnonzero(real["split"] == split_names.index(train_split))
-    held_sel = np.flatnonzero(np.isin(real["split"], [split_names.index(s) for s in heldout_splits]))
-    if len(train_sel) == 0:
-        raise ValueError(f"{real_path}: split {train_split!r} is empty")
-    if len(held_sel) == 0:
-        raise ValueError(f"{real_path}: held-out split(s) {', '.join(heldout_splits)} are empty; the near-copy "
-                         "threshold needs held-out real patches")
-    rng = np.random.default_rng(seed)
-    syn_sel = np.arange(len(syn["labels"]))
-    if max_synthetic is not None and len(syn_sel) > max_synthetic:
-        syn_sel = np.sort(rng.choice(syn_sel, max_synthetic, replace=False))
-    src_global = syn["provenance"].get("source_index")
-    if max_train is not None and len(train_sel) > max_train:
-        keep = rng.choice(train_sel, max_train, replace=False)
-        if src_global is not None:  # always keep the sources of the checked synthetic patches
-            keep = np.union1d(keep, np.intersect1d(src_global[syn_sel], train_sel))
-        train_sel = np.sort(keep)
-    # source_index in the synthetic file indexes the real file; map it to positions in the training subset.
-    pos = {int(g): k for k, g in enumerate(train_sel)}
-    source_index = None
-    if src_global is not None:
-        source_index = np.array([pos.get(int(g), -1) for g in src_global[syn_sel]])
-    real_pat = real["provenance"].get("patient")
-    train_patient = None if real_pat is None else real_pat[train_sel]
-    syn_pat = syn["provenance"].get("patient")
-    source_patient = None
-    if syn_pat is not None:
-        source_patient = syn_pat[syn_sel]
-    elif real_pat is not None and src_global is not None:
-        source_patient = real_pat[src_global[syn_sel]]
+    with PatchFile(real_path) as real, PatchFile(synthetic_path) as syn:
+        if not syn.synthetic:
+            raise ValueError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")
+        if real.synthetic:
+            raise ValueError(f"{real_path}: is a synthetic patch file; pass the real patches the generator saw")
+        if (syn.patch_size, syn.channels) != (real.patch_size, real.channels):
+            raise ValueError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but {real_path} "
+                             f"{real.channels}×{real.patch_size}px")
+        train_sel = real.split_indices(train_split)
+        held_sel = np.sort(np.concatenate([real.split_indices(s) for s in heldout_splits]))
+        if len(train_sel) == 0:
+            raise ValueError(f"{real_path}: split {train_split!r} is empty")
+        if len(held_sel) == 0:
+            raise ValueError(f"{real_path}: held-out split(s) {', '.join(heldout_splits)} are empty; the near-copy "
+                             "threshold needs held-out real patches")
+        rng = np.random.default_rng(seed)
+        syn_sel = np.arange(len(syn))
+        if max_synthetic is not None and len(syn_sel) > max_synthetic:
+            syn_sel = np.sort(rng.choice(syn_sel, max_synthetic, replace=False))
+        src_global = syn.provenance("source_index") if "source_index" in syn.provenance_columns else None
+        if src_global is not None:
+            src_global = src_global[syn_sel].astype(np.int64)
+        if max_train is not None and len(train_sel) > max_train:
+            keep = rng.choice(train_sel, max_train, replace=False)
+            if src_global is not None:
+                keep = np.union1d(keep, np.intersect1d(src_global, train_sel))
+            train_sel = np.sort(keep)
+        source_index = None
+        if src_global is not None:
+            # source_index in the synthetic file is a row of the real file: map it to positions in the train set.
+            pos = {int(g): k for k, g in enumerate(train_sel)}
+            source_index = np.array([pos.get(int(g), -1) for g in src_global])
+        train_patient = source_patient = None
+        if "patient_pseudonym" in real.provenance_columns:
+            real_pat = real.provenance("patient_pseudonym")
+            train_patient = real_pat[train_sel]
+            if "patient_pseudonym" in syn.provenance_columns:
+                source_patient = syn.provenance("patient_pseudonym")[syn_sel]
+            elif src_global is not None:
+                source_patient = real_pat[src_global]
+        images = [_read_images(pf, sel) for pf, sel in ((syn, syn_sel), (real, train_sel), (real, held_sel))]
     report = check_memorization(
-        _read_images(synthetic_path, syn_sel), _read_images(real_path, train_sel), _read_images(real_path, held_sel),
-        source_index=source_index, source_patient=source_patient, train_patient=train_patient,
-        feature_extractor=feature_extractor, percentile=percentile, chunk_size=chunk_size,
+        *images, source_index=source_index, source_patient=source_patient, train_patient=train_patient,
+        feature_extractor=feature_extractor, percentile=percentile, copy_factor=copy_factor, chunk_size=chunk_size,
         device=resolve_device(device), seed=seed,
     )
-    report.meta.update(real=str(real_path), synthetic=str(synthetic_path), train_split=train_split,
-                       heldout_splits=list(heldout_splits), seed=seed)
+    report.meta.update(real=Path(real_path).name, synthetic=Path(synthetic_path).name, train_split=train_split,
+                       heldout_splits=list(heldout_splits), seed=seed, percentile=percentile, copy_factor=copy_factor)
     if out_dir is not None:
         write_memorization_report(report, out_dir)
     return report
 
 
-# -- HDF5 access (the layout of docs/architecture.md; read through data/store.PatchFile when it is available) -------
-def _read_patch_file(path: str | Path) -> dict[str, Any]:
-    """Labels, splits, provenance columns and attributes of a patch file (not the images)."""
-    import h5py
+def _read_images(pf: Any, rows: np.ndarray, block: int = 512) -> torch.Tensor:
+    """Rows (sorted) of a ``PatchFile`` as float32 in [-1, 1], read in blocks so memory holds only the result."""
+    from dagan_gn.data.store import uint16_to_signed
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such patch file")
-    with h5py.File(path, "r") as f:
-        if "patches" not in f:
-            raise ValueError(f"{path}: not a patch file (no 'patches' dataset)")
-        split_names = [s.decode() if isinstance(s, bytes) else str(s)
-                       for s in f.attrs.get("split_names", ["train", "val", "test"])]
-        prov = {}
-        if "provenance" in f:
-            for k, ds in f["provenance"].items():
-                v = ds[()]
-                if v.dtype.kind in ("S", "O"):
-                    v = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in v])
-                prov[k] = v
-        return {
-            "labels": f["labels"][()],
-            "split": f["split"][()] if "split" in f else np.zeros(len(f["labels"]), np.uint8),
-            "split_names": split_names,
-            "provenance": prov,
-            "synthetic": bool(f.attrs.get("synthetic", False)),
-        }
-
-
-def _read_images(path: str | Path, index: np.ndarray) -> torch.Tensor:
-    """Images ``index`` of a patch file as float32 in [-1, 1] (the contract's intensity mapping)."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        ds = f["patches"]
-        out = np.empty((len(index), *ds.shape[1:]), dtype=np.float32)
-        for s in range(0, len(index), 512):  # sorted fancy indexing in blocks keeps h5py fast and memory flat
-            idx = np.asarray(index[s : s + 512])
-            out[s : s + len(idx)] = ds[np.sort(idx)][np.argsort(np.argsort(idx))] / 65535.0 * 2.0 - 1.0
+    out = np.empty((len(rows), *pf.patches.shape[1:]), dtype=np.float32)
+    for s in range(0, len(rows), block):
+        idx = np.asarray(rows[s : s + block])
+        if len(idx) and idx[-1] - idx[0] + 1 == len(idx):  # contiguous rows: one fast slice
+            out[s : s + len(idx)] = uint16_to_signed(pf.patches[int(idx[0]) : int(idx[-1]) + 1])
+        else:
+            out[s : s + len(idx)] = uint16_to_signed(pf.patches[idx.tolist()])
     return torch.from_numpy(out)

@@ -109,3 +109,36 @@ def test_report_files(tmp_path):
     data = json.loads(paths["json"].read_text())
     assert data["passed"] is False and data["spaces"]["pixel"]["near_copy_indices"] == [0]
     assert len(data["per_sample"]["feature_nn_distance"]) == 4
+
+
+def test_files_flag_planted_patient_copy(tmp_path):
+    from dagan_gn.data.store import PatchWriter, to_uint16
+    from dagan_gn.metrics.memorization import check_memorization_files
+
+    imgs = smooth_images(40, seed=11)
+    patients = [f"p{i // 4}" for i in range(40)]
+    split = ["train"] * 24 + ["val"] * 8 + ["test"] * 8
+    real = tmp_path / "real.h5"
+    cols = {"patient_pseudonym": "str"}
+    with PatchWriter(real, patch_size=16, class_names=["n", "m"], provenance=cols) as w:
+        w.append(to_uint16((imgs.numpy() + 1) / 2), np.arange(40) % 2, split, {"patient_pseudonym": patients})
+    # synthetic: [0] claims source row 0 (patient p0) but is an exact copy of row 13 (patient p3); [1..5] new samples
+    fake = torch.cat([imgs[13:14], smooth_images(5, seed=12)])
+    src = np.array([0, 1, 2, 4, 5, 6])
+    syn = tmp_path / "syn.h5"
+    cols = {"source_index": "int64", "noise_seed": "int64", "patient_pseudonym": "str"}
+    with PatchWriter(syn, patch_size=16, class_names=["n", "m"], provenance=cols, synthetic=True) as w:
+        w.append(to_uint16((fake.numpy() + 1) / 2), src % 2, ["train"] * 6,
+                 {"source_index": src, "noise_seed": np.arange(6), "patient_pseudonym": [patients[i] for i in src]})
+    rep = check_memorization_files(real, syn, tmp_path / "report", seed=0)
+    assert rep.n_train == 24 and rep.n_heldout == 16 and rep.n_synthetic == 6
+    for space in rep.spaces.values():
+        assert space.patient_copy_indices == [0]
+        assert 0 in space.near_copy_indices
+    assert (tmp_path / "report" / "memorization.md").is_file()
+    sub = check_memorization_files(real, syn, max_train=3, max_synthetic=4, seed=0)
+    assert 3 <= sub.n_train <= 9 and sub.n_synthetic == 4  # subsampled, but the sources of checked patches stay
+    with pytest.raises(ValueError, match="not a synthetic"):
+        check_memorization_files(real, real)
+    with pytest.raises(ValueError, match="empty"):
+        check_memorization_files(real, syn, heldout_splits=())
