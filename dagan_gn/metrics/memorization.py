@@ -412,7 +412,7 @@ def check_memorization_files(
             raise ValueError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but {real_path} "
                              f"{real.channels}×{real.patch_size}px")
         train_sel = real.split_indices(train_split)
-        held_sel = np.sort(np.concatenate([real.split_indices(s) for s in heldout_splits]))
+        held_sel = np.sort(np.concatenate([real.split_indices(s) for s in heldout_splits] or [np.zeros(0, int)]))
         if len(train_sel) == 0:
             raise ValueError(f"{real_path}: split {train_split!r} is empty")
         if len(held_sel) == 0:
