@@ -1,8 +1,9 @@
 """Conditional DAGAN (Antoniou et al. 2017) for 1-channel patches: a U-Net residual generator and a pair critic.
 
 Generator ``G(x, z, y=None)``: a real patch ``x`` in [-1, 1] goes through a residual U-Net (UResNet in spirit) whose
-encoder downsamples *immediately* (a cheap full-resolution stem, then stride-2 residual blocks) and spends its width
-at low resolution; noise ``z`` (and the class embedding, when conditional) forms a conditioning vector ``c`` that is
+encoder downsamples *immediately* (space-to-depth stem, ``PixelUnshuffle(2)``, then stride-2 residual blocks) and
+spends its width at low resolution; the output is produced at half resolution with ``2·2·C`` channels and
+rearranged by ``PixelShuffle(2)``, so no layer runs at full resolution; noise ``z`` (and the class embedding, when conditional) forms a conditioning vector ``c`` that is
 
 * projected to a ``z_channels × b × b`` map concatenated with the bottleneck features, and
 * projected to a per-channel bias added inside every decoder stage (:class:`~dagan_gn.modules.blocks.UNetUpBlock`),
@@ -10,7 +11,7 @@ at low resolution; noise ``z`` (and the class embedding, when conditional) forms
 so the noise acts at every scale. Decoder stages take the encoder features of their resolution as skips; the output
 is ``tanh(conv(act(norm(h))))``, an image like ``x``.
 
-Levels: level ``l`` has resolution ``S / 2**l``; ``widths[l]`` its channels, from full resolution (level 0) to the
+Levels: level ``l`` has resolution ``S / (stem_factor · 2**l)``; ``widths[l]`` its channels, from full resolution (level 0) to the
 ``bottleneck_size`` map (level ``L-1``). Block indices for per-layer norm schedules: encoder down-blocks ``0..L-2``,
 bottleneck ``L-1``, decoder stages ``L..2L-2`` (coarse to fine), output norm ``2L-1``.
 
@@ -44,13 +45,12 @@ def _levels(image_size: int, low: int, where: str) -> int:
 
 
 def default_generator_widths(image_size: int, width: int, bottleneck_size: int = 4,
-                             max_width: int | None = None, stem_width: int | None = None) -> list[int]:
-    """Channels per generator level: ``stem_width`` (default ``width // 2``) at full resolution, then ``width``,
-    doubling per halving up to ``max_width`` (default ``8 * width``)."""
-    n = _levels(image_size, bottleneck_size, "DAGANGenerator")
+                             max_width: int | None = None, stem_factor: int = 2) -> list[int]:
+    """Channels per generator level, from the stem resolution ``image_size / stem_factor`` down to
+    ``bottleneck_size``: ``width`` doubling per halving, capped at ``max_width`` (default ``8 * width``)."""
+    n = _levels(image_size // stem_factor, bottleneck_size, "DAGANGenerator")
     max_width = 8 * width if max_width is None else max_width
-    stem = max(width // 2, 1) if stem_width is None else stem_width
-    return [stem] + [min(width * 2 ** (level - 1), max_width) for level in range(1, n + 1)]
+    return [min(width * 2 ** level, max_width) for level in range(n + 1)]
 
 
 def default_critic_widths(image_size: int, width: int, max_width: int | None = None) -> list[int]:
@@ -78,7 +78,10 @@ class DAGANGenerator(nn.Module):
         bottleneck_size: side of the lowest-resolution map.
         z_channels: channels of the noise map concatenated at the bottleneck (default ``max(8, widths[-1] // 4)``).
         embedding_dim: size of the class embedding (default ``min(z_dim, 64)``).
-        max_width, stem_width: see :func:`default_generator_widths`.
+        stem_factor: space-to-depth factor of the stem (``PixelUnshuffle``) and of the output (``PixelShuffle``):
+            with 2 nothing runs at full resolution, which is where a U-Net spends most of its time on a CPU.
+            1 gives a plain full-resolution stem conv.
+        max_width: see :func:`default_generator_widths`.
         act: activation name.
 
     Forward: ``x`` [B, C, S, S] in [-1, 1], ``z`` [B, z_dim], ``y`` LongTensor [B] or None → [B, C, S, S] in (-1, 1).
@@ -87,16 +90,18 @@ class DAGANGenerator(nn.Module):
     def __init__(self, image_size: int = 64, channels: int = 1, z_dim: int = 128, width: int = 32,
                  norm: NormSpec = "group:8", num_classes: int = 0, dropout: float = 0.0, *,
                  widths: Sequence[int] | None = None, bottleneck_size: int = 4, z_channels: int | None = None,
-                 embedding_dim: int | None = None, max_width: int | None = None, stem_width: int | None = None,
+                 embedding_dim: int | None = None, max_width: int | None = None, stem_factor: int = 2,
                  act: str = "relu") -> None:
         super().__init__()
+        if stem_factor < 1 or image_size % stem_factor:
+            raise ValueError(f"DAGANGenerator: stem_factor {stem_factor} must be >= 1 and divide image_size {image_size}")
         if widths is None:
-            widths = default_generator_widths(image_size, width, bottleneck_size, max_width, stem_width)
+            widths = default_generator_widths(image_size, width, bottleneck_size, max_width, stem_factor)
         widths = [int(w) for w in widths]
-        n_levels = _levels(image_size, bottleneck_size, "DAGANGenerator") + 1
+        n_levels = _levels(image_size // stem_factor, bottleneck_size, "DAGANGenerator") + 1
         if len(widths) != n_levels:
             raise ValueError(f"DAGANGenerator: widths {widths} must have {n_levels} entries for image_size "
-                             f"{image_size} and bottleneck_size {bottleneck_size}")
+                             f"{image_size}, stem_factor {stem_factor} and bottleneck_size {bottleneck_size}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"DAGANGenerator: dropout must be in [0, 1), got {dropout}")
         self.image_size = int(image_size)
@@ -106,6 +111,7 @@ class DAGANGenerator(nn.Module):
         self.norm_spec = norm
         self.widths = widths
         self.bottleneck_size = int(bottleneck_size)
+        self.stem_factor = int(stem_factor)
         L = n_levels
         if parse_norm_spec(norm)[0] == "conditional_batch" and num_classes <= 0:
             raise ValueError("DAGANGenerator: norm 'conditional_batch' needs num_classes > 0")
@@ -118,7 +124,9 @@ class DAGANGenerator(nn.Module):
         self.z_channels = max(8, widths[-1] // 4) if z_channels is None else int(z_channels)
 
         name = "DAGANGenerator"
-        self.stem = conv2d(channels, widths[0], 3, norm=norm)
+        f = self.stem_factor
+        self.space_to_depth = nn.PixelUnshuffle(f) if f > 1 else nn.Identity()
+        self.stem = conv2d(channels * f * f, widths[0], 3, norm=norm)
         self.down = nn.ModuleList(
             ResBlock(widths[level - 1], widths[level], resample="down", down_mode="stride", norm=norm,
                      block_index=level - 1, act=act, shared_embedding=self.class_embedding,
@@ -139,7 +147,8 @@ class DAGANGenerator(nn.Module):
         self.out_norm = make_norm(norm, widths[0], layer_index=2 * L - 1, shared_embedding=self.class_embedding,
                                   where=f"{name}.out_norm")
         self.out_act = activation(act)
-        self.out_conv = conv2d(widths[0], channels, 3, norm=norm)
+        self.out_conv = conv2d(widths[0], channels * f * f, 3, norm=norm)
+        self.depth_to_space = nn.PixelShuffle(f) if f > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.channels or x.shape[-1] != self.image_size or \
@@ -153,7 +162,7 @@ class DAGANGenerator(nn.Module):
             if y is None:
                 raise ValueError("this DAGAN generator is class-conditional: pass labels y")
             cond = torch.cat([z, self.class_embedding(y)], dim=1)
-        h = self.stem(x)
+        h = self.stem(self.space_to_depth(x))
         skips = [h]
         for block in self.down:
             h = block(h, y)
@@ -164,7 +173,7 @@ class DAGANGenerator(nn.Module):
         for i, block in enumerate(self.up):
             h = block(h, skips[-2 - i], cond, y)
         h = self.out_act(apply_norm(self.out_norm, h, y))
-        return torch.tanh(self.out_conv(h))
+        return torch.tanh(self.depth_to_space(self.out_conv(h)))
 
 
 class DAGANCritic(nn.Module):
