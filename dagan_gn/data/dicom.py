@@ -270,6 +270,8 @@ def _normalise_modalities(allow_modalities: Iterable[str] | None) -> tuple[str, 
 
 
 def _check_header(path: Path, ds: Dataset, meta: ImageMeta, allow_modalities, has_pixels: bool) -> None:
+    if not any(keyword in ds for keyword in ("SOPClassUID", "Modality", "Rows", "PixelData")):
+        raise DicomReadError(path, "corrupt or not an image: no SOP Class, Modality, image size or pixel data")
     allowed = _normalise_modalities(allow_modalities)
     if allowed is not None and meta.modality not in allowed:
         if not meta.modality:
@@ -283,8 +285,10 @@ def _check_header(path: Path, ds: Dataset, meta: ImageMeta, allow_modalities, ha
         )
     if not has_pixels:
         sop = ds.get("SOPClassUID", None)
-        kind = f" ({sop.name})" if sop is not None and hasattr(sop, "name") else ""
-        raise DicomReadError(path, f"no pixel data: not an image{kind}")
+        sop_name = str(getattr(sop, "name", sop or ""))
+        if "Rows" in ds or "Image Storage" in sop_name:
+            raise DicomReadError(path, f"no pixel data: the {sop_name or 'image'} header ends before it (truncated?)")
+        raise DicomReadError(path, f"no pixel data: not an image{f' ({sop_name})' if sop_name else ''}")
     frames = _int(ds, "NumberOfFrames", 1)
     if frames > 1:
         raise DicomReadError(path, f"multi-frame image ({frames} frames, e.g. tomosynthesis) is not supported")
@@ -297,6 +301,19 @@ def _check_header(path: Path, ds: Dataset, meta: ImageMeta, allow_modalities, ha
         )
     if meta.rows <= 0 or meta.cols <= 0:
         raise DicomReadError(path, f"bad image size {meta.rows}x{meta.cols} (Rows/Columns missing or zero)")
+
+
+def _last_short_element(ds: Dataset) -> tuple[Tag, int, int] | None:
+    """(tag, bytes read, bytes declared) of the last element when the file ended inside its value (pydicom keeps the
+    short value silently), else None."""
+    raw = getattr(ds, "_dict", {})
+    if not raw:
+        return None
+    elem = raw[next(reversed(raw))]
+    value, length = getattr(elem, "value", None), getattr(elem, "length", None)
+    if isinstance(value, (bytes, bytearray)) and length not in (None, 0xFFFFFFFF) and len(value) < length:
+        return Tag(elem.tag), len(value), int(length)
+    return None
 
 
 def _open_checks(path: Path) -> None:
@@ -312,20 +329,44 @@ def _read_dataset(path: Path, header_only: bool) -> tuple[Dataset, bool]:
     """dcmread with clear errors; returns (dataset, has_pixel_data). Header-only reads stop at the pixel data tag and
     remember whether they reached it, so "no pixel data" is known without reading the pixels."""
     _open_checks(path)
-    seen = {"pixels": False}
+    size = path.stat().st_size
+    seen: dict = {"pixels": False, "short": None, "fh": None}
 
     def stop_at_pixels(tag, vr, length) -> bool:
         if tag in _PIXEL_TAGS:
             seen["pixels"] = True
+            # Called with the file positioned at the start of the value: a native value longer than what is left of
+            # the file means the pixel data is truncated, known without reading it.
+            remaining = size - seen["fh"].tell()
+            if length != 0xFFFFFFFF and length > remaining:
+                seen["short"] = (max(0, remaining), int(length))
             return True
         return False
 
     def read(force: bool) -> Dataset:
-        with open(path, "rb") as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # pydicom warns about every odd value; we report what matters
+        # pydicom warns about every odd value (we report what matters) and only warns, returning an empty dataset,
+        # when a file ends inside encapsulated pixel data: turn that into a clear "truncated".
+        with open(path, "rb") as fh, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            seen["fh"] = fh
             if header_only:
-                return pydicom.filereader.read_partial(fh, stop_when=stop_at_pixels, force=force)
-            return pydicom.dcmread(fh, force=force)
+                ds = pydicom.filereader.read_partial(fh, stop_when=stop_at_pixels, force=force)
+            else:
+                ds = pydicom.dcmread(fh, force=force)
+        for warning in caught:
+            message = str(warning.message)
+            if "end of file" in message.lower() or "truncated" in message.lower():
+                what = "pixel data" if not header_only and "(FFFE,E0DD)" in message else "file"
+                raise DicomReadError(path, f"{what} truncated: {message.split(' in file ')[0]}")
+        if len(ds) == 0 and not force:
+            raise DicomReadError(path, "file truncated or corrupt: no data elements could be read")
+        short = _last_short_element(ds)
+        if short is not None:
+            tag, have, need = short
+            if tag in _PIXEL_TAGS:
+                raise DicomReadError(path, f"pixel data truncated: {have} of {need} bytes")
+            raise DicomReadError(path, f"file truncated or corrupt: element {tag} runs past the end of the file")
+        return ds
 
     try:
         try:
@@ -354,6 +395,8 @@ def _read_dataset(path: Path, header_only: bool) -> tuple[Dataset, bool]:
 
     if header_only:
         has_pixels = seen["pixels"]
+        if seen["short"] is not None:
+            raise DicomReadError(path, "pixel data truncated: {} of {} bytes".format(*seen["short"]))
     else:
         has_pixels = any(tag in ds for tag in _PIXEL_TAGS)
     return ds, has_pixels
