@@ -1,3 +1,82 @@
-"""CLI commands: train (being written)."""
+"""``dagan train``: train the conditional DAGAN (or a CIFAR-10 GAN) from a YAML config.
 
-from dagan_gn.cli.app import app  # noqa: F401
+    dagan train --config configs/dagan_mammo_256.yaml --data patches.h5 --out runs/exp1 model.g_norm=group:8
+    torchrun --nproc_per_node 4 -m dagan_gn.cli train --config ... --data ... --out ...
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from dagan_gn.cli.app import app
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+@app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+def train_command(
+    overrides: Optional[List[str]] = typer.Argument(
+        None,
+        metavar="[OVERRIDES]...",
+        help="Config overrides as section.key=value, e.g. model.g_norm=group:8 optim.n_critic=5 data.batch_size=16.",
+    ),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML experiment config (see configs/); the defaults when omitted."
+    ),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Training data: an HDF5 patch file (data.kind=patches) or a CIFAR-10 archive/folder/zip "
+        "(data.kind=cifar10). Sets data.path."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder for config.yaml, checkpoints/, samples/, "
+                             "tensorboard/, metrics.jsonl and loss_curves.png."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue the run in --out from its newest checkpoint (refused when the config "
+        "differs in anything that changes the result; starts fresh when --out has no checkpoint)."
+    ),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Generator steps in total (train.steps)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (train.device)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise (train.seed)."),
+    amp: Optional[str] = typer.Option(
+        None, "--amp", help="Mixed precision on CUDA: none, bf16 or fp16 (train.amp); the CPU always trains in fp32."
+    ),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (train.progress=false)."),
+) -> None:
+    """Train a GAN as configured; the resolved config is saved in the run folder.
+
+    Errors in the config or the data are reported as one line and exit code 2.
+    """
+    from dagan_gn.config import ConfigError, load_config
+    from dagan_gn.training.checkpoint import CheckpointError
+    from dagan_gn.training.trainer import TrainingError, train
+
+    items = list(overrides or [])
+    if data is not None:
+        items.append(f"data.path={data}")
+    if steps is not None:
+        items.append(f"train.steps={steps}")
+    if device is not None:
+        items.append(f"train.device={device}")
+    if seed is not None:
+        items.append(f"train.seed={seed}")
+    if amp is not None:
+        items.append(f"train.amp={amp}")
+    if quiet:
+        items.append("train.progress=false")
+    try:
+        cfg = load_config(config, items)
+        run_dir = train(cfg, out, resume=resume)
+    except (ConfigError, TrainingError, CheckpointError, ValueError, FileNotFoundError, OSError) as exc:
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        raise typer.Exit(2)
+    except RuntimeError as exc:  # e.g. --device cuda without CUDA, or a network that does not fit the data
+        typer.echo(f"error: {_one_line(exc)}", err=True)
+        raise typer.Exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        raise typer.Exit(130)
+    typer.echo(f"run folder: {run_dir}")

@@ -199,7 +199,7 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
         from dagan_gn.data.cifar10 import CIFAR10Dataset
 
         try:
-            ds = CIFAR10Dataset(path, split="train", limit_per_class=data.limit_per_class)
+            ds = CIFAR10Dataset(path, split="train", limit_per_class=data.limit_per_class, seed=cfg.train.seed)
         except (KeyError, ValueError, OSError) as exc:
             raise TrainingError(f"cannot read CIFAR-10 from {path}: {exc}") from exc
         if len(ds) == 0:
