@@ -122,3 +122,49 @@ def test_training_evaluator_matches_the_trainer_contract(tmp_path):
     assert set(out) == {"fid", "kid_mean", "kid_std"}
     assert all(isinstance(v, float) and np.isfinite(v) for v in out.values())
     assert out["fid"] > 0
+
+
+def _tiny_cifar_run(tmp_path):
+    """A 2-step CIFAR DCGAN run on a tiny synthetic python archive (the trainer's real output)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    from test_cifar10 import write_python_archive
+
+    from dagan_gn.studies.cifar10_norms import PRESETS, Cell, cell_config
+    from dagan_gn.training.trainer import train
+
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    write_python_archive(archive, per_batch=20, test=20)
+    cfg = cell_config(Cell("simple-cnn", "layer", "group", 0), PRESETS["smoke"], archive, device="cpu",
+                      feature_extractor="tiny")
+    cfg.train.steps, cfg.metrics.eval_every = 2, 0
+    return archive, train(cfg, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_dagan_evaluate_cli_on_a_cifar_run(tmp_path, monkeypatch):
+    import json
+
+    from typer.testing import CliRunner
+
+    from dagan_gn.cli import app
+
+    monkeypatch.setenv("DAGAN_GN_CACHE", str(tmp_path / "cache"))
+    archive, run = _tiny_cifar_run(tmp_path)
+    out = tmp_path / "metrics.json"
+    res = CliRunner().invoke(app, [
+        "evaluate", "--checkpoint", str(run), "--data", str(archive), "--metrics", "fid,kid,recon",
+        "--num-samples", "30", "--feature-extractor", "tiny", "--recon-images", "10", "--device", "cpu",
+        "--seed", "1", "--out", str(out),
+    ])
+    assert res.exit_code == 0, res.output
+    got = json.loads(out.read_text())
+    assert got["step"] == 2 and got["model"] == "cifar_dcgan" and got["n_generated"] == 30
+    assert got["fid"] > 0 and got["kid_subset_size"] == 30 and 0 < got["recon_mse"] < 1
+    assert got["recon_images"] == 10
+    bad = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(tmp_path / "missing"), "--data", str(archive)])
+    assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
+    bad = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(run), "--metrics", "fid,precision"])
+    assert bad.exit_code == 2 and "unknown metric" in bad.output

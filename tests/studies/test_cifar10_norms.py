@@ -86,3 +86,19 @@ def test_bad_data_path_fails_before_training(tmp_path):
     with pytest.raises(Exception, match="does not exist"):
         run_study(tmp_path / "nope", tmp_path / "out", preset="smoke", feature_extractor="tiny", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_benchmark_cli_reports_bad_options_in_one_line(archive, tmp_path):
+    from typer.testing import CliRunner
+
+    from dagan_gn.cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["benchmark", "cifar10", "--data", str(archive), "--out", str(tmp_path / "o"),
+                              "--preset", "huge", "--feature-extractor", "tiny"])
+    assert res.exit_code == 2 and "unknown preset 'huge'" in res.output
+    res = runner.invoke(app, ["benchmark", "cifar10", "--data", str(tmp_path / "none.tar.gz"), "--out",
+                              str(tmp_path / "o"), "--feature-extractor", "tiny"])
+    assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output
+    res = runner.invoke(app, ["benchmark", "cifar10", "--help"])
+    assert res.exit_code == 0 and "--critic-norms" in res.output and "seed-10k" in res.output
