@@ -26,7 +26,8 @@ Writing (extraction, and ``augment`` for synthetic files)::
     # leaving the ``with`` block normally renames ``synthetic.h5.partial`` onto ``synthetic.h5``;
     # an exception leaves only the ``.partial`` file, which never looks like a finished output.
 
-Column specs are a numpy dtype name (``"int32"``, ``"float32"``, ``"uint8"``...), ``"str"`` (variable-length UTF-8)
+Column specs are a numpy dtype name (``"int32"``, ``"float32"``, ``"uint8"``...), ``"str"`` (UTF-8, at most 64
+bytes; ``"strN"`` for at most N bytes)
 or a ``(dtype, trailing_shape)`` tuple such as ``("int32", (2,))`` for ``center_yx``. ``EXTRACTION_PROVENANCE``
 holds the columns written by ``dagan extract-patches``.
 
@@ -45,6 +46,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -84,7 +86,28 @@ EXTRACTION_PROVENANCE: dict[str, ColumnSpec] = {
     "lesion_index": "int32",
 }
 
-_STR_DTYPE = h5py.string_dtype("utf-8")
+# Strings are fixed-length UTF-8 (default 64 bytes): variable-length strings live in HDF5's global heap, which a
+# killed writer can leave inconsistent with the truncated datasets, breaking resume. Fixed-length ones are plain
+# chunked data like every other column.
+_STR_LEN = 64
+_STR_DTYPE = h5py.string_dtype("utf-8", _STR_LEN)
+_STR_SPEC = re.compile(r"^str(\d*)$")
+
+
+def _str_dtype(length: int) -> np.dtype:
+    return h5py.string_dtype("utf-8", int(length))
+
+
+def _is_str(dtype: Any) -> bool:
+    return isinstance(dtype, np.dtype) and h5py.check_string_dtype(dtype) is not None
+
+
+def _encode_strings(values: Any, dtype: np.dtype, what: str) -> np.ndarray:
+    encoded = [str(v).encode("utf-8") for v in values]
+    too_long = [v for v in encoded if len(v) > dtype.itemsize]
+    if too_long:
+        raise StoreError(f"{what}: value {too_long[0][:80]!r} is longer than {dtype.itemsize} bytes")
+    return np.asarray(encoded, dtype=dtype)
 _RESERVED_ATTRS = {
     "format_version", "tool_version", "created", "parameters", "synthetic", "class_names", "split_names",
     "patch_size", "channels", "committed_rows", "committed_sources", "committed_done",
@@ -121,8 +144,11 @@ def _column_dtype(spec: ColumnSpec) -> tuple[Any, tuple[int, ...]]:
         shape = tuple(int(s) for s in shape)
     else:
         dtype, shape = spec, ()
-    if dtype in ("str", str):
-        return _STR_DTYPE, shape
+    if dtype is str:
+        dtype = "str"
+    match = _STR_SPEC.match(dtype) if isinstance(dtype, str) else None
+    if match:
+        return _str_dtype(int(match.group(1) or _STR_LEN)), shape
     try:
         return np.dtype(dtype), shape
     except TypeError as exc:
@@ -130,7 +156,10 @@ def _column_dtype(spec: ColumnSpec) -> tuple[Any, tuple[int, ...]]:
 
 
 def _spec_of_dataset(ds: h5py.Dataset) -> ColumnSpec:
-    name = "str" if h5py.check_string_dtype(ds.dtype) is not None else ds.dtype.name
+    if _is_str(ds.dtype):
+        name = "str" if ds.dtype.itemsize == _STR_LEN else f"str{ds.dtype.itemsize}"
+    else:
+        name = ds.dtype.name
     return (name, tuple(ds.shape[1:])) if ds.ndim > 1 else name
 
 
@@ -155,7 +184,7 @@ def _decode_attr(value: Any) -> Any:
 
 
 def _read_column(ds: h5py.Dataset, sel: Any = slice(None)) -> np.ndarray:
-    if h5py.check_string_dtype(ds.dtype) is not None:
+    if _is_str(ds.dtype):
         return np.asarray(ds.asstr()[sel], dtype=object)
     return ds[sel]
 
@@ -334,7 +363,7 @@ class PatchWriter:
         start = ds.shape[0]
         ds.resize(start + len(source_ids), axis=0)
         if len(source_ids):
-            ds[start:] = np.asarray([str(s) for s in source_ids], dtype=object)
+            ds[start:] = _encode_strings(source_ids, ds.dtype, "sources")
         return np.arange(start, start + len(source_ids), dtype=np.int32)
 
     def append(
@@ -374,8 +403,9 @@ class PatchWriter:
         values = {}
         for name, (dtype, shape) in self.columns.items():
             col = provenance[name]
-            if dtype is _STR_DTYPE:
-                arr = np.asarray([str(v) for v in col], dtype=object)
+            if _is_str(dtype):
+                arr = _encode_strings(np.asarray(col, dtype=object).reshape(-1), dtype, f"column {name!r}")
+                arr = arr.reshape((-1, *shape)) if shape else arr
             else:
                 arr = np.asarray(col, dtype=dtype)
             if arr.shape != (n, *shape):
@@ -400,7 +430,7 @@ class PatchWriter:
         if source_key is not None:
             done = self._file["_resume/done_sources"]
             done.resize(done.shape[0] + 1, axis=0)
-            done[-1] = str(source_key)
+            done[-1] = _encode_strings([source_key], done.dtype, "done_sources")[0]
             self._done.append(str(source_key))
         self._commit_counts()
 

@@ -210,3 +210,13 @@ def test_merge_refuses_incompatible(tmp_path):
     with pytest.raises(StoreError, match="patch size"):
         merge_patch_files([tmp_path / "a.h5", tmp_path / "big.h5"], tmp_path / "o.h5")
     assert not (tmp_path / "o.h5").exists()
+
+
+def test_strings_are_fixed_length_and_checked(tmp_path):
+    with PatchWriter(tmp_path / "s.h5", patch_size=S, class_names=["a"], provenance={"tag": "str8"}) as w:
+        w.append(np.zeros((1, 1, S, S), np.uint16), [0], [0], {"tag": ["ünï"]})
+        with pytest.raises(StoreError, match="longer than 8 bytes"):
+            w.append(np.zeros((1, 1, S, S), np.uint16), [0], [0], {"tag": ["x" * 9]})
+    with PatchFile(tmp_path / "s.h5") as pf:
+        assert pf.provenance("tag").tolist() == ["ünï"]
+        assert pf.provenance_specs() == {"tag": "str8"}
