@@ -10,7 +10,8 @@ A *spec* names a normalization and its arguments::
 Two kinds:
 
 * *activation norms* (batch, layer, instance, group, conditional_batch) are layers placed after a conv/linear.
-  They come from torch/MONAI (``monai.networks.layers.factories.Norm``), never hand-written statistics.
+  They are the torch layers (``nn.BatchNorm2d``, ``nn.InstanceNorm2d``, ``nn.GroupNorm`` — the classes MONAI's
+  ``Norm`` factory returns, looked up here without importing MONAI), never hand-written statistics.
   ``layer`` for feature maps means normalising each sample over (C, H, W), which is ``GroupNorm(1, C)`` — the layer
   normalization of the WGAN-GP paper — not ``nn.LayerNorm(C)`` over the last axis.
 * *weight norms* (weight, spectral) re-parametrise the conv/linear itself via
@@ -179,29 +180,33 @@ def make_norm(spec: NormSpec, channels: int, *, layer_index: int = 0, spatial_di
     Raises:
         NormSpecError: unknown name, bad arguments, or a group count that does not divide ``channels``.
     """
-    from monai.networks.layers.factories import Norm  # MONAI's norm factory: the layers themselves
-
     name, kwargs = parse_norm_spec(spec)
     place = f" at {where}" if where else ""
     try:
-        return _build_norm(Norm, name, kwargs, channels, layer_index, spatial_dims, shared_embedding, place)
+        return _build_norm(name, kwargs, channels, layer_index, spatial_dims, shared_embedding, place)
     except TypeError as exc:  # an argument the torch layer does not take, e.g. ("batch", {"momentun": 0.1})
         raise NormSpecError(f"norm spec {spec!r}{place}: {exc}") from exc
 
 
-def _build_norm(Norm: Any, name: str, kwargs: dict[str, Any], channels: int, layer_index: int, spatial_dims: int,
+# The torch layers by spatial dimensionality: exactly what MONAI's ``Norm[Norm.BATCH, dims]`` factory returns, without
+# importing MONAI (its import costs ~7 s of CPU per process, paid by every CLI call and test worker).
+_BATCH = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+_INSTANCE = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def _build_norm(name: str, kwargs: dict[str, Any], channels: int, layer_index: int, spatial_dims: int,
                 shared_embedding: nn.Embedding | None, place: str) -> nn.Module:
+    if spatial_dims not in _BATCH:
+        raise NormSpecError(f"norm{place}: spatial_dims must be 0, 1, 2 or 3, got {spatial_dims}")
     if name in ("none",) + WEIGHT_NORMS:
         return nn.Identity()
     if name == "batch":
-        if spatial_dims == 0:
-            return nn.BatchNorm1d(channels, **kwargs)
-        return Norm[Norm.BATCH, spatial_dims](channels, **kwargs)
+        return _BATCH[spatial_dims](channels, **kwargs)
     if name == "instance":
         if spatial_dims == 0:
             raise NormSpecError(f"instance norm{place} is undefined for (N, C) vectors; use 'layer' there")
         kwargs = {"affine": True, **kwargs}
-        return Norm[Norm.INSTANCE, spatial_dims](channels, **kwargs)
+        return _INSTANCE[spatial_dims](channels, **kwargs)
     if name == "layer":
         # Per-sample over (C, H, W) with per-channel affine: GroupNorm with one group (see module docstring).
         return nn.GroupNorm(1, channels, **kwargs)
@@ -214,7 +219,7 @@ def _build_norm(Norm: Any, name: str, kwargs: dict[str, Any], channels: int, lay
                 f"(layer {layer_index}): num_groups must divide the channel count; "
                 f"divisors of {channels} are {[d for d in range(1, channels + 1) if channels % d == 0]}"
             )
-        return Norm[Norm.GROUP, spatial_dims](num_groups=groups, num_channels=channels, **kwargs)
+        return nn.GroupNorm(num_groups=groups, num_channels=channels, **kwargs)
     if name == "conditional_batch":
         if spatial_dims != 2:
             raise NormSpecError(f"conditional_batch norm{place} is only defined for (N, C, H, W) feature maps")

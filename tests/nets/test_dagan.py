@@ -1,0 +1,179 @@
+"""DAGAN generator and pair critic: shapes for every norm and size, conditioning, presets, budget, errors."""
+
+import dataclasses
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from dagan_gn.config import ModelConfig
+from dagan_gn.modules.norms import NormSpecError
+from dagan_gn.nets import DAGAN_PRESETS, NETWORKS, DAGANCritic, DAGANGenerator, build_networks, dagan_preset
+
+NORMS = ["none", "batch", "layer", "instance", "group:2", "weight", "spectral"]
+SIZES = [64, 128, 256]
+
+
+def _tiny_g(size, norm="group:2", **kw):
+    return DAGANGenerator(image_size=size, channels=1, z_dim=8, width=4, norm=norm, **kw)
+
+
+def _tiny_d(size, norm="layer", **kw):
+    return DAGANCritic(image_size=size, channels=1, width=4, norm=norm, **kw)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("norm", NORMS + ["conditional_batch"])
+def test_generator_shapes_range_and_backward(size, norm):
+    num_classes = 3 if norm == "conditional_batch" else 0
+    g = _tiny_g(size, norm, num_classes=num_classes)
+    x = torch.rand(2, 1, size, size) * 2 - 1
+    z = torch.randn(2, 8)
+    y = torch.tensor([0, 2]) if num_classes else None
+    out = g(x, z, y)
+    assert out.shape == x.shape
+    assert out.abs().max() <= 1.0
+    out.square().mean().backward()
+    grads = [p.grad for p in g.parameters() if p.requires_grad]
+    assert all(gr is not None and torch.isfinite(gr).all() for gr in grads)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("norm", NORMS)
+def test_critic_shapes_and_backward(size, norm):
+    d = _tiny_d(size, norm)
+    x, x2 = torch.randn(2, 1, size, size), torch.randn(2, 1, size, size, requires_grad=True)
+    score = d(x, x2)
+    assert score.shape == (2,)
+    score.sum().backward()
+    assert torch.isfinite(x2.grad).all() and x2.grad.abs().sum() > 0
+
+
+def test_critic_sees_the_pair_on_channels():
+    d = _tiny_d(64)
+    assert d.stem.in_channels == 2
+    d3 = DAGANCritic(image_size=64, channels=3, width=4)
+    assert d3.stem.in_channels == 6
+    with pytest.raises(ValueError, match="differ in shape"):
+        d(torch.randn(2, 1, 64, 64), torch.randn(2, 1, 32, 32))
+    # Swapping the pair changes the score: the critic is not symmetric in (x, x_other).
+    a, b = torch.randn(2, 1, 64, 64), torch.randn(2, 1, 64, 64)
+    assert not torch.allclose(d(a, b), d(b, a))
+
+
+def test_conditional_models_use_labels():
+    g = _tiny_g(64, num_classes=4).eval()
+    d = _tiny_d(64, num_classes=4)
+    x, z = torch.randn(2, 1, 64, 64), torch.randn(2, 8)
+    y0, y1 = torch.tensor([0, 0]), torch.tensor([3, 3])
+    assert not torch.allclose(g(x, z, y0), g(x, z, y1))
+    with torch.no_grad():
+        d.projection.weight.normal_()
+    assert not torch.allclose(d(x, x, y0), d(x, x, y1))
+    with pytest.raises(ValueError, match="class-conditional"):
+        g(x, z)
+    with pytest.raises(ValueError, match="class-conditional"):
+        d(x, x)
+
+
+def test_noise_changes_output_and_dropout_only_in_training():
+    g = _tiny_g(64, dropout=0.3)
+    x = torch.randn(2, 1, 64, 64)
+    z = torch.randn(2, 8)
+    g.eval()
+    assert torch.equal(g(x, z), g(x, z))
+    assert not torch.allclose(g(x, z), g(x, torch.randn(2, 8)))
+    g.train()
+    assert not torch.allclose(g(x, z), g(x, z))
+
+
+def test_generator_input_checks():
+    g = _tiny_g(64)
+    with pytest.raises(ValueError, match=r"expects x of shape \[B, 1, 64, 64\]"):
+        g(torch.randn(2, 1, 32, 32), torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"expects z of shape \[2, 8\]"):
+        g(torch.randn(2, 1, 64, 64), torch.randn(2, 9))
+    with pytest.raises(ValueError, match="must have 4 entries"):
+        DAGANGenerator(image_size=64, widths=[8, 8, 8])
+    with pytest.raises(ValueError, match="power of two"):
+        DAGANGenerator(image_size=96)
+    with pytest.raises(ValueError, match="needs num_classes > 0"):
+        DAGANGenerator(image_size=64, width=4, norm="conditional_batch")
+    with pytest.raises(NormSpecError, match="generator norm"):
+        DAGANCritic(image_size=64, norm="conditional_batch")
+
+
+def test_group_count_error_names_the_layer():
+    with pytest.raises(NormSpecError, match=r"DAGANGenerator\.down\.0\.norm1"):
+        DAGANGenerator(image_size=64, widths=[6, 8, 16, 32], norm="group:4")
+    with pytest.raises(NormSpecError, match=r"DAGANCritic\.blocks\.0\.norm1"):
+        DAGANCritic(image_size=64, widths=[6, 8, 16, 32], norm="group:4")
+
+
+def test_per_block_group_schedule():
+    g = DAGANGenerator(image_size=64, width=8, norm=("group", {"num_groups": [8, 4, 2]}), stem_factor=2)
+    assert g.down[0].norm1.num_groups == 8
+    assert g.down[1].norm1.num_groups == 4
+    assert g.down[2].norm1.num_groups == 2
+    assert g.up[0].norm1.num_groups == 2  # schedule's last entry repeats
+
+
+def test_stem_factor_one_and_explicit_widths():
+    g = DAGANGenerator(image_size=64, z_dim=8, stem_factor=1, widths=[4, 8, 8, 16, 16], norm="group:2")
+    assert g(torch.randn(1, 1, 64, 64), torch.randn(1, 8)).shape == (1, 1, 64, 64)
+    assert g.widths == [4, 8, 8, 16, 16]
+
+
+def test_attributes_and_build_networks():
+    cfg = ModelConfig(name="dagan", image_size=64, z_dim=16, g_width=4, d_width=4, g_norm="group:2",
+                      d_norm="instance", num_classes=2, dropout=0.1, g_kwargs={"z_channels": 4},
+                      d_kwargs={"down_mode": "pool"})
+    g, d = build_networks(cfg)
+    assert isinstance(g, DAGANGenerator) and isinstance(d, DAGANCritic)
+    assert g.z_dim == 16 and g.z_channels == 4 and g.norm_spec == "group:2" and d.norm_spec == "instance"
+    assert d.blocks[0].down_mode == "pool"
+    x = torch.randn(2, 1, 64, 64)
+    y = torch.tensor([0, 1])
+    assert d(x, g(x, torch.randn(2, 16), y), y).shape == (2,)
+    assert set(NETWORKS) == {"dagan", "cifar_resnet", "cifar_dcgan"}
+    with pytest.raises(ValueError, match="choose one of: dagan, cifar_resnet, cifar_dcgan"):
+        build_networks(dataclasses.replace(cfg, name="biggan"))
+
+
+def test_deterministic_init_given_seed():
+    def state(seed):
+        torch.manual_seed(seed)
+        g, d = build_networks(ModelConfig(name="dagan", **dagan_preset("tiny")))
+        return {**g.state_dict(), **{"d." + k: v for k, v in d.state_dict().items()}}
+
+    a, b, c = state(1), state(1), state(2)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point() and a[k].numel() > 1)
+
+
+def _gflops(module, *inputs):
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return counter.get_total_flops() / 1e9
+
+
+def test_presets_and_compute_budget():
+    assert set(DAGAN_PRESETS) == {"tiny", "64", "128", "256"}
+    with pytest.raises(ValueError, match="unknown DAGAN preset"):
+        dagan_preset("512")
+    sizes = {}
+    for name in DAGAN_PRESETS:
+        overrides = dagan_preset(name)
+        overrides["g_kwargs"]["mutated"] = True  # a copy: the registry entry must not change
+        assert "mutated" not in DAGAN_PRESETS[name]["g_kwargs"]
+        sizes[name] = overrides["image_size"]
+    assert sizes == {"tiny": 64, "64": 64, "128": 128, "256": 256}
+    g, _ = build_networks(ModelConfig(name="dagan", **dagan_preset("tiny")))
+    tiny = _gflops(g, torch.zeros(1, 1, 64, 64), torch.zeros(1, g.z_dim))
+    assert 0.05 < tiny < 1.0  # "a few hundred MFLOP"
+    # The 256-px default must stay within 20 GFLOP per patch (counted on the meta device: no compute).
+    with torch.device("meta"):
+        g, _ = build_networks(ModelConfig(name="dagan", **dagan_preset("256")))
+        big = _gflops(g, torch.zeros(1, 1, 256, 256), torch.zeros(1, g.z_dim))
+    assert big <= 20.0
