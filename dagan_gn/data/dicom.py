@@ -185,7 +185,7 @@ def parse_laterality_view(*texts: str) -> tuple[str, str]:
     for text in texts:
         if not text:
             continue
-        tokens = [t for t in re.split(r"[^A-Za-z]+", text.upper()) if t]
+        tokens = [t for t in re.split(r"[^A-Z0-9]+", text.upper()) if t]
         for token in tokens:
             fused = _FUSED_TOKEN.match(token)
             if fused:
@@ -546,7 +546,7 @@ def _to_unit_range(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
     out = arr.astype(np.float32, copy=True) if arr.dtype != np.float32 else arr.copy()
     if hi > lo:
         out -= np.float32(lo)
-        out *= np.float32(1.0 / (hi - lo))
+        out /= np.float32(hi) - np.float32(lo)  # division, so the top of the range lands exactly on 1.0
         np.clip(out, 0.0, 1.0, out=out)
     else:  # a constant image
         out[...] = 0.0

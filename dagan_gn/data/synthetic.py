@@ -269,9 +269,12 @@ def render_mammogram(
     if _ellipse_params(size, view)[3]:  # MLO: pectoral muscle with a soft edge
         soft = np.clip(_pectoral_depth(size, lat) / (6.0 * scale) + 0.5, 0.0, 1.0)
         img += (0.74 + 0.02 * texture - img) * soft * inside
+    quantum_noise = rng.normal(0.0, 0.006, size=size).astype(np.float32)
+    # Lesions draw from their own generator, so adding one changes nothing outside it.
+    lesion_rng = np.random.default_rng([seed, 1])
     for cy, cx, r, class_name in lesions:
-        _draw_lesion(img, rng, int(cy), int(cx), int(r), str(class_name))
-    img += rng.normal(0.0, 0.006, size=size).astype(np.float32)  # quantum noise
+        _draw_lesion(img, lesion_rng, int(cy), int(cx), int(r), str(class_name))
+    img += quantum_noise
     # Lesions never spill into the background, which is flat like the saturated background of a digital detector
     # (and keeps RLE encoding fast).
     img = np.where(inside, img, 0.03)
@@ -399,7 +402,8 @@ def write_synthetic_mammogram(
     if pixel_spacing_mm is not None:
         ds.PixelSpacing = [f"{pixel_spacing_mm:.6g}", f"{pixel_spacing_mm:.6g}"]
         ds.ImagerPixelSpacing = [f"{pixel_spacing_mm:.6g}", f"{pixel_spacing_mm:.6g}"]
-    ds.set_pixel_data(stored, photometric, bits_stored)  # Rows, Columns, Bits*, PixelRepresentation, PixelData
+    # Rows, Columns, Bits*, PixelRepresentation, PixelData; keep our deterministic SOP Instance UID.
+    ds.set_pixel_data(stored, photometric, bits_stored, generate_instance_uid=False)
     ds.RescaleIntercept = "0"
     ds.RescaleSlope = "1"
     ds.RescaleType = "US"
@@ -410,7 +414,7 @@ def write_synthetic_mammogram(
         ds.WindowWidth = f"{hi - lo + 1:.1f}"
         ds.VOILUTFunction = "LINEAR"
     if rle:
-        ds.compress(RLELossless)
+        ds.compress(RLELossless, generate_instance_uid=False)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
