@@ -88,6 +88,10 @@ class InfiniteBatches:
                 f"one batch of {batch_size}; lower data.batch_size (e.g. data.batch_size={max(1, self.sampler.num_samples)})"
             )
         self._generator = torch.Generator()
+        # Datasets with per-epoch randomness (SameClassPairDataset.set_epoch) need fresh workers each epoch so the
+        # workers' copies see the new epoch; others keep their workers alive.
+        self._epoch_aware = hasattr(dataset, "set_epoch")
+        self.dataset = dataset
         self.loader = DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -95,7 +99,7 @@ class InfiniteBatches:
             drop_last=True,
             num_workers=num_workers,
             pin_memory=pin_memory,
-            persistent_workers=num_workers > 0,
+            persistent_workers=num_workers > 0 and not self._epoch_aware,
             generator=self._generator,
         )
         self.epoch = 0
@@ -117,6 +121,8 @@ class InfiniteBatches:
         for _ in range(2):
             if self._it is None:
                 self.sampler.set_epoch(self.epoch)
+                if self._epoch_aware:
+                    self.dataset.set_epoch(self.epoch)
                 self.sampler.start = self.position * self.batch_size
                 self._generator.manual_seed(self.seed * 1_000_003 + self.epoch)
                 self._it = iter(self.loader)
@@ -142,20 +148,23 @@ def _dataset_labels(ds: Dataset) -> list[int]:
     return [int(ds[i]["label"]) for i in range(len(ds))]
 
 
-def _limit_per_class(ds: Dataset, limit: int) -> Dataset:
+def _limit_patches_per_class(ds: Any, limit: int, seed: int) -> Any:
+    """A copy of a PatchDataset keeping at most ``limit`` patches per class (chosen by ``seed``, as for CIFAR-10).
+
+    The selection is applied to the dataset's public ``rows``/``labels`` (not with a ``Subset``) so that same-class
+    pairs are also drawn from the kept patches only: a low-data experiment must not show the critic more images.
+    """
     if limit <= 0:
         return ds
-    counts: dict[int, int] = {}
-    keep = []
-    for i, label in enumerate(_dataset_labels(ds)):
-        if counts.get(label, 0) < limit:
-            counts[label] = counts.get(label, 0) + 1
-            keep.append(i)
-    subset = torch.utils.data.Subset(ds, keep)
-    for attr in ("class_names",):
-        if hasattr(ds, attr):
-            setattr(subset, attr, getattr(ds, attr))
-    return subset
+    import copy
+
+    from dagan_gn.data.cifar10 import limit_indices_per_class
+
+    keep = limit_indices_per_class(ds.labels, limit, seed)
+    limited = copy.copy(ds)
+    limited.rows = ds.rows[keep]
+    limited.labels = ds.labels[keep]
+    return limited
 
 
 def build_dataset(cfg: ExperimentConfig) -> Dataset:
@@ -175,7 +184,7 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
             raise TrainingError(f"cannot use {path} split '{data.split}': {exc}") from exc
         if len(base) == 0:
             raise TrainingError(f"{path}: split '{data.split}' has no patches (empty split); check data.split/data.classes")
-        base = _limit_per_class(base, data.limit_per_class)
+        base = _limit_patches_per_class(base, data.limit_per_class, cfg.train.seed)
         if cfg.model.name == "dagan":
             from dagan_gn.data.datasets import SameClassPairDataset
 
