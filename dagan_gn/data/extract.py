@@ -29,7 +29,14 @@ import numpy as np
 
 from dagan_gn.data.labels import LabelsError, LabelTable, load_labels
 from dagan_gn.data.sampling import cut_patch, lesion_centres, normal_centres
-from dagan_gn.data.store import EXTRACTION_PROVENANCE, PatchFile, PatchWriter, StoreError, to_uint16
+from dagan_gn.data.store import (
+    EXTRACTION_PROVENANCE,
+    PatchFile,
+    PatchWriter,
+    StoreError,
+    encode_patch_chunks,
+    to_uint16,
+)
 from dagan_gn.fileio import atomic_write_text, sha256_file
 
 __all__ = ["ExtractError", "ExtractionReport", "extract_patches", "shard_of", "salt_fingerprint", "report_path"]
@@ -174,10 +181,15 @@ def _process_file(key: str, path: str) -> dict[str, Any]:
         if not meta.patient_id:
             warnings.append("no PatientID; the image was given its own patient pseudonym")
         image_id = pseudo.pseudonym("image", meta.sop_instance_uid or f"file:{key}")
+        encoding = cfg["chunk_encoding"]
+        # Compress here, in the worker, so the single writer only copies bytes into the file.
+        encoded = encode_patch_chunks(patches, *encoding) if encoding is not None else None
         return {
             "ok": True,
             "key": key,
-            "patches": patches,
+            "n": int(patches.shape[0]),
+            "patches": patches if encoded is None else None,
+            "encoded": encoded,
             "labels": np.asarray(labels, dtype=np.int32),
             "centers": np.asarray(centres, dtype=np.int32).reshape(-1, 2),
             "lesion_index": np.asarray(lesion_index, dtype=np.int32),
@@ -416,6 +428,7 @@ def extract_patches(
         "allow_modalities": tuple(allow_modalities),
         "lesion_jitter": float(lesion_jitter),
         "lesion_margin": margin,
+        "chunk_encoding": writer.chunk_encoding,
     }
     paths = dict(todo)
     results = _results_inline(todo, config) if workers == 1 else _results_pool(todo, config, workers)
@@ -425,10 +438,11 @@ def extract_patches(
         with writer:
             for n_done, res in enumerate(results, start=1):
                 if res["ok"]:
-                    n = int(res["patches"].shape[0])
+                    n = res["n"]
                     if n:
                         src = writer.add_sources([res["image"]])[0]
-                        writer.append(res["patches"], res["labels"], [res["split"]] * n, {
+                        writer.append(res["patches"], res["labels"], [res["split"]] * n, encoded=res["encoded"],
+                                      provenance={
                             "patient_pseudonym": [res["patient"]] * n,
                             "image_pseudonym": [res["image"]] * n,
                             "laterality": [res["laterality"]] * n,

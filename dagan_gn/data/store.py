@@ -47,6 +47,7 @@ import datetime as _dt
 import json
 import os
 import re
+import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -64,6 +65,7 @@ __all__ = [
     "PatchWriter",
     "PatchFile",
     "merge_patch_files",
+    "encode_patch_chunks",
     "partial_path",
     "to_uint16",
     "uint16_to_unit",
@@ -136,6 +138,22 @@ def uint16_to_unit(values: np.ndarray) -> np.ndarray:
 def uint16_to_signed(values: np.ndarray) -> np.ndarray:
     """Stored uint16 → float32 in [-1, 1], the scale networks see (``v / 65535 * 2 - 1``)."""
     return np.asarray(values, dtype=np.float32) / 65535.0 * 2.0 - 1.0
+
+
+def encode_patch_chunks(patches: np.ndarray, compression: str | None = "gzip", level: int = 4) -> list[bytes]:
+    """Encode uint16 [n, C, S, S] patches exactly as the file's filter pipeline would (byte shuffle, then zlib), one
+    chunk per patch, for :meth:`PatchWriter.append` ``encoded=``. Pure numpy/zlib, so worker processes can do it."""
+    patches = np.ascontiguousarray(patches, dtype=np.uint16)
+    out = []
+    for patch in patches:
+        if compression is None:
+            out.append(patch.tobytes())
+            continue
+        if compression != "gzip":
+            raise StoreError(f"cannot pre-encode {compression!r} chunks")
+        shuffled = patch.view(np.uint8).reshape(-1, 2).T.tobytes()  # HDF5 shuffle filter for 2-byte elements
+        out.append(zlib.compress(shuffled, level))
+    return out
 
 
 def _column_dtype(spec: ColumnSpec) -> tuple[Any, tuple[int, ...]]:
@@ -366,22 +384,43 @@ class PatchWriter:
             ds[start:] = _encode_strings(source_ids, ds.dtype, "sources")
         return np.arange(start, start + len(source_ids), dtype=np.int32)
 
+    @property
+    def chunk_encoding(self) -> tuple[str | None, int] | None:
+        """``(compression, level)`` to pass to :func:`encode_patch_chunks` so other processes can compress patches
+        for :meth:`append` (``encoded=``); None when the file's filters cannot be reproduced that way (lzf)."""
+        ds = self._file["patches"]
+        if ds.compression is None and not ds.shuffle:
+            return (None, 0)
+        if ds.compression == "gzip" and ds.shuffle:
+            return ("gzip", int(ds.compression_opts))
+        return None
+
     def append(
         self,
-        patches: np.ndarray,
+        patches: np.ndarray | None,
         labels: Sequence[int] | np.ndarray,
         split: Sequence[int | str] | np.ndarray,
         provenance: Mapping[str, Any],
+        *,
+        encoded: Sequence[bytes] | None = None,
     ) -> None:
         """Append n patches (uint16 [n, C, S, S], see :func:`to_uint16`) with labels, split (indices or names) and
-        every declared provenance column (n rows each)."""
-        patches = np.asarray(patches)
-        n = patches.shape[0]
+        every declared provenance column (n rows each).
+
+        ``encoded``: the patches already compressed by :func:`encode_patch_chunks` with :attr:`chunk_encoding`
+        (e.g. in worker processes, so the single writer does no compression); ``patches`` is then None."""
         C, S = self.channels, self.patch_size
-        if patches.dtype != np.uint16:
-            raise StoreError(f"patches must be uint16 (use to_uint16), got {patches.dtype}")
-        if patches.shape[1:] != (C, S, S):
-            raise StoreError(f"patches must have shape [n, {C}, {S}, {S}], got {list(patches.shape)}")
+        if encoded is not None:
+            if self.chunk_encoding is None:
+                raise StoreError("this file's compression cannot take pre-encoded chunks; pass patches")
+            n = len(encoded)
+        else:
+            patches = np.asarray(patches)
+            n = patches.shape[0]
+            if patches.dtype != np.uint16:
+                raise StoreError(f"patches must be uint16 (use to_uint16), got {patches.dtype}")
+            if patches.shape[1:] != (C, S, S):
+                raise StoreError(f"patches must have shape [n, {C}, {S}, {S}], got {list(patches.shape)}")
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if labels.shape[0] != n:
             raise StoreError(f"{labels.shape[0]} labels for {n} patches")
@@ -417,7 +456,11 @@ class PatchWriter:
         start = f["patches"].shape[0]
         for ds in self._row_datasets():
             ds.resize(start + n, axis=0)
-        f["patches"][start:] = patches
+        if encoded is not None:
+            for i, chunk in enumerate(encoded):
+                f["patches"].id.write_direct_chunk((start + i, 0, 0, 0), bytes(chunk))
+        else:
+            f["patches"][start:] = patches
         f["labels"][start:] = labels.astype(np.int32)
         f["split"][start:] = split_arr
         for name, arr in values.items():

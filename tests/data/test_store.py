@@ -220,3 +220,22 @@ def test_strings_are_fixed_length_and_checked(tmp_path):
     with PatchFile(tmp_path / "s.h5") as pf:
         assert pf.provenance("tag").tolist() == ["ünï"]
         assert pf.provenance_specs() == {"tag": "str8"}
+
+
+@pytest.mark.parametrize("compression", ["gzip", None])
+def test_pre_encoded_chunks_read_back_identically(tmp_path, compression):
+    from dagan_gn.data.store import encode_patch_chunks
+
+    patches, labels, split, prov = _batch(3)
+    with PatchWriter(tmp_path / "e.h5", patch_size=S, class_names=["tissue"], compression=compression,
+                     compression_level=3) as w:
+        assert w.chunk_encoding == (compression, 3 if compression else 0)
+        w.append(None, labels, split, prov, encoded=encode_patch_chunks(patches, *w.chunk_encoding))
+        w.append(patches, labels, split, prov)
+    with PatchFile(tmp_path / "e.h5") as pf:
+        np.testing.assert_array_equal(pf.patches[:3], patches)
+        np.testing.assert_array_equal(pf.patches[3:], patches)
+    with PatchWriter(tmp_path / "l.h5", patch_size=S, class_names=["tissue"], compression="lzf") as w:
+        assert w.chunk_encoding is None
+        with pytest.raises(StoreError, match="pre-encoded"):
+            w.append(None, labels, split, prov, encoded=[b""] * 3)
