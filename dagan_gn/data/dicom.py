@@ -621,9 +621,11 @@ def _display_pixels(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
     affine = _affine_fit(levels, table)
     if affine is None:
         return table[arr.astype(np.intp) - first]
+    slope, intercept = affine
+    zero_level = -intercept / slope  # written as slope * (x - zero_level) so that level maps exactly onto 0.0
     out = arr.astype(np.float32)
-    out *= np.float32(affine[0])
-    out += np.float32(affine[1])
+    out -= np.float32(zero_level)
+    out *= np.float32(slope)
     np.clip(out, 0.0, 1.0, out=out)
     return out
 
