@@ -622,7 +622,9 @@ def _display_pixels(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
     if affine is None:
         return table[arr.astype(np.intp) - first]
     slope, intercept = affine
-    zero_level = -intercept / slope  # written as slope * (x - zero_level) so that level maps exactly onto 0.0
+    # Written as slope * (x - zero_level), with zero_level rid of float noise (it is usually a whole or half grey
+    # level), so the bottom of the range maps exactly onto 0.0.
+    zero_level = round(-intercept / slope, 6)
     out = arr.astype(np.float32)
     out -= np.float32(zero_level)
     out *= np.float32(slope)
