@@ -12,6 +12,7 @@ resolution, mirrored decoder with skips); it is the baseline of the speed-up col
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import torch
@@ -114,7 +115,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
 
-    print(f"threads={args.threads} batch={args.batch} best of {args.repeats}; GFLOP per patch (generator forward)")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"threads={args.threads} batch={args.batch} best of {args.repeats}; GFLOP per patch (generator forward); "
+          f"load average at start {load:.1f} (throughput is only meaningful on an otherwise idle machine)")
     header = f"{'network':<22}{'size':>5}{'G params':>11}{'G GFLOP':>9}{'D params':>11}{'D GFLOP':>9}" \
              f"{'patches/s':>11}{'speed-up':>10}"
     print(header)

@@ -65,3 +65,20 @@ def test_batch_norm_in_eval_mode_is_per_sample_again():
         critic.eval()
         jac = cross_sample_jacobian(critic, call, shape)
         assert torch.all(jac[~torch.eye(shape[0], dtype=torch.bool)] == 0), name
+
+
+@pytest.mark.parametrize("norm", ["group:4", "layer", "instance", "batch", "spectral"])
+def test_generator_output_does_not_depend_on_batch_composition_in_eval_mode(norm):
+    """``augment`` regenerates a patch from its (source, noise seed): in eval mode a generated patch must be the same
+    whether it was made alone or inside a batch."""
+    from dagan_gn.nets import DAGANGenerator
+
+    torch.manual_seed(0)
+    g = DAGANGenerator(image_size=32, z_dim=8, width=8, norm=norm)
+    g.train()
+    g(torch.randn(4, 1, 32, 32), torch.randn(4, 8))  # running statistics for batch norm
+    g.eval()
+    x, z = torch.rand(3, 1, 32, 32) * 2 - 1, torch.randn(3, 8)
+    batched = g(x, z)
+    for i in range(3):
+        torch.testing.assert_close(g(x[i:i + 1], z[i:i + 1]), batched[i:i + 1], atol=1e-5, rtol=1e-4)
