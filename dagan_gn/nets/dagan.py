@@ -2,18 +2,19 @@
 
 Generator ``G(x, z, y=None)``: a real patch ``x`` in [-1, 1] goes through a residual U-Net (UResNet in spirit) whose
 encoder downsamples *immediately* (space-to-depth stem, ``PixelUnshuffle(2)``, then stride-2 residual blocks) and
-spends its width at low resolution; the output is produced at half resolution with ``2·2·C`` channels and
-rearranged by ``PixelShuffle(2)``, so no layer runs at full resolution; noise ``z`` (and the class embedding, when conditional) forms a conditioning vector ``c`` that is
+spends its width at low resolution; the output is produced at half resolution with ``2·2·C`` channels and rearranged
+by ``PixelShuffle(2)``, so no layer runs at full resolution. Noise ``z`` (and the class embedding, when conditional)
+forms a conditioning vector ``c`` that is
 
 * projected to a ``z_channels × b × b`` map concatenated with the bottleneck features, and
 * projected to a per-channel bias added inside every decoder stage (:class:`~dagan_gn.modules.blocks.UNetUpBlock`),
 
 so the noise acts at every scale. Decoder stages take the encoder features of their resolution as skips; the output
-is ``tanh(conv(act(norm(h))))``, an image like ``x``.
+is ``tanh(PixelShuffle(conv(act(norm(h)))))``, an image like ``x``.
 
-Levels: level ``l`` has resolution ``S / (stem_factor · 2**l)``; ``widths[l]`` its channels, from full resolution (level 0) to the
-``bottleneck_size`` map (level ``L-1``). Block indices for per-layer norm schedules: encoder down-blocks ``0..L-2``,
-bottleneck ``L-1``, decoder stages ``L..2L-2`` (coarse to fine), output norm ``2L-1``.
+Levels: level ``l`` has resolution ``S / (stem_factor · 2**l)`` and ``widths[l]`` channels, from the stem (level 0)
+to the ``bottleneck_size`` map (level ``L-1``). Block indices for per-layer norm schedules: encoder down-blocks
+``0..L-2``, bottleneck ``L-1``, decoder stages ``L..2L-2`` (coarse to fine), output norm ``2L-1``.
 
 Critic ``D(x, x_other, y=None) -> [B]``: the pair stacked on channels (2C), a stride-2 stem conv, stride-2 residual
 down-blocks to 4×4, activation, global mean pool, linear, plus the projection term ``⟨embed(y), h⟩`` when
@@ -30,8 +31,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..modules.blocks import ResBlock, UNetUpBlock, activation, conv2d, critic_norm_spec, linear
-from ..modules.norms import NormSpec, apply_norm, make_norm, parse_norm_spec
+from ..modules.blocks import ResBlock, UNetUpBlock, activation, conv2d, critic_norm_spec, init_weights, linear
+from ..modules.norms import NormSpec, apply_norm, apply_weight_norm, make_norm, parse_norm_spec
 
 __all__ = ["DAGANGenerator", "DAGANCritic", "dagan_preset", "DAGAN_PRESETS", "default_generator_widths",
            "default_critic_widths"]
@@ -59,6 +60,18 @@ def default_critic_widths(image_size: int, width: int, max_width: int | None = N
     n = _levels(image_size, 8, "DAGANCritic")
     max_width = 8 * width if max_width is None else max_width
     return [min(width * 2 ** level, max_width) for level in range(n + 1)]
+
+
+def _icnr_conv(in_channels: int, out_channels: int, factor: int, norm: NormSpec) -> nn.Module:
+    """3×3 conv to ``out_channels · factor²`` for ``PixelShuffle(factor)``, ICNR-initialised (Aitken et al. 2017):
+    the ``factor²`` sub-pixel kernels of each output channel start equal, so the untrained output is a nearest
+    upsampling rather than a checkerboard."""
+    conv = init_weights(nn.Conv2d(in_channels, out_channels * factor * factor, 3, padding=1))
+    if factor > 1:
+        with torch.no_grad():
+            base = conv.weight[:out_channels].clone()
+            conv.weight.copy_(base.repeat_interleave(factor * factor, dim=0))
+    return apply_weight_norm(conv, norm)
 
 
 class DAGANGenerator(nn.Module):
@@ -94,7 +107,8 @@ class DAGANGenerator(nn.Module):
                  act: str = "relu") -> None:
         super().__init__()
         if stem_factor < 1 or image_size % stem_factor:
-            raise ValueError(f"DAGANGenerator: stem_factor {stem_factor} must be >= 1 and divide image_size {image_size}")
+            raise ValueError(f"DAGANGenerator: stem_factor {stem_factor} must be >= 1 and divide image_size "
+                             f"{image_size}")
         if widths is None:
             widths = default_generator_widths(image_size, width, bottleneck_size, max_width, stem_factor)
         widths = [int(w) for w in widths]
@@ -147,7 +161,7 @@ class DAGANGenerator(nn.Module):
         self.out_norm = make_norm(norm, widths[0], layer_index=2 * L - 1, shared_embedding=self.class_embedding,
                                   where=f"{name}.out_norm")
         self.out_act = activation(act)
-        self.out_conv = conv2d(widths[0], channels * f * f, 3, norm=norm)
+        self.out_conv = _icnr_conv(widths[0], channels, f, norm)
         self.depth_to_space = nn.PixelShuffle(f) if f > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:

@@ -177,3 +177,11 @@ def test_presets_and_compute_budget():
         g, _ = build_networks(ModelConfig(name="dagan", **dagan_preset("256")))
         big = _gflops(g, torch.zeros(1, 1, 256, 256), torch.zeros(1, g.z_dim))
     assert big <= 20.0
+
+
+def test_pixel_shuffle_output_starts_without_checkerboard():
+    """ICNR init: the four sub-pixels of each 2×2 output cell start equal (a nearest upsampling of a half-res map)."""
+    g = _tiny_g(64, norm="group:2").eval()
+    out = g(torch.randn(1, 1, 64, 64), torch.randn(1, 8))
+    cells = torch.nn.functional.pixel_unshuffle(out, 2)  # [1, 4, 32, 32]: the 4 sub-pixels per cell
+    torch.testing.assert_close(cells, cells[:, :1].expand_as(cells))
