@@ -38,7 +38,13 @@ def _peak_mb() -> tuple[float, float]:
 def _child(mode: str, folder: str, workers: int, patch_size: int, per_image: int) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     files = sorted(p for p in Path(folder).rglob("*.dcm"))
+    if mode != "decode":  # start-up imports are not throughput
+        import dagan_gn.data.extract  # noqa: F401
+        import dagan_gn.data.mask  # noqa: F401
+    import pydicom  # noqa: F401
+
     t0 = time.perf_counter()
+    c0 = os.times()
     patches = 0
     if mode == "decode":
         import pydicom
@@ -55,9 +61,12 @@ def _child(mode: str, folder: str, workers: int, patch_size: int, per_image: int
         if report.files_skipped:
             raise SystemExit(f"benchmark files were skipped: {report.skipped[:3]}")
     dt = time.perf_counter() - t0
+    c1 = os.times()
+    cpu = (c1.user - c0.user) + (c1.system - c0.system) + (c1.children_user - c0.children_user) + (
+        c1.children_system - c0.children_system)
     self_mb, child_mb = _peak_mb()
-    print(json.dumps({"seconds": dt, "files": len(files), "patches": patches, "self_mb": self_mb,
-                      "child_mb": child_mb}))
+    print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "files": len(files), "patches": patches,
+                      "self_mb": self_mb, "child_mb": child_mb}))
 
 
 def _measure(mode: str, folder: Path, workers: int, patch_size: int, per_image: int) -> dict:
@@ -109,24 +118,25 @@ def main() -> None:
             base = _measure("decode", folder, 1, args.patch_size, args.per_image)
             decode_fps = base["files"] / base["seconds"]
             rows.append({"N": n, "run": "raw pydicom decode", "files_s": decode_fps, "patches_s": None,
-                         "ratio": 1.0, "peak_mb": base["self_mb"]})
+                         "ratio": 1.0, "peak_mb": base["self_mb"], "cpu_per_file": base["cpu_seconds"] / n})
             for workers in (1, 2):
                 r = _measure("extract", folder, workers, args.patch_size, args.per_image)
                 fps = r["files"] / r["seconds"]
                 rows.append({"N": n, "run": f"extract --workers {workers}", "files_s": fps,
                              "patches_s": r["patches"] / r["seconds"], "ratio": fps / decode_fps,
+                             "cpu_per_file": r["cpu_seconds"] / n,
                              "peak_mb": r["self_mb"] + (r["child_mb"] if workers > 1 else 0.0),
                              "peak_detail": f"{r['self_mb']:.0f} + {r['child_mb']:.0f}" if workers > 1 else
                              f"{r['self_mb']:.0f}"})
     source = "real CBIS-DDSM copies" if args.real else f"synthetic {args.image_size[0]}x{args.image_size[1]}"
-    header = (f"| N | run | files/s | patches/s | vs raw decode | peak RSS MB (writer + largest worker) |\n"
-              f"| --- | --- | --- | --- | --- | --- |")
+    header = (f"| N | run | files/s | patches/s | vs raw decode | CPU s/file | peak RSS MB (writer + largest worker) |\n"
+              f"| --- | --- | --- | --- | --- | --- | --- |")
     lines = [header]
     for r in rows:
         ps = "" if r["patches_s"] is None else f"{r['patches_s']:.1f}"
         detail = r.get("peak_detail", f"{r['peak_mb']:.0f}")
         lines.append(f"| {r['N']} | {r['run']} | {r['files_s']:.2f} | {ps} | {r['ratio'] * 100:.0f} % | "
-                     f"{detail} |")
+                     f"{r['cpu_per_file']:.2f} | {detail} |")
     table = "\n".join(lines)
     print(f"images: {source}, patch {args.patch_size}, {args.per_image} per image, {os.cpu_count()} CPUs")
     print(table)
@@ -139,8 +149,9 @@ def main() -> None:
             f"{args.patch_size}, {args.per_image} normal patches per image, {os.cpu_count()} CPU cores. Baseline: "
             "`pydicom.dcmread(f).pixel_array` over the same files in the same run. \"vs raw decode\" is extraction "
             "files/s divided by raw decode files/s (target ≥ 80 % with `--workers 2`). Peak RSS per run (fresh "
-            "process): writer process, plus the largest worker with `--workers 2`; it must not grow with N.\n\n"
-            f"{table}\n"
+            "process): writer process, plus the largest worker with `--workers 2`; it must not grow with N. "
+            "CPU s/file (process + workers) is robust to other load on the machine; wall-clock rates are not.\n\n"
+            f"{table}\n\nLoad average while measuring: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.\n"
         )
         start = text.find("## Extraction")
         if start < 0:

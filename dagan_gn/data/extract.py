@@ -223,6 +223,10 @@ def _results_pool(tasks, config, workers: int):
     slower than the decoders (``Pool.imap`` would buffer every finished result)."""
     import multiprocessing as mp
 
+    # Import the decoding stack once here so forked workers inherit it instead of each importing it again.
+    import dagan_gn.data.dicom  # noqa: F401
+    import dagan_gn.data.mask  # noqa: F401
+
     ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
     with ctx.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
         pending: deque = deque()
