@@ -46,6 +46,8 @@ class DCGANGenerator(nn.Module):
             raise ValueError(f"DCGANGenerator is the 32×32 CIFAR-10 network; got image_size={image_size}")
         self.z_dim = int(z_dim)
         self.norm_spec = norm
+        self.image_size = 32
+        self.channels = int(channels)
         self.num_classes = int(num_classes)
         self.width = int(width)
         cbn = parse_norm_spec(norm)[0] == "conditional_batch"
@@ -95,6 +97,8 @@ class DCGANCritic(nn.Module):
             raise ValueError(f"DCGANCritic is the 32×32 CIFAR-10 network; got image_size={image_size}")
         critic_norm_spec(norm, "DCGANCritic")
         self.norm_spec = norm
+        self.image_size = 32
+        self.channels = int(channels)
         self.num_classes = int(num_classes)
         self.convs = nn.ModuleList([
             conv2d(channels, width, 4, 2, norm=norm),
@@ -114,7 +118,7 @@ class DCGANCritic(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = x
         for conv, norm in zip(self.convs, self.norms):
-            h = self.act(norm(conv(h)))
+            h = self.act(apply_norm(norm, conv(h)))
         h = h.flatten(1)
         score = self.out(h).squeeze(1)
         if self.projection is not None:

@@ -57,6 +57,8 @@ class ResNetGenerator(nn.Module):
             raise ValueError(f"ResNetGenerator is the 32×32 CIFAR-10 network; got image_size={image_size}")
         self.z_dim = int(z_dim)
         self.norm_spec = norm
+        self.image_size = 32
+        self.channels = int(channels)
         self.num_classes = int(num_classes)
         self.width = int(width)
         cbn = parse_norm_spec(norm)[0] == "conditional_batch"
@@ -107,6 +109,8 @@ class ResNetCritic(nn.Module):
             raise ValueError(f"ResNetCritic is the 32×32 CIFAR-10 network; got image_size={image_size}")
         critic_norm_spec(norm, "ResNetCritic")
         self.norm_spec = norm
+        self.image_size = 32
+        self.channels = int(channels)
         self.num_classes = int(num_classes)
         self.blocks = nn.ModuleList([
             ResBlock(channels, width, resample="down", optimized=True, norm=norm, block_index=0,
