@@ -214,16 +214,19 @@ def write_contact_sheet(
         variants: ``[R, K, C, S, S]`` in [-1, 1].
         path: output PNG (written atomically).
     """
-    from PIL import Image
-    from torchvision.utils import make_grid
+    from PIL import Image  # Pillow ships with matplotlib
 
     from dagan_gn.fileio import atomic_path
 
     rows = torch.cat([sources[:, None], variants], dim=1)  # [R, 1 + K, C, S, S]
-    r, k = rows.shape[:2]
-    grid = make_grid(rows.reshape(r * k, *rows.shape[2:]), nrow=k, padding=padding, pad_value=1.0)  # [-1,1] as is
-    arr = _to_uint8_grid(grid).transpose(1, 2, 0)
-    img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)
+    r, k, c, h, w = rows.shape
+    tiles = _to_uint8_grid(rows)  # uint8 [R, K, C, S, S]
+    grid = np.full((c, padding + r * (h + padding), padding + k * (w + padding)), 255, dtype=np.uint8)
+    for i in range(r):
+        for j in range(k):
+            y0, x0 = padding + i * (h + padding), padding + j * (w + padding)
+            grid[:, y0 : y0 + h, x0 : x0 + w] = tiles[i, j]
+    img = Image.fromarray(grid[0] if c == 1 else grid[:3].transpose(1, 2, 0))
     path = Path(path)
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")

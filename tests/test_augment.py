@@ -210,3 +210,16 @@ def test_errors(patch_file, run_dir, tmp_path):
     with pytest.raises(AugmentError, match="--overwrite"):
         augment(patch_file, run_dir, tmp_path / "exists.h5", **kw)
     assert not (tmp_path / "e.h5").exists()
+
+
+def test_contact_sheet_rgb(tmp_path):
+    from PIL import Image
+
+    from dagan_gn.augment import write_contact_sheet
+
+    src = torch.full((2, 3, 8, 8), -1.0)
+    var = torch.ones(2, 3, 3, 8, 8)
+    path = write_contact_sheet(src, var, tmp_path / "s.png", padding=1)
+    img = np.asarray(Image.open(path))
+    assert img.shape == (2 * 9 + 1, 4 * 9 + 1, 3)
+    assert img[1, 1].tolist() == [0, 0, 0] and img[1, 10].tolist() == [255, 255, 255]
