@@ -325,6 +325,22 @@ def _open_checks(path: Path) -> None:
         raise DicomReadError(path, "empty file (0 bytes)")
 
 
+@contextlib.contextmanager
+def _as_read_error(path: Path):
+    """Any failure on a file becomes a DicomReadError naming it (odd values in a header can raise anything). pydicom's
+    warnings are silenced: they quote element values, i.e. identifiers, into logs."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    except DicomReadError:
+        raise
+    except MemoryError:
+        raise DicomReadError(path, "out of memory while decoding") from None
+    except Exception as exc:
+        raise DicomReadError(path, f"corrupt or unsupported file ({type(exc).__name__}: {exc})") from None
+
+
 def _read_dataset(path: Path, header_only: bool) -> tuple[Dataset, bool]:
     """dcmread with clear errors; returns (dataset, has_pixel_data). Header-only reads stop at the pixel data tag and
     remember whether they reached it, so "no pixel data" is known without reading the pixels."""
@@ -415,9 +431,10 @@ def read_dicom_meta(
         DicomReadError: not DICOM, empty, corrupt header, wrong modality, no pixel data, colour or multi-frame.
     """
     path = Path(path)
-    ds, has_pixels = _read_dataset(path, header_only=True)
-    meta = _meta_from_dataset(ds)
-    _check_header(path, ds, meta, allow_modalities, has_pixels)
+    with _as_read_error(path):
+        ds, has_pixels = _read_dataset(path, header_only=True)
+        meta = _meta_from_dataset(ds)
+        _check_header(path, ds, meta, allow_modalities, has_pixels)
     return meta
 
 
@@ -644,13 +661,16 @@ def read_dicom(path: str | os.PathLike, allow_modalities: Sequence[str] | None =
         DicomReadError: for any file that cannot be used (never another exception for bad input).
     """
     path = Path(path)
-    ds, has_pixels = _read_dataset(path, header_only=False)
-    meta = _meta_from_dataset(ds)
-    _check_header(path, ds, meta, allow_modalities, has_pixels)
-    stored = _decode(path, ds)
-    if stored.shape != (meta.rows, meta.cols):
-        raise DicomReadError(path, f"decoded shape {stored.shape} differs from Rows x Columns {meta.rows}x{meta.cols}")
-    pixels = _display_pixels(path, ds, stored)
+    with _as_read_error(path):
+        ds, has_pixels = _read_dataset(path, header_only=False)
+        meta = _meta_from_dataset(ds)
+        _check_header(path, ds, meta, allow_modalities, has_pixels)
+        stored = _decode(path, ds)
+        if stored.shape != (meta.rows, meta.cols):
+            raise DicomReadError(
+                path, f"decoded shape {stored.shape} differs from Rows x Columns {meta.rows}x{meta.cols}"
+            )
+        pixels = _display_pixels(path, ds, stored)
     return DicomImage(pixels=pixels, meta=meta)
 
 

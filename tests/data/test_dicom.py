@@ -398,3 +398,19 @@ def test_list_dicom_files(tmp_path):
     assert list_dicom_files(str(root)) == list_dicom_files([root])  # one path or a list, deterministic
     with pytest.raises(FileNotFoundError):
         list_dicom_files([tmp_path / "nope"])
+
+
+def test_reading_never_quotes_header_values_in_warnings(tmp_path):
+    """pydicom warns about invalid values by quoting them: identifiers must not reach logs that way."""
+    ds = pydicom.dcmread(synth(tmp_path))
+    ds.StudyInstanceUID = "1.2.ZQSECRET"  # an invalid UI value holding an identifier
+    ds.PatientName = "ZQSECRET^\x01"
+    ds.save_as(tmp_path / "odd.dcm")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        meta = read_dicom_meta(tmp_path / "odd.dcm")
+        read_dicom(tmp_path / "odd.dcm")
+    assert meta.study_uid == "1.2.ZQSECRET"
+    assert not [w for w in caught if "ZQSECRET" in str(w.message)]
