@@ -11,8 +11,8 @@ The display pipeline follows DICOM PS3.3 C.11 in order:
    a VOI LUT or window, the robust range (0.5th to 99.9th percentile) of the image is stretched onto [0, 1];
 5. MONOCHROME1 is inverted so that tissue is always bright.
 
-Every failure (not DICOM, empty, corrupt, truncated, wrong modality, colour, multi-frame, no pixel data, missing decoder)
-raises :class:`DicomReadError` with the path and one line saying what is wrong, so a batch job can log it and go on.
+Every failure (not DICOM, empty, corrupt, truncated, wrong modality, colour, multi-frame, no pixel data, missing
+decoder) raises :class:`DicomReadError` with the path and one line saying what is wrong, so a batch job can log it and go on.
 
 Identifiers (patient name and ID, UIDs, accession number, dates) are read into :class:`ImageMeta` only so that
 :mod:`dagan_gn.data.privacy` can pseudonymise them; nothing in this package writes them out.
@@ -398,9 +398,9 @@ def _read_dataset(path: Path, header_only: bool) -> tuple[Dataset, bool]:
             if getattr(ds, "file_meta", None) is None:
                 ds.file_meta = pydicom.dataset.FileMetaDataset()
             if "TransferSyntaxUID" not in ds.file_meta:
-                implicit = getattr(ds, "is_implicit_VR", True)
+                explicit = getattr(ds, "is_implicit_VR", True) is False
                 ds.file_meta.TransferSyntaxUID = (
-                    pydicom.uid.ImplicitVRLittleEndian if implicit in (True, None) else pydicom.uid.ExplicitVRLittleEndian
+                    pydicom.uid.ExplicitVRLittleEndian if explicit else pydicom.uid.ImplicitVRLittleEndian
                 )
     except DicomReadError:
         raise
