@@ -11,8 +11,9 @@ The display pipeline follows DICOM PS3.3 C.11 in order:
    a VOI LUT or window, the robust range (0.5th to 99.9th percentile) of the image is stretched onto [0, 1];
 5. MONOCHROME1 is inverted so that tissue is always bright.
 
-Steps 3-5 depend on the stored value only, so they run once per grey level (≤ 65536) and the resulting table is applied
-to the image, as a single float32 multiply-add when it is a clipped straight line (the usual rescale + linear window).
+Steps 3-5 depend on the stored value alone, so they run once per grey level (≤ 65536) and the resulting table is
+applied to the image, as one float32 multiply-add when it is a clipped straight line (the usual rescale + linear
+window).
 
 Every failure (not DICOM, empty, corrupt, truncated, wrong modality, colour, multi-frame, no pixel data, missing
 decoder) raises :class:`DicomReadError` with the path and one line saying what is wrong, so a batch job can log it
