@@ -172,6 +172,9 @@ def gradient_penalty(
         if r.is_contiguous(memory_format=torch.channels_last) and r.dim() == 4:
             x_hat = x_hat.contiguous(memory_format=torch.channels_last)
         x_hat.requires_grad_(True)
+        # Differentiate with respect to a (free) view rather than the leaf itself: module hooks such as
+        # FlopCounterMode's or full backward hooks refuse autograd.grad() with respect to leaf inputs.
+        x_hat = x_hat.view_as(x_hat)
         inputs.append(x_hat)
         interpolated.append(x_hat)
 

@@ -405,6 +405,11 @@ class Trainer:
         self.fixed = self.model.fixed_inputs(self.dataset, 8 if cfg.model.name == "dagan" else 64, cfg.train.seed,
                                              truncation=cfg.train.truncation)
         self.evaluator = evaluator
+        if self.evaluator is None and cfg.metrics.eval_every > 0 and self.is_main:
+            # Built now so missing Inception weights fail before hours of training, not at the first evaluation.
+            from dagan_gn.metrics.fidelity import TrainingEvaluator
+
+            self.evaluator = TrainingEvaluator(cfg, self.device)
         self.best_fid = math.inf
         self.step = 0
 
@@ -452,9 +457,11 @@ class Trainer:
             seed_everything(self.cfg.train.seed + 7919 * self.dist.rank + self.step)
         self.say(f"resumed {self.resume_from} at step {self.step}")
 
-    def save(self, path: Path | None = None) -> Path | None:
-        """Checkpoint the run (every rank must call this: RNG states are gathered; rank 0 writes)."""
-        rng_states = dist_utils.all_gather_objects(capture_rng_state(), self.dist)
+    def save(self, path: Path | None = None, *, collective: bool = True) -> Path | None:
+        """Checkpoint the run. With ``collective`` every rank must call this (their RNG states are gathered) and
+        rank 0 writes; ``collective=False`` (rank 0 alone, e.g. ``best.pt``) stores rank 0's RNG state only."""
+        rng_states = (dist_utils.all_gather_objects(capture_rng_state(), self.dist) if collective
+                      else [capture_rng_state()])
         if not self.is_main:
             return None
         path = path or checkpoint_path(self.run_dir, self.step)
@@ -562,15 +569,13 @@ class Trainer:
         if not self.is_main:
             return {}
         if self.evaluator is None:
-            from dagan_gn.metrics.fidelity import TrainingEvaluator
-
-            self.evaluator = TrainingEvaluator(self.cfg, self.device)
+            return {}
         results = {k: float(v) for k, v in self.evaluator(self._sample_fn(), self.step).items()}
         self.logger.log(self.step, results, prefix="eval/")
         fid = results.get("fid")
         if fid is not None and math.isfinite(fid) and fid < self.best_fid:
             self.best_fid = fid
-            self.save(checkpoint_dir(self.run_dir) / "best.pt")
+            self.save(checkpoint_dir(self.run_dir) / "best.pt", collective=False)
         return results
 
     # ------------------------------------------------------------------ signals

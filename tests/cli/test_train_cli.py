@@ -95,12 +95,16 @@ def test_cifar_resnet_tiny_end_to_end(tmp_path, monkeypatch):
     run = tmp_path / "run"
     res = _invoke("--config", ROOT / "configs/cifar10_resnet_ln.yaml", "--data", tmp_path / "cifar", "--out", run,
                   "--steps", 2, "--device", "cpu", "--quiet", *FAST, "model.g_width=16", "model.d_width=16",
-                  "model.z_dim=16", "metrics.eval_every=0")
+                  "model.z_dim=16", "metrics.eval_every=2", "metrics.feature_extractor=tiny",
+                  "metrics.num_samples=8", "metrics.kid_subset_size=4", "metrics.metrics=[fid,kid]")
     assert res.exit_code == 0, res.output
     assert (run / "checkpoints" / "step_0000002.pt").is_file()
+    assert (run / "checkpoints" / "best.pt").is_file()  # evaluated at step 2 with the metrics' TrainingEvaluator
     assert (run / "samples" / "step_0000002.png").is_file()
-    rec = _last_record(run)
-    assert math.isfinite(rec["loss/critic"]) and math.isfinite(rec["loss/generator"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r for r in records if "loss/critic" in r][-1]
+    assert math.isfinite(losses["loss/critic"]) and math.isfinite(losses["loss/generator"])
+    assert any(math.isfinite(r.get("eval/fid", float("nan"))) for r in records)
 
 
 @pytest.mark.parametrize(

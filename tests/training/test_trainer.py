@@ -188,3 +188,23 @@ def test_overfits_four_images(tmp_path):
     trainer.fit()
     after = nn_error()
     assert after < 0.35 * before, (before, after)
+
+
+def test_periodic_evaluation_keeps_best_checkpoint(tmp_path):
+    calls = []
+
+    def evaluator(sample_fn, step):
+        images = sample_fn(6)
+        assert images.shape == (6, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+        calls.append(step)
+        return {"fid": {1: 50.0, 2: 40.0, 3: 45.0}[step], "kid_mean": 0.1}
+
+    cfg = make_cfg("train.steps=3", "metrics.eval_every=1")
+    trainer = Trainer(cfg, tmp_path, dataset=TinyPairs(), evaluator=evaluator, log=lambda m: None)
+    trainer.fit()
+    assert calls == [1, 2, 3]
+    best = load_checkpoint(tmp_path / "checkpoints" / "best.pt")
+    assert best["step"] == 2 and best["best_fid"] == 40.0
+    assert latest_checkpoint(tmp_path).name == "step_0000003.pt"  # best.pt is not a resume point
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["eval/fid"] for r in records if "eval/fid" in r] == [50.0, 40.0, 45.0]

@@ -1,0 +1,240 @@
+"""Training-step throughput of the dagan-gn engine against a straightforward WGAN-GP reference loop, same run.
+
+    python benchmarks/train_step.py [--models dagan64 dagan128 dagan256 cifar_resnet] [--batch-size 8] [--iters 2]
+                                    [--n-critic 5] [--device cpu|cuda|auto] [--threads 2] [--amp bf16]
+
+One *iteration* = ``n_critic`` critic updates + 1 generator update (one generator step), on batches already in
+memory (data loading is excluded from both sides). Networks come from the training configs in ``configs/`` at their
+real widths; both sides start from the same weights and run the same number of Adam updates.
+
+*Reference* — the common WGAN-GP/DAGAN port pattern, written here: plain fp32, NCHW, fakes generated **with**
+gradients through G in every critic step (the critic loss back-propagates into G and those gradients are thrown away),
+a separate ``autograd.grad(create_graph=True)`` penalty on detached fakes, and the generator step back-propagating
+into the critic's parameters too.
+
+*Engine* — ``dagan_gn.training.trainer.Trainer``'s own update functions (``_critic_update`` / ``_generator_update``,
+the code ``dagan train`` runs): no-grad fakes from the bare generator, frozen critic in the generator step,
+``channels_last`` when ``--channels-last`` (default on CUDA), autocast with ``--amp`` on CUDA. EMA is off on both sides.
+
+Timing: one warm-up each, then ``--iters`` iterations per side measured alternately, the best kept (robust to a
+shared machine's changing load).
+
+Printed: seconds per iteration, generator steps/s, critic steps/s, images/s (``batch × n_critic`` real images per
+iteration), achieved GFLOP/s (FLOPs of one iteration counted with ``torch.utils.flop_counter.FlopCounterMode``) and its
+fraction of the device's measured matmul rate, and the engine/reference speed ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dagan_gn.config import load_config  # noqa: E402
+from dagan_gn.nets import build_networks  # noqa: E402
+
+CONFIGS = {
+    "dagan64": "configs/dagan_mammo_64.yaml",
+    "dagan128": "configs/dagan_mammo_128.yaml",
+    "dagan256": "configs/dagan_mammo_256.yaml",
+    "cifar_resnet": "configs/cifar10_resnet_ln.yaml",
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """Measured dense matmul FLOP/s of the device in ``dtype`` (the denominator of the utilisation column)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        _sync(device)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+class InMemory(torch.utils.data.Dataset):
+    def __init__(self, cfg, n: int) -> None:
+        c, s = cfg.model.channels, cfg.model.image_size
+        self.images = torch.rand(n, c, s, s) * 2 - 1
+        self.pairs = torch.rand(n, c, s, s) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "label": 0, "index": i, "pair": self.pairs[i]}
+
+
+# ---------------------------------------------------------------------------------------------- the reference
+class Reference:
+    """The straightforward loop (see the module docstring)."""
+
+    def __init__(self, G: nn.Module, D: nn.Module, cfg, device: torch.device) -> None:
+        self.G, self.D, self.cfg, self.device = G.to(device).train(), D.to(device).train(), cfg, device
+        betas = tuple(cfg.optim.betas)
+        self.opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=betas)
+        self.opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=betas)
+        self.dagan = cfg.model.name == "dagan"
+
+    def _fake(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.randn(x.shape[0], self.G.z_dim, device=self.device)
+        return self.G(x, z) if self.dagan else self.G(z)
+
+    def _d(self, x: torch.Tensor, other: torch.Tensor | None) -> torch.Tensor:
+        return self.D(x, other) if self.dagan else self.D(other)
+
+    def iteration(self, batches: list[dict]) -> None:
+        for batch in batches:
+            x, x2 = batch["image"], batch.get("pair", batch["image"])
+            self.opt_d.zero_grad()
+            fake = self._fake(x)  # with grad through G: the critic loss back-propagates into G
+            d_real = self._d(x, x2)
+            d_fake = self._d(x, fake)
+            alpha = torch.rand(x.shape[0], 1, 1, 1, device=self.device)
+            interp = (alpha * x2 + (1 - alpha) * fake.detach()).requires_grad_(True)
+            interp = interp.view_as(interp)  # a non-leaf, so FlopCounterMode's module hooks accept autograd.grad
+            d_interp = self._d(x, interp)
+            grads = torch.autograd.grad(d_interp.sum(), interp, create_graph=True)[0]
+            gp = ((grads.reshape(grads.shape[0], -1).norm(2, dim=1) - 1) ** 2).mean()
+            loss_d = d_fake.mean() - d_real.mean() + self.cfg.loss.gp_weight * gp
+            loss_d.backward()
+            self.opt_d.step()
+        self.opt_g.zero_grad()
+        x = batches[-1]["image"]
+        loss_g = -self._d(x, self._fake(x)).mean()  # also fills the critic's .grad (discarded at its next step)
+        loss_g.backward()
+        self.opt_g.step()
+
+
+# ---------------------------------------------------------------------------------------------- the engine
+class Engine:
+    """``Trainer``'s update functions on the same networks."""
+
+    def __init__(self, G: nn.Module, D: nn.Module, cfg, device: torch.device, run_dir: Path) -> None:
+        from dagan_gn.training.trainer import Trainer
+
+        self.trainer = Trainer(cfg, run_dir, dataset=InMemory(cfg, cfg.data.batch_size), networks=(G, D),
+                               log=lambda m: None)
+
+    def prepare(self, batches: list[dict]) -> list[dict]:
+        return [self.trainer.model.prepare(b) for b in batches]
+
+    def iteration(self, batches: list[dict]) -> None:
+        for batch in batches:
+            self.trainer._critic_update(batch, want_norm=False)
+        self.trainer._generator_update(batches[-1], want_norm=False)
+
+
+def _time_pair(fn_a, fn_b, iters: int, device: torch.device) -> tuple[float, float]:
+    """Best-of-``iters`` seconds of two functions, measured alternately (a, b, a, b, ...) after one warm-up each,
+    so a machine whose load changes during the run affects both sides alike."""
+    fn_a()  # warm-up (allocator, oneDNN primitive cache, autotuning)
+    fn_b()
+    best_a = best_b = float("inf")
+    for _ in range(iters):
+        for fn, which in ((fn_a, "a"), (fn_b, "b")):
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            dt = time.perf_counter() - t
+            if which == "a":
+                best_a = min(best_a, dt)
+            else:
+                best_b = min(best_b, dt)
+    return best_a, best_b
+
+
+def _flops(fn) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
+
+
+def bench_model(name: str, args, device: torch.device, peak: float) -> dict:
+    overrides = [
+        f"data.batch_size={args.batch_size}", f"optim.n_critic={args.n_critic}", "data.num_workers=0",
+        "data.hflip=false", f"train.device={device.type}", "train.ema_decay=0", "train.progress=false",
+        "train.sample_every=0", "train.checkpoint_every=0", "train.log_every=0", "metrics.eval_every=0",
+        f"train.amp={args.amp if device.type == 'cuda' else 'none'}",
+        f"train.channels_last={str(args.channels_last).lower()}", f"train.compile={str(args.compile).lower()}",
+    ]
+    cfg = load_config(ROOT / CONFIGS[name], overrides)
+    torch.manual_seed(0)
+    G, D = build_networks(cfg.model)
+    ref = Reference(copy.deepcopy(G), copy.deepcopy(D), cfg, device)
+    c, s, b = cfg.model.channels, cfg.model.image_size, args.batch_size
+    g = torch.Generator().manual_seed(1)
+    raw = [{"image": torch.rand(b, c, s, s, generator=g) * 2 - 1, "pair": torch.rand(b, c, s, s, generator=g) * 2 - 1,
+            "label": torch.zeros(b, dtype=torch.long)} for _ in range(args.n_critic)]
+    ref_batches = [{k: v.to(device) for k, v in batch.items()} for batch in raw]
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = Engine(G, D, cfg, device, Path(tmp))
+        eng_batches = engine.prepare(raw)
+        flops_ref = _flops(lambda: ref.iteration(ref_batches))
+        flops_eng = _flops(lambda: engine.iteration(eng_batches))
+        t_ref, t_eng = _time_pair(lambda: ref.iteration(ref_batches), lambda: engine.iteration(eng_batches),
+                                  args.iters, device)
+        engine.trainer.close()
+    return {"model": name, "batch": b, "t_ref": t_ref, "t_eng": t_eng, "flops_ref": flops_ref,
+            "flops_eng": flops_eng, "peak": peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--batch-size", type=int, default=8, help="images per critic batch (configs use 32-64 on a GPU)")
+    p.add_argument("--iters", type=int, default=2, help="timed iterations per side, alternating, best kept (after one warm-up)")
+    p.add_argument("--n-critic", type=int, default=5)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    p.add_argument("--threads", type=int, default=2, help="intra-op CPU threads")
+    p.add_argument("--amp", default="bf16", help="engine autocast on CUDA: none, bf16, fp16 (CPU: always fp32)")
+    p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="engine memory format (default: on for CUDA, off for CPU)")
+    p.add_argument("--compile", action="store_true", help="engine: torch.compile the generator")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    if args.channels_last is None:
+        args.channels_last = device.type == "cuda"
+    peak_dtype = torch.bfloat16 if device.type == "cuda" and args.amp == "bf16" else torch.float32
+    peak = matmul_rate(device, peak_dtype, n=8192 if device.type == "cuda" else 2048)
+    dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"device: {dev_name}; measured matmul rate {peak / 1e9:.0f} GFLOP/s ({str(peak_dtype)[6:]}); "
+          f"batch {args.batch_size}, n_critic {args.n_critic}, {args.iters} timed iterations; engine "
+          f"{'amp ' + args.amp if device.type == 'cuda' else 'fp32'}, channels_last={args.channels_last}")
+    header = ("| model | side | s / iteration | G steps/s | critic steps/s | images/s | GFLOP / iteration | "
+              "GFLOP/s | % of matmul rate | speed-up |")
+    print(header)
+    print("|" + " --- |" * 10)
+    for name in args.models:
+        r = bench_model(name, args, device, peak)
+        for side, t, fl in (("reference", r["t_ref"], r["flops_ref"]), ("engine", r["t_eng"], r["flops_eng"])):
+            ratio = r["t_ref"] / t
+            print(f"| {name} | {side} | {t:.3f} | {1 / t:.3f} | {args.n_critic / t:.2f} | "
+                  f"{args.batch_size * args.n_critic / t:.1f} | {fl / 1e9:.1f} | {fl / t / 1e9:.1f} | "
+                  f"{100 * fl / t / peak:.0f} % | {ratio:.2f}× |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
