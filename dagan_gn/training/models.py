@@ -101,6 +101,12 @@ class GANModel:
         self.channels_last = channels_last
         self.hflip = hflip
         self.conditional = model_cfg.num_classes > 0
+        # Real and fake batches go through the critic in one forward of 2B samples (bigger, more efficient GEMMs,
+        # one DDP forward fewer) whenever that cannot change the result: the critic's norm must treat samples
+        # independently (not batch norm) and the critic must be in a mode without cross-sample statistics.
+        from dagan_gn.modules.norms import is_batch_coupling
+
+        self.fuse_real_fake = not is_batch_coupling(model_cfg.d_norm)
         self.z_dim = int(getattr(self.G_bare, "z_dim", model_cfg.z_dim))
 
     # ------------------------------------------------------------------ helpers
@@ -195,8 +201,12 @@ class DAGANModel(GANModel):
         if self.channels_last and fake.dim() == 4:
             fake = fake.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            d_real = self.D_ddp(x, x_other, y)
-            d_fake = self.D_ddp(x, fake, y)
+            if self.fuse_real_fake:
+                yy = None if y is None else torch.cat([y, y])
+                d_real, d_fake = self.D_ddp(torch.cat([x, x]), torch.cat([x_other, fake]), yy).chunk(2)
+            else:
+                d_real = self.D_ddp(x, x_other, y)
+                d_fake = self.D_ddp(x, fake, y)
 
         def critic_fn(a, b):
             with self.autocast():
@@ -258,8 +268,12 @@ class UnconditionalGANModel(GANModel):
         if self.channels_last and fake.dim() == 4:
             fake = fake.contiguous(memory_format=torch.channels_last)
         with self.autocast():
-            d_real = self.D_ddp(real, y)
-            d_fake = self.D_ddp(fake, y)
+            if self.fuse_real_fake:
+                yy = None if y is None else torch.cat([y, y])
+                d_real, d_fake = self.D_ddp(torch.cat([real, fake]), yy).chunk(2)
+            else:
+                d_real = self.D_ddp(real, y)
+                d_fake = self.D_ddp(fake, y)
 
         def critic_fn(a):
             with self.autocast():
