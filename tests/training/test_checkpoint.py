@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import TinyPairs, make_cfg
+from training_testutils import TinyPairs, make_cfg
 
 from dagan_gn.config import config_to_dict
 from dagan_gn.nets import build_networks

@@ -23,7 +23,7 @@ def _worker(rank: int, world_size: int, port: int, out: str, test_dir: str) -> N
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_RANK=str(rank))
-    from conftest import TinyPairs, make_cfg
+    from training_testutils import TinyPairs, make_cfg
 
     from dagan_gn.training.trainer import Trainer
 
@@ -46,7 +46,7 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
         for k in r0[part]:
             assert torch.equal(r0[part][k], r1[part][k]), f"{part}.{k} differs between ranks"
     # training moved the weights (the ranks agree because gradients were all-reduced, not because nothing happened)
-    from conftest import make_cfg
+    from training_testutils import make_cfg
 
     from dagan_gn.nets import build_networks
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
-from conftest import CIFAR_TINY, TinyImages, TinyPairs, make_cfg
+from training_testutils import CIFAR_TINY, TinyImages, TinyPairs, make_cfg
 
 from dagan_gn.training.checkpoint import latest_checkpoint, load_checkpoint
 from dagan_gn.training.trainer import InfiniteBatches, Trainer, TrainingError, train

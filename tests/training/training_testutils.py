@@ -1,8 +1,10 @@
-"""Tiny in-memory datasets and configs for the training tests (no HDF5, no CIFAR files needed)."""
+"""Tiny in-memory datasets and configs for the training tests (no HDF5, no CIFAR files needed).
+
+A plain module, not a conftest.py, so that ``from training_testutils import ...`` can never resolve to another
+directory's conftest."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from torch.utils.data import Dataset
 
@@ -48,8 +50,3 @@ COMMON = [
 
 def make_cfg(*overrides: str, model=DAGAN32) -> ExperimentConfig:
     return load_config(None, [*model, *COMMON, *overrides])
-
-
-@pytest.fixture
-def tiny_pairs() -> TinyPairs:
-    return TinyPairs()
