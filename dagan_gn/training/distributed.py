@@ -78,7 +78,7 @@ def wrap_ddp(module: nn.Module, info: DistInfo, device: torch.device) -> nn.Modu
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index if device.index is not None else info.local_rank] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=True)
+    return DistributedDataParallel(module, device_ids=ids)  # buffers (BN statistics) follow rank 0 by default
 
 
 def unwrap(module: nn.Module) -> nn.Module:
