@@ -208,3 +208,25 @@ def test_periodic_evaluation_keeps_best_checkpoint(tmp_path):
     assert latest_checkpoint(tmp_path).name == "step_0000003.pt"  # best.pt is not a resume point
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["eval/fid"] for r in records if "eval/fid" in r] == [50.0, 40.0, 45.0]
+
+
+def test_sigterm_finishes_the_step_and_checkpoints(tmp_path):
+    import os
+    import signal
+
+    def evaluator(sample_fn, step):  # runs inside the loop: deliver SIGTERM to ourselves at step 2
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+    previous = signal.getsignal(signal.SIGTERM)
+    cfg = make_cfg("train.steps=10", "metrics.eval_every=1")
+    trainer = Trainer(cfg, tmp_path, dataset=TinyPairs(), evaluator=evaluator, log=lambda m: None)
+    trainer.fit()
+    assert trainer.step == 2
+    assert latest_checkpoint(tmp_path).name == "step_0000002.pt"
+    assert signal.getsignal(signal.SIGTERM) is previous  # handler restored
+    resumed = Trainer(make_cfg("train.steps=3", "metrics.eval_every=1"), tmp_path, resume=True, dataset=TinyPairs(),
+                      evaluator=lambda f, s: {}, log=lambda m: None)
+    resumed.fit()
+    assert resumed.step == 3
