@@ -203,7 +203,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--batch-size", type=int, default=8, help="images per critic batch (configs use 32-64 on a GPU)")
-    p.add_argument("--iters", type=int, default=2, help="timed iterations per side, alternating, best kept (after one warm-up)")
+    p.add_argument("--iters", type=int, default=2,
+                   help="timed iterations per side, alternating, best kept (after one warm-up)")
     p.add_argument("--n-critic", type=int, default=5)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     p.add_argument("--threads", type=int, default=2, help="intra-op CPU threads")

@@ -27,7 +27,8 @@ from torch import nn
 from dagan_gn.config import LossConfig, ModelConfig
 from dagan_gn.training.losses import drift_penalty, get_loss, gradient_penalty
 
-__all__ = ["GANModel", "DAGANModel", "UnconditionalGANModel", "MODELS", "build_train_model", "truncated_noise", "frozen"]
+__all__ = ["GANModel", "DAGANModel", "UnconditionalGANModel", "MODELS", "build_train_model", "truncated_noise",
+           "frozen"]
 
 
 def truncated_noise(
@@ -174,7 +175,9 @@ class GANModel:
         return loss, logs
 
     # ------------------------------------------------------------------ interface
-    def critic_step(self, batch: dict[str, Any], grad_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def critic_step(
+        self, batch: dict[str, Any], grad_scale: float = 1.0
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def generator_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

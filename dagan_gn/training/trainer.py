@@ -85,7 +85,8 @@ class InfiniteBatches:
         if self.batches_per_epoch < 1:
             raise TrainingError(
                 f"the training data has {len(dataset)} items ({self.sampler.num_samples} per process), fewer than "
-                f"one batch of {batch_size}; lower data.batch_size (e.g. data.batch_size={max(1, self.sampler.num_samples)})"
+                f"one batch of {batch_size}; lower data.batch_size "
+                f"(e.g. data.batch_size={max(1, self.sampler.num_samples)})"
             )
         self._generator = torch.Generator()
         # Datasets with per-epoch randomness (SameClassPairDataset.set_epoch) need fresh workers each epoch so the
@@ -183,7 +184,9 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
         except (KeyError, ValueError, OSError) as exc:
             raise TrainingError(f"cannot use {path} split '{data.split}': {exc}") from exc
         if len(base) == 0:
-            raise TrainingError(f"{path}: split '{data.split}' has no patches (empty split); check data.split/data.classes")
+            raise TrainingError(
+                f"{path}: split '{data.split}' has no patches (empty split); check data.split/data.classes"
+            )
         base = _limit_patches_per_class(base, data.limit_per_class, cfg.train.seed)
         if cfg.model.name == "dagan":
             from dagan_gn.data.datasets import SameClassPairDataset
@@ -238,7 +241,8 @@ def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig) -> None:
 
 # ============================================================================================ helpers
 def orthogonal_regularization(module: nn.Module) -> torch.Tensor:
-    """BigGAN's orthogonal regularisation ``Σ ||W Wᵀ ⊙ (1 - I)||²_F`` over conv/linear weights (rows = outputs)."""
+    """BigGAN's orthogonal regularisation ``Σ ||W Wᵀ ⊙ (1 - I)||²_F`` over conv/linear weights
+    (rows = output channels)."""
     total = None
     for name, p in module.named_parameters():
         if p.dim() < 2 or not p.requires_grad:
