@@ -38,6 +38,10 @@ __all__ = ["DAGANGenerator", "DAGANCritic", "dagan_preset", "DAGAN_PRESETS", "de
            "default_critic_widths"]
 
 
+#: |x| bound before atanh in the input residual (atanh(0.995) ≈ 3.0 keeps the pre-activation finite and tame).
+_ATANH_LIMIT = 0.995
+
+
 def _levels(image_size: int, low: int, where: str) -> int:
     """Number of halvings from ``image_size`` down to ``low`` (both powers of two)."""
     if image_size < low or image_size % low or (image_size // low) & (image_size // low - 1):
@@ -62,15 +66,16 @@ def default_critic_widths(image_size: int, width: int, max_width: int | None = N
     return [min(width * 2 ** level, max_width) for level in range(n + 1)]
 
 
-def _icnr_conv(in_channels: int, out_channels: int, factor: int, norm: NormSpec) -> nn.Module:
+def _icnr_conv(in_channels: int, out_channels: int, factor: int, norm: NormSpec, gain: float = 1.0) -> nn.Module:
     """3×3 conv to ``out_channels · factor²`` for ``PixelShuffle(factor)``, ICNR-initialised (Aitken et al. 2017):
     the ``factor²`` sub-pixel kernels of each output channel start equal, so the untrained output is a nearest
-    upsampling rather than a checkerboard."""
+    upsampling rather than a checkerboard. ``gain`` scales the initial weights."""
     conv = init_weights(nn.Conv2d(in_channels, out_channels * factor * factor, 3, padding=1))
-    if factor > 1:
-        with torch.no_grad():
+    with torch.no_grad():
+        if factor > 1:
             base = conv.weight[:out_channels].clone()
             conv.weight.copy_(base.repeat_interleave(factor * factor, dim=0))
+        conv.weight.mul_(gain)
     return apply_weight_norm(conv, norm)
 
 
@@ -96,6 +101,8 @@ class DAGANGenerator(nn.Module):
             1 gives a plain full-resolution stem conv.
         max_width: see :func:`default_generator_widths`.
         act: activation name.
+        input_residual: add ``atanh(x)`` to the output pre-activation, making the input the last skip connection
+            (``G`` starts near the identity and learns variations); ``False`` gives the plain U-Net output.
 
     Forward: ``x`` [B, C, S, S] in [-1, 1], ``z`` [B, z_dim], ``y`` LongTensor [B] or None → [B, C, S, S] in (-1, 1).
     """
@@ -104,7 +111,7 @@ class DAGANGenerator(nn.Module):
                  norm: NormSpec = "group:8", num_classes: int = 0, dropout: float = 0.0, *,
                  widths: Sequence[int] | None = None, bottleneck_size: int = 4, z_channels: int | None = None,
                  embedding_dim: int | None = None, max_width: int | None = None, stem_factor: int = 2,
-                 act: str = "relu") -> None:
+                 act: str = "relu", input_residual: bool = True) -> None:
         super().__init__()
         if stem_factor < 1 or image_size % stem_factor:
             raise ValueError(f"DAGANGenerator: stem_factor {stem_factor} must be >= 1 and divide image_size "
@@ -126,6 +133,7 @@ class DAGANGenerator(nn.Module):
         self.widths = widths
         self.bottleneck_size = int(bottleneck_size)
         self.stem_factor = int(stem_factor)
+        self.input_residual = bool(input_residual)
         L = n_levels
         if parse_norm_spec(norm)[0] == "conditional_batch" and num_classes <= 0:
             raise ValueError("DAGANGenerator: norm 'conditional_batch' needs num_classes > 0")
@@ -161,7 +169,8 @@ class DAGANGenerator(nn.Module):
         self.out_norm = make_norm(norm, widths[0], layer_index=2 * L - 1, shared_embedding=self.class_embedding,
                                   where=f"{name}.out_norm")
         self.out_act = activation(act)
-        self.out_conv = _icnr_conv(widths[0], channels, f, norm)
+        # With the input residual the untrained network should start close to the identity: a small output gain.
+        self.out_conv = _icnr_conv(widths[0], channels, f, norm, gain=0.1 if self.input_residual else 1.0)
         self.depth_to_space = nn.PixelShuffle(f) if f > 1 else nn.Identity()
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,7 +196,14 @@ class DAGANGenerator(nn.Module):
         for i, block in enumerate(self.up):
             h = block(h, skips[-2 - i], cond, y)
         h = self.out_act(apply_norm(self.out_norm, h, y))
-        return torch.tanh(self.depth_to_space(self.out_conv(h)))
+        out = self.depth_to_space(self.out_conv(h))
+        if self.input_residual:
+            # The input itself is the last skip connection: the network predicts a change of x in tanh's
+            # pre-activation space, so from the first step the output lives near the source patch and training
+            # spends its steps on plausible variations rather than on re-learning to draw a mammogram. The pair
+            # critic still penalises copies (a real pair is two different patches).
+            out = out + torch.atanh(x.clamp(-_ATANH_LIMIT, _ATANH_LIMIT))
+        return torch.tanh(out)
 
 
 class DAGANCritic(nn.Module):

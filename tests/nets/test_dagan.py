@@ -181,7 +181,23 @@ def test_presets_and_compute_budget():
 
 def test_pixel_shuffle_output_starts_without_checkerboard():
     """ICNR init: the four sub-pixels of each 2×2 output cell start equal (a nearest upsampling of a half-res map)."""
-    g = _tiny_g(64, norm="group:2").eval()
+    g = _tiny_g(64, norm="group:2", input_residual=False).eval()
     out = g(torch.randn(1, 1, 64, 64), torch.randn(1, 8))
     cells = torch.nn.functional.pixel_unshuffle(out, 2)  # [1, 4, 32, 32]: the 4 sub-pixels per cell
     torch.testing.assert_close(cells, cells[:, :1].expand_as(cells))
+
+
+def test_input_residual_starts_near_the_source_patch():
+    """With the input as the last skip the untrained output tracks x far better than the plain U-Net output."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 64, 64) * 1.6 - 0.8
+    z = torch.randn(4, 8)
+    residual = _tiny_g(64, norm="group:2").eval()
+    torch.manual_seed(0)
+    plain = _tiny_g(64, norm="group:2", input_residual=False).eval()
+    with torch.no_grad():
+        err_residual = (residual(x, z) - x).abs().mean().item()
+        err_plain = (plain(x, z) - x).abs().mean().item()
+    corr = torch.corrcoef(torch.stack([residual(x, z).flatten(), x.flatten()]))[0, 1].item()
+    assert corr > 0.8, corr
+    assert err_residual < 0.5 * err_plain, (err_residual, err_plain)
