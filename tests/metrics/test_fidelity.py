@@ -168,3 +168,26 @@ def test_dagan_evaluate_cli_on_a_cifar_run(tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "error:" in bad.output and "Traceback" not in bad.output
     bad = CliRunner().invoke(app, ["evaluate", "--checkpoint", str(run), "--metrics", "fid,precision"])
     assert bad.exit_code == 2 and "unknown metric" in bad.output
+
+
+def test_dagan_evaluate_cli_on_a_patch_run(tmp_path, monkeypatch):
+    """DAGAN runs are scored on HDF5 patches: samples are G(x_real, z) over the chosen split."""
+    import json
+
+    from factories import make_checkpoint, make_patch_file
+    from typer.testing import CliRunner
+
+    from dagan_gn.cli import app
+
+    monkeypatch.setenv("DAGAN_GN_CACHE", str(tmp_path / "cache"))
+    patches = make_patch_file(tmp_path / "patches.h5")
+    run = make_checkpoint(tmp_path / "run", patches)
+    out = tmp_path / "metrics.json"
+    res = CliRunner().invoke(app, [
+        "evaluate", "--checkpoint", str(run), "--data", str(patches), "--metrics", "fid,kid",
+        "--num-samples", "12", "--feature-extractor", "tiny", "--device", "cpu", "--seed", "0", "--out", str(out),
+    ])
+    assert res.exit_code == 0, res.output
+    got = json.loads(out.read_text())
+    assert got["model"] == "dagan" and got["step"] == 2 and got["split"] == "train"
+    assert got["n_generated"] == 12 and got["fid"] > 0 and np.isfinite(got["kid_mean"])
