@@ -15,7 +15,7 @@ def demo(
     seed: int = typer.Option(0, "--seed", help="Seed for the archive, extraction, training and augmentation."),
     patients: int = typer.Option(6, "--patients", min=2, help="Number of synthetic patients (4 images each)."),
     patch_size: int = typer.Option(64, "--patch-size", help="Patch side in pixels (64 keeps the CPU demo fast)."),
-    steps: int = typer.Option(60, "--steps", min=1, help="Generator steps of the tiny DAGAN."),
+    steps: int = typer.Option(150, "--steps", min=1, help="Generator steps of the tiny DAGAN."),
     variants: int = typer.Option(4, "--n", min=1, help="Synthetic variants written per training patch."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
