@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import h5py
 import numpy as np
 import pytest
@@ -11,7 +9,7 @@ import torch
 
 import dagan_gn.augment as augment_mod
 from dagan_gn.augment import AugmentError, augment, noise_seed, sample_noise
-from dagan_gn.data.store import PatchFile, PatchWriter, partial_path, to_uint16
+from dagan_gn.data.store import PatchFile, partial_path
 
 from factories import CLASSES, SIZE, make_checkpoint, make_patch_file  # tests/ is on pythonpath
 

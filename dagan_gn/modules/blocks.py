@@ -26,6 +26,8 @@ from .norms import NormSpec, NormSpecError, apply_norm, apply_weight_norm, make_
 
 __all__ = [
     "init_weights",
+    "projection_embedding",
+    "projection_score",
     "conv2d",
     "linear",
     "activation",
@@ -204,3 +206,27 @@ class UNetUpBlock(nn.Module):
         h = self.conv2(self.act2(apply_norm(self.norm2, h, y)))
         # 1×1 conv before the nearest upsampling: same result, 4× cheaper.
         return self.dropout(h + F.interpolate(self.shortcut(x), scale_factor=2, mode="nearest"))
+
+
+def projection_embedding(num_classes: int, dim: int, norm: NormSpec = None) -> nn.Embedding | None:
+    """Class embedding of a projection critic (Miyato & Koyama 2018), or None when unconditional; spectrally
+    normalised too when the critic's norm is ``spectral``, as in their paper."""
+    if num_classes <= 0:
+        return None
+    emb = nn.Embedding(num_classes, dim)
+    nn.init.xavier_uniform_(emb.weight)
+    if parse_norm_spec(norm)[0] == "spectral":
+        emb = nn.utils.parametrizations.spectral_norm(emb)
+    return emb
+
+
+def projection_score(features: torch.Tensor, out: nn.Module, projection: nn.Module | None,
+                     y: torch.Tensor | None, where: str) -> torch.Tensor:
+    """Critic output from pooled ``features`` [B, F]: ``out(h) + <embed(y), h>`` (the projection term only for a
+    class-conditional critic). Returns scores [B]."""
+    score = out(features).squeeze(1)
+    if projection is not None:
+        if y is None:
+            raise ValueError(f"{where} is class-conditional: pass labels y")
+        score = score + (projection(y) * features).sum(dim=1)
+    return score

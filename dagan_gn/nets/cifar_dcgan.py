@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules.blocks import activation, conv2d, critic_norm_spec, linear
+from ..modules.blocks import (activation, conv2d, critic_norm_spec, linear, projection_embedding,
+                              projection_score)
 from ..modules.norms import NormSpec, apply_norm, make_norm, parse_norm_spec
-from .cifar_resnet import _class_embedding
 
 __all__ = ["DCGANGenerator", "DCGANCritic"]
 
@@ -113,16 +113,10 @@ class DCGANCritic(nn.Module):
         self.act = activation("lrelu")
         feat = 4 * 4 * 4 * width
         self.out = linear(feat, 1, norm=norm)
-        self.projection = _class_embedding(num_classes, feat, norm)
+        self.projection = projection_embedding(num_classes, feat, norm)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = x
         for conv, norm in zip(self.convs, self.norms):
             h = self.act(apply_norm(norm, conv(h)))
-        h = h.flatten(1)
-        score = self.out(h).squeeze(1)
-        if self.projection is not None:
-            if y is None:
-                raise ValueError("this critic is class-conditional: pass labels y")
-            score = score + (self.projection(y) * h).sum(dim=1)
-        return score
+        return projection_score(h.flatten(1), self.out, self.projection, y, "DCGANCritic")

@@ -21,21 +21,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules.blocks import ResBlock, activation, conv2d, critic_norm_spec, linear
+from ..modules.blocks import (ResBlock, activation, conv2d, critic_norm_spec, linear, projection_embedding,
+                              projection_score)
 from ..modules.norms import NormSpec, apply_norm, make_norm, parse_norm_spec
 
 __all__ = ["ResNetGenerator", "ResNetCritic"]
-
-
-def _class_embedding(num_classes: int, dim: int, norm: NormSpec = None) -> nn.Embedding | None:
-    if num_classes <= 0:
-        return None
-    emb = nn.Embedding(num_classes, dim)
-    nn.init.xavier_uniform_(emb.weight)
-    name, _ = parse_norm_spec(norm)
-    if name == "spectral":  # Miyato & Koyama spectrally normalise the projection embedding too
-        emb = nn.utils.parametrizations.spectral_norm(emb)
-    return emb
 
 
 class ResNetGenerator(nn.Module):
@@ -121,16 +111,10 @@ class ResNetCritic(nn.Module):
         ])
         self.act = activation("relu")
         self.out = linear(width, 1, norm=norm)
-        self.projection = _class_embedding(num_classes, width, norm)
+        self.projection = projection_embedding(num_classes, width, norm)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         h = x
         for block in self.blocks:
             h = block(h)
-        h = self.act(h).mean(dim=(2, 3))
-        score = self.out(h).squeeze(1)
-        if self.projection is not None:
-            if y is None:
-                raise ValueError("this critic is class-conditional: pass labels y")
-            score = score + (self.projection(y) * h).sum(dim=1)
-        return score
+        return projection_score(self.act(h).mean(dim=(2, 3)), self.out, self.projection, y, "ResNetCritic")

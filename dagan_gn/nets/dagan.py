@@ -31,7 +31,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..modules.blocks import ResBlock, UNetUpBlock, activation, conv2d, critic_norm_spec, init_weights, linear
+from ..modules.blocks import (ResBlock, UNetUpBlock, activation, conv2d, critic_norm_spec, init_weights, linear,
+                              projection_embedding, projection_score)
 from ..modules.norms import NormSpec, apply_norm, apply_weight_norm, make_norm, parse_norm_spec
 
 __all__ = ["DAGANGenerator", "DAGANCritic", "dagan_preset", "DAGAN_PRESETS", "default_generator_widths",
@@ -246,11 +247,7 @@ class DAGANCritic(nn.Module):
         )
         self.act = activation(act)
         self.out = linear(widths[-1], 1, norm=norm)
-        self.projection = None
-        if num_classes > 0:
-            from .cifar_resnet import _class_embedding
-
-            self.projection = _class_embedding(num_classes, widths[-1], norm)
+        self.projection = projection_embedding(num_classes, widths[-1], norm)
 
     def forward(self, x: torch.Tensor, x_other: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.shape != x_other.shape:
@@ -258,13 +255,7 @@ class DAGANCritic(nn.Module):
         h = self.stem(torch.cat([x, x_other], dim=1))
         for block in self.blocks:
             h = block(h)
-        h = self.act(h).mean(dim=(2, 3))
-        score = self.out(h).squeeze(1)
-        if self.projection is not None:
-            if y is None:
-                raise ValueError("this DAGAN critic is class-conditional: pass labels y")
-            score = score + (self.projection(y) * h).sum(dim=1)
-        return score
+        return projection_score(self.act(h).mean(dim=(2, 3)), self.out, self.projection, y, "DAGANCritic")
 
 
 #: ModelConfig overrides per preset (``image_size``, widths, z size and constructor extras).
