@@ -1,0 +1,27 @@
+"""Tests for dagan_gn.runtime: seeding and device resolution."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from dagan_gn.runtime import resolve_device, seed_everything
+
+
+def test_seed_everything_makes_all_rngs_repeat():
+    seed_everything(7)
+    first = (random.random(), np.random.rand(), torch.rand(3))
+    seed_everything(7)
+    second = (random.random(), np.random.rand(), torch.rand(3))
+    assert first[0] == second[0] and first[1] == second[1]
+    assert torch.equal(first[2], second[2])
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="--device cpu"):
+            resolve_device("cuda")
