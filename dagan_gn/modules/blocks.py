@@ -26,6 +26,7 @@ from .norms import NormSpec, NormSpecError, apply_norm, apply_weight_norm, make_
 
 __all__ = [
     "init_weights",
+    "class_conditioning",
     "projection_embedding",
     "projection_score",
     "conv2d",
@@ -230,3 +231,20 @@ def projection_score(features: torch.Tensor, out: nn.Module, projection: nn.Modu
             raise ValueError(f"{where} is class-conditional: pass labels y")
         score = score + (projection(y) * features).sum(dim=1)
     return score
+
+
+def class_conditioning(num_classes: int, embedding_dim: int, norm: NormSpec,
+                       input_features: int) -> tuple[nn.Embedding | None, nn.Module | None]:
+    """Class conditioning of a noise-to-image generator: ``(class_embedding, class_to_input)``.
+
+    The shared class embedding feeds ``conditional_batch`` norms (BigGAN); with any other norm the class enters as
+    a learned bias of the input projection instead (``class_to_input``, a linear of ``input_features`` outputs).
+    Both are None for an unconditional generator.
+    """
+    if num_classes <= 0:
+        return None, None
+    embedding = nn.Embedding(num_classes, embedding_dim)
+    nn.init.normal_(embedding.weight, std=1.0)
+    if parse_norm_spec(norm)[0] == "conditional_batch":
+        return embedding, None
+    return embedding, linear(embedding_dim, input_features, norm=norm, bias=False)

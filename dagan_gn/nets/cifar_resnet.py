@@ -21,9 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules.blocks import (ResBlock, activation, conv2d, critic_norm_spec, linear, projection_embedding,
+from ..modules.blocks import (class_conditioning, ResBlock, activation, conv2d, critic_norm_spec, linear, projection_embedding,
                               projection_score)
-from ..modules.norms import NormSpec, apply_norm, make_norm, parse_norm_spec
+from ..modules.norms import NormSpec, apply_norm, make_norm
 
 __all__ = ["ResNetGenerator", "ResNetCritic"]
 
@@ -51,13 +51,9 @@ class ResNetGenerator(nn.Module):
         self.channels = int(channels)
         self.num_classes = int(num_classes)
         self.width = int(width)
-        cbn = parse_norm_spec(norm)[0] == "conditional_batch"
-        self.class_embedding = nn.Embedding(num_classes, embedding_dim) if num_classes > 0 else None
-        if self.class_embedding is not None:
-            nn.init.normal_(self.class_embedding.weight, std=1.0)
         # Without conditional BN the class enters as a learned bias of the input projection.
-        self.class_to_input = (linear(embedding_dim, 4 * 4 * width, norm=norm, bias=False)
-                               if (num_classes > 0 and not cbn) else None)
+        self.class_embedding, self.class_to_input = class_conditioning(num_classes, embedding_dim, norm,
+                                                                       4 * 4 * width)
         self.input = linear(z_dim, 4 * 4 * width, norm=norm)
         self.blocks = nn.ModuleList(
             ResBlock(width, width, resample="up", norm=norm, block_index=i, shared_embedding=self.class_embedding,

@@ -149,6 +149,16 @@ class GANModel:
     def noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.z_dim, device=self.device)
 
+    def critic_fake(self, *generator_inputs: torch.Tensor | None) -> torch.Tensor:
+        """Fakes for a critic step: the bare generator under ``no_grad`` (the critic loss needs no gradient with
+        respect to G), in the critic's memory format."""
+        with torch.no_grad(), self.autocast():
+            fake = self.G_bare(*generator_inputs)
+        fake = fake.detach()
+        if self.channels_last and fake.dim() == 4:
+            fake = fake.contiguous(memory_format=torch.channels_last)
+        return fake
+
     def _critic_objective(
         self, d_real: torch.Tensor, d_fake: torch.Tensor, critic_fn, real, fake, grad_scale: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -197,12 +207,7 @@ class DAGANModel(GANModel):
 
     def critic_step(self, batch, grad_scale: float = 1.0):
         x, x_other, y = batch["image"], batch["pair"], self.labels(batch)
-        z = self.noise(x.shape[0])
-        with torch.no_grad(), self.autocast():
-            fake = self.G_bare(x, z, y)
-        fake = fake.detach()
-        if self.channels_last and fake.dim() == 4:
-            fake = fake.contiguous(memory_format=torch.channels_last)
+        fake = self.critic_fake(x, self.noise(x.shape[0]), y)
         with self.autocast():
             if self.fuse_real_fake:
                 yy = None if y is None else torch.cat([y, y])
@@ -264,12 +269,7 @@ class UnconditionalGANModel(GANModel):
 
     def critic_step(self, batch, grad_scale: float = 1.0):
         real, y = batch["image"], self.labels(batch)
-        z = self.noise(real.shape[0])
-        with torch.no_grad(), self.autocast():
-            fake = self.G_bare(z, y)
-        fake = fake.detach()
-        if self.channels_last and fake.dim() == 4:
-            fake = fake.contiguous(memory_format=torch.channels_last)
+        fake = self.critic_fake(self.noise(real.shape[0]), y)
         with self.autocast():
             if self.fuse_real_fake:
                 yy = None if y is None else torch.cat([y, y])
