@@ -647,8 +647,7 @@ def _display_pixels(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
     # Written as slope * (x - zero_level), with zero_level rid of float noise (it is usually a whole or half grey
     # level), so the bottom of the range maps exactly onto 0.0.
     zero_level = round(-intercept / slope, 6)
-    out = arr.astype(np.float32)
-    out -= np.float32(zero_level)
+    out = np.subtract(arr, np.float32(zero_level), dtype=np.float32)  # convert and shift in one pass
     out *= np.float32(slope)
     np.clip(out, 0.0, 1.0, out=out)
     return out

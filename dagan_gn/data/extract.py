@@ -148,7 +148,7 @@ def _process_file(key: str, path: str) -> dict[str, Any]:
         del image
         sy, sx = pixels.shape[0] / meta.rows, pixels.shape[1] / meta.cols
         spacing = (meta.pixel_spacing_mm[0] / sy) if meta.pixel_spacing_mm else float("nan")
-        mask = breast_mask(pixels, meta.laterality)
+        mask = breast_mask(pixels, meta.laterality, full_resolution=False)  # sampling needs only coverages
         S = cfg["patch_size"]
         warnings = []
         scaled = []

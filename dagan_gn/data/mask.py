@@ -17,11 +17,15 @@ Text and markers are separate components of the threshold mask, away from the br
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
+
 import numpy as np
 from scipy import ndimage as ndi
 from skimage import filters, measure
 
 __all__ = [
+    "BlockMask",
     "breast_mask",
     "chest_wall_side",
     "flip_to_chest_wall_left",
@@ -81,6 +85,39 @@ def _pick_breast(labels: np.ndarray, laterality: str) -> int:
     return largest.label
 
 
+@dataclass(frozen=True)
+class BlockMask:
+    """A mask stored at low resolution: image pixel ``(y, x)`` is ``blocks[y // factor, x // factor]`` for an image of
+    ``shape`` (what :func:`breast_mask` computes before its nearest-neighbour upsampling, ~100x smaller).
+
+    :func:`dagan_gn.data.sampling.normal_centres` takes it in place of the full mask and gives identical centres."""
+
+    blocks: np.ndarray
+    factor: int
+    shape: tuple[int, int]
+
+    def full(self) -> np.ndarray:
+        """The boolean [H, W] mask at image resolution."""
+        return _upsample(self.blocks, self.factor, self.shape)
+
+    @cached_property
+    def _integral(self) -> np.ndarray:
+        q = np.zeros((self.blocks.shape[0] + 2, self.blocks.shape[1] + 2), dtype=np.int64)
+        np.cumsum(np.cumsum(self.blocks, axis=0, dtype=np.int64), axis=1, out=q[1:-1, 1:-1])
+        q[-1, :], q[:, -1] = q[-2, :], q[:, -2]  # a zero-weight neighbour for coordinates on the last block edge
+        return q
+
+    def integral(self, ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        """Exact number of full-resolution mask pixels in ``[0, y) x [0, x)`` for every ``y`` of ``ys`` (rows of the
+        result) and ``x`` of ``xs`` (columns), 0 <= y <= H, 0 <= x <= W: the full mask's integral image is bilinear
+        inside every block, so it is interpolated from the blocks' one in integers."""
+        f, q = int(self.factor), self._integral
+        a, r = np.divmod(np.asarray(ys, dtype=np.int64).ravel(), f)
+        b, c = np.divmod(np.asarray(xs, dtype=np.int64).ravel(), f)
+        rows = (f - r)[:, None] * q[a] + r[:, None] * q[a + 1]
+        return rows[:, b] * (f - c) + rows[:, b + 1] * c
+
+
 def _upsample(mask: np.ndarray, factor: int, shape: tuple[int, int]) -> np.ndarray:
     if factor == 1:
         return mask[: shape[0], : shape[1]].copy()
@@ -98,24 +135,32 @@ def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
     return ndi.distance_transform_edt(~mask) <= radius
 
 
-def breast_mask(pixels: np.ndarray, laterality: str = "") -> np.ndarray:
+def breast_mask(
+    pixels: np.ndarray, laterality: str = "", *, full_resolution: bool = True
+) -> np.ndarray | BlockMask:
     """Boolean [H, W] mask of the breast in a display image (float in [0, 1], tissue bright).
 
     Args:
         pixels: the image from :func:`dagan_gn.data.dicom.read_dicom` (any float/int 2-D array works).
         laterality: 'L' or 'R' when known: among large components, prefer the one touching the chest-wall edge
             (left image edge for 'L', right for 'R', the usual orientation); '' uses the largest component.
+        full_resolution: False returns the mask as the :class:`BlockMask` it is computed at, skipping the upsampling
+            to a 12-Mpixel array when the caller (patch sampling) only needs window coverages.
 
     Returns:
-        The mask; all False for an empty (constant) image.
+        The mask (a :class:`BlockMask` with ``full_resolution=False``); all False for an empty (constant) image.
     """
     if pixels.ndim != 2:
         raise ValueError(f"breast_mask expects a 2-D image, got shape {pixels.shape}")
     shape = pixels.shape
     factor = downsample_factor(shape)
     small = _block_mean(pixels, factor)
+    def result(body: np.ndarray) -> np.ndarray | BlockMask:
+        blocks = BlockMask(body, factor, (int(shape[0]), int(shape[1])))
+        return blocks.full() if full_resolution else blocks
+
     if float(small.max()) - float(small.min()) < 1e-6:
-        return np.zeros(shape, dtype=bool)
+        return result(np.zeros(small.shape, dtype=bool))
     tissue = small > _tissue_threshold(small)
 
     # The breast body survives an opening that removes text, markers and thin film borders.
@@ -127,7 +172,7 @@ def breast_mask(pixels: np.ndarray, laterality: str = "") -> np.ndarray:
         labels = measure.label(tissue, connectivity=2)
         keep = _pick_breast(labels, laterality)
         if keep == 0:
-            return np.zeros(shape, dtype=bool)
+            return result(np.zeros(small.shape, dtype=bool))
         body = labels == keep
     else:
         body = labels == keep
@@ -136,7 +181,7 @@ def breast_mask(pixels: np.ndarray, laterality: str = "") -> np.ndarray:
         labels = measure.label(body, connectivity=2)
         body = labels == _pick_breast(labels, laterality)
     body = ndi.binary_fill_holes(body)
-    return _upsample(body, factor, shape)
+    return result(body)
 
 
 def chest_wall_side(mask_or_pixels: np.ndarray) -> str:

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
+from dagan_gn.data.mask import BlockMask
+
 __all__ = [
     "window_origin",
     "cut_patch",
@@ -89,6 +91,15 @@ def _block_fraction(mask: np.ndarray, f: int, Hs: int, Ws: int) -> np.ndarray:
     return blocks / float(f * f)
 
 
+def _window_fraction(mask: np.ndarray | BlockMask, center_yx: tuple[int, int], patch_size: int) -> float:
+    """:func:`tissue_fraction` for a full mask or a :class:`BlockMask` (same value, without the full mask)."""
+    if not isinstance(mask, BlockMask):
+        return tissue_fraction(mask, center_yx, patch_size)
+    y0, x0 = window_origin(center_yx[0], patch_size), window_origin(center_yx[1], patch_size)
+    ii = mask.integral(np.asarray([y0, y0 + patch_size]), np.asarray([x0, x0 + patch_size]))
+    return float(ii[1, 1] - ii[0, 1] - ii[1, 0] + ii[0, 0]) / float(patch_size * patch_size)
+
+
 def _box_mean(mask_small: np.ndarray, k: int) -> np.ndarray:
     """Mean of every k×k window of ``mask_small`` (valid positions only) via an integral image."""
     ii = np.zeros((mask_small.shape[0] + 1, mask_small.shape[1] + 1), dtype=np.float64)
@@ -98,7 +109,7 @@ def _box_mean(mask_small: np.ndarray, k: int) -> np.ndarray:
 
 
 def normal_centres(
-    mask: np.ndarray,
+    mask: np.ndarray | BlockMask,
     patch_size: int,
     n: int,
     rng: np.random.Generator,
@@ -113,7 +124,10 @@ def normal_centres(
     ``margin`` pixels (default ``patch_size // 4``) away from every lesion disc ``(cy, cx, radius)``.
 
     Random mode (``stride=None``): up to ``n`` distinct seeded centres. Grid mode (``stride`` pixels): every qualifying
-    centre of a regular grid (``n`` is ignored). Fewer are returned when the tissue does not allow more."""
+    centre of a regular grid (``n`` is ignored). Fewer are returned when the tissue does not allow more.
+
+    ``mask`` is the full [H, W] boolean mask or the :class:`~dagan_gn.data.mask.BlockMask` from
+    ``breast_mask(..., full_resolution=False)``; both give the same centres."""
     H, W = mask.shape
     S = int(patch_size)
     if H < S or W < S:
@@ -143,7 +157,7 @@ def normal_centres(
         keep = far_from_lesions(ys, xs)
         out = []
         for y, x in zip(ys[keep], xs[keep]):
-            if tissue_fraction(mask, (y, x), S) >= min_tissue:
+            if _window_fraction(mask, (y, x), S) >= min_tissue:
                 out.append((int(y), int(x)))
         return out
 
@@ -152,7 +166,11 @@ def normal_centres(
     # Block-downsample the mask so the patch spans ~32 cells, then a box filter gives every window's coverage.
     f = grid_factor or max(1, S // 32)
     Hs, Ws = H // f, W // f
-    small = _block_fraction(mask, f, Hs, Ws)
+    if isinstance(mask, BlockMask):
+        ii = mask.integral(np.arange(Hs + 1) * f, np.arange(Ws + 1) * f)
+        small = (ii[1:, 1:] - ii[:-1, 1:] - ii[1:, :-1] + ii[:-1, :-1]) / float(f * f)
+    else:
+        small = _block_fraction(mask, f, Hs, Ws)
     k = S // f
     if Hs < k or Ws < k:
         return []
@@ -176,7 +194,7 @@ def normal_centres(
             x = min(x + int(rng.integers(0, f)), W - S + half)
             if not far_from_lesions(np.asarray([y]), np.asarray([x]))[0]:
                 continue
-        if (y, x) in seen or tissue_fraction(mask, (y, x), S) < min_tissue:
+        if (y, x) in seen or _window_fraction(mask, (y, x), S) < min_tissue:
             continue
         seen.add((y, x))
         out.append((y, x))
