@@ -113,6 +113,10 @@ def _relative_keys(files: Sequence[Path], inputs: Sequence[str | os.PathLike]) -
 # ---------------------------------------------------------------------------------------------------------------------
 # Worker side: decode one image and cut its patches. Runs in a pool process (or inline with workers=1).
 
+# gzip level of the patch chunks: 16-bit mammogram noise barely compresses past level 1 (8 real CBIS-DDSM films:
+# 6.67 MB at level 1 vs 6.64 MB at level 4, +0.3 %), while level 1 deflates ~1.8x faster in the workers.
+_GZIP_LEVEL = 1
+
 _WORKER: dict[str, Any] = {}
 
 
@@ -400,7 +404,7 @@ def extract_patches(
         writer = PatchWriter(out, patch_size=patch_size, class_names=table.class_names,
                              provenance=EXTRACTION_PROVENANCE, parameters=parameters,
                              attrs={"salt_fingerprint": fingerprint}, synthetic=False, compression=compression,
-                             resume=resume)
+                             compression_level=_GZIP_LEVEL, resume=resume)
     except StoreError as exc:
         raise ExtractError(str(exc)) from exc
     done: set[str] = set()
