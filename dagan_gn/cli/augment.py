@@ -12,13 +12,9 @@ from typing import List, Optional
 
 import typer
 
-from dagan_gn.cli.app import app
+from dagan_gn.cli.app import app, fail, reported_errors
 
 _CTX = {"help_option_names": ["-h", "--help"]}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or exc.__class__.__name__
 
 
 def _names(values: Optional[List[str]]) -> list[str] | None:
@@ -27,11 +23,6 @@ def _names(values: Optional[List[str]]) -> list[str] | None:
         return None
     out = [v.strip() for item in values for v in item.split(",") if v.strip()]
     return out or None
-
-
-def _fail(exc: BaseException, code: int = 2) -> None:
-    typer.echo(f"error: {_one_line(exc)}", err=True)
-    raise typer.Exit(code)
 
 
 @app.command("augment", context_settings=_CTX)
@@ -64,15 +55,11 @@ def augment_command(
     """
     from dagan_gn.augment import AugmentError, augment
 
-    try:
+    with reported_errors(AugmentError, ValueError, OSError, RuntimeError,
+                         interrupted=f"interrupted; run the same command again to finish {out}"):
         report = augment(in_path, checkpoint, out, n=n, split=split, classes=_names(classes), truncation=truncation,
                          batch_size=batch_size, device=device, seed=seed, contact_sheet=contact_sheet,
                          allow_eval_split=allow_eval_split, overwrite=overwrite, progress=not quiet)
-    except KeyboardInterrupt:
-        typer.echo(f"interrupted; run the same command again to finish {out}", err=True)
-        raise typer.Exit(130)
-    except (AugmentError, ValueError, OSError, RuntimeError) as exc:
-        _fail(exc)
     typer.echo(report.summary())
     if report.contact_sheet is not None:
         typer.echo(f"contact sheet: {report.contact_sheet}")
@@ -114,19 +101,14 @@ def evaluate_augmentation_command(
     try:
         ratio: float | str = synthetic_ratio if synthetic_ratio == "balance" else float(synthetic_ratio)
     except ValueError:
-        _fail(ValueError(f"--synthetic-ratio must be a number in [0, 1] or 'balance', got {synthetic_ratio!r}"))
+        fail(f"--synthetic-ratio must be a number in [0, 1] or 'balance', got {synthetic_ratio!r}")
     cfg = DownstreamConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                            synthetic_ratio=ratio, augmentation=augmentation,
                            seeds=list(range(seed, seed + seeds)), device=device)
-    try:
+    with reported_errors(ValueError, KeyError, OSError, RuntimeError):
         report = evaluate_augmentation_files(real, synthetic, out, train_split=train_split, test_split=test_split,
                                              classes=_names(classes), config=cfg, regimes=chosen,
                                              progress=not quiet)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
-    except (ValueError, KeyError, OSError, RuntimeError) as exc:
-        _fail(exc)
     typer.echo(report.to_markdown())
     typer.echo(f"report: {out / 'downstream.md'}, chart: {out / 'downstream.png'}")
 
@@ -159,19 +141,14 @@ def check_memorization_command(
     from dagan_gn.metrics.memorization import check_memorization_files
 
     if feature not in ("random-conv", "none"):
-        _fail(ValueError(f"--feature must be random-conv or none, got {feature!r}"))
-    try:
+        fail(f"--feature must be random-conv or none, got {feature!r}")
+    with reported_errors(StoreError, ValueError, KeyError, OSError, RuntimeError):
         report = check_memorization_files(
             real, synthetic, out, train_split=train_split, heldout_splits=_names(heldout_splits) or ("val", "test"),
             max_train=max_train, max_synthetic=max_synthetic, percentile=percentile, copy_factor=copy_factor,
             feature_extractor=None if feature == "none" else feature, chunk_size=chunk_size, device=device,
             seed=seed,
         )
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
-    except (StoreError, ValueError, KeyError, OSError, RuntimeError) as exc:
-        _fail(exc)
     typer.echo(report.to_markdown())
     if strict and not report.passed():
         raise typer.Exit(3)

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from dagan_gn.cli.app import app
+from dagan_gn.cli.app import app, reported_errors
 
 benchmark_app = typer.Typer(
     name="benchmark",
@@ -25,10 +25,6 @@ benchmark_app = typer.Typer(
 app.add_typer(benchmark_app, name="benchmark")
 
 _HELP = {"help_option_names": ["-h", "--help"]}
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or exc.__class__.__name__
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
@@ -45,14 +41,10 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, Cifar10FormatError, InceptionWeightsUnavailable,
                                          CheckpointError, ValueError, FileNotFoundError, OSError, RuntimeError]
-    try:
-        from dagan_gn.studies.cifar10_norms import StudyError
-        from dagan_gn.training.trainer import TrainingError
+    from dagan_gn.studies.cifar10_norms import StudyError
+    from dagan_gn.training.trainer import TrainingError
 
-        errors += [StudyError, TrainingError]
-    except ImportError:  # pragma: no cover - training not installed/landed
-        pass
-    return tuple(errors)
+    return tuple(errors + [StudyError, TrainingError])
 
 
 @app.command("evaluate", context_settings=_HELP)
@@ -94,7 +86,7 @@ def evaluate_command(
     reconstruction error. Prints the results as JSON; known errors are one line and exit code 2."""
     from dagan_gn.fileio import atomic_write_text
 
-    try:
+    with reported_errors(*_known_errors()):
         from dagan_gn.metrics.fidelity import evaluate_checkpoint
 
         result = evaluate_checkpoint(
@@ -103,12 +95,6 @@ def evaluate_command(
             kid_subset_size=kid_subset_size, recon_images=recon_images, split=split, device=device, seed=seed,
             batch_size=batch_size, use_ema=not no_ema,
         )
-    except _known_errors() as exc:
-        typer.echo(f"error: {_one_line(exc)}", err=True)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
     text = json.dumps(result, indent=2, default=float)
     if out is not None:
         atomic_write_text(out, text + "\n")
@@ -144,7 +130,7 @@ def benchmark_cifar10_command(
 ) -> None:
     """The CIFAR-10 normalization study: architecture × critic norm × generator norm × seed, each cell trained with
     WGAN-GP and scored (FID, KID, IS when available, reconstruction error, wall time, it/s), in one results folder."""
-    try:
+    with reported_errors(*_known_errors(), interrupted="interrupted: re-run the same command to resume"):
         from dagan_gn.studies.cifar10_norms import run_study
 
         seed_list = [int(s) for s in _split_list(seeds)] if seeds is not None else None
@@ -154,10 +140,4 @@ def benchmark_cifar10_command(
             feature_extractor=feature_extractor, inception_weights=str(inception_weights or ""),
             progress=not quiet, log=lambda msg: typer.echo(msg, err=True),
         )
-    except _known_errors() as exc:
-        typer.echo(f"error: {_one_line(exc)}", err=True)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: re-run the same command to resume", err=True)
-        raise typer.Exit(130)
     typer.echo(f"results: {report}")

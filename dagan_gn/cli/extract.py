@@ -12,12 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from dagan_gn.cli.app import app
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+from dagan_gn.cli.app import app, fail
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -91,7 +86,7 @@ def extract_patches_cmd(
             allow_modalities=modalities, progress=not quiet,
         )
     except ExtractError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     typer.echo(
         f"{out}: {report.patches_total} patches ({report.patches_written} new) from {report.files_used} files; "
@@ -111,11 +106,11 @@ def merge_patches_cmd(
     from dagan_gn.data.store import StoreError, merge_patch_files
 
     if out.resolve() in {p.resolve() for p in inputs}:
-        _fail(f"--out {out} is also an input")
+        fail(f"--out {out} is also an input")
     try:
         merged = merge_patch_files(inputs, out)
     except StoreError as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     from dagan_gn.data.store import PatchFile
 

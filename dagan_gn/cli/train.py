@@ -12,11 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from dagan_gn.cli.app import app
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or exc.__class__.__name__
+from dagan_gn.cli.app import app, reported_errors
 
 
 @app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
@@ -68,17 +64,9 @@ def train_command(
         items.append(f"train.amp={amp}")
     if quiet:
         items.append("train.progress=false")
-    try:
+    # RuntimeError covers e.g. --device cuda without CUDA, or a network that does not fit the data.
+    with reported_errors(ConfigError, TrainingError, CheckpointError, ValueError, OSError, RuntimeError):
         cfg = load_config(config, items)
         run_dir = train(cfg, out, resume=resume)
-    except (ConfigError, TrainingError, CheckpointError, ValueError, FileNotFoundError, OSError) as exc:
-        typer.echo(f"error: {_one_line(exc)}", err=True)
-        raise typer.Exit(2)
-    except RuntimeError as exc:  # e.g. --device cuda without CUDA, or a network that does not fit the data
-        typer.echo(f"error: {_one_line(exc)}", err=True)
-        raise typer.Exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        raise typer.Exit(130)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
         typer.echo(f"run folder: {run_dir}")
