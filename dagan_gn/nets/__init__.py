@@ -54,22 +54,23 @@ def _check_cifar(cfg) -> None:
         raise ValueError(f"model '{cfg.name}' has no dropout; model.dropout is a DAGAN option (got {cfg.dropout})")
 
 
-def _build_cifar_resnet(cfg) -> tuple[nn.Module, nn.Module]:
-    _check_cifar(cfg)
-    generator = ResNetGenerator(z_dim=cfg.z_dim, width=cfg.g_width, norm=cfg.g_norm, num_classes=cfg.num_classes,
-                                channels=cfg.channels, **dict(cfg.g_kwargs or {}))
-    critic = ResNetCritic(width=cfg.d_width, norm=cfg.d_norm, num_classes=cfg.num_classes, channels=cfg.channels,
-                          **dict(cfg.d_kwargs or {}))
-    return generator, critic
+def _cifar_builder(generator_cls: type[nn.Module], critic_cls: type[nn.Module]):
+    """Builder for a 32×32 CIFAR-10 network pair: widths, norms and classes from the config, extras from
+    ``g_kwargs``/``d_kwargs``."""
+
+    def build(cfg) -> tuple[nn.Module, nn.Module]:
+        _check_cifar(cfg)
+        generator = generator_cls(z_dim=cfg.z_dim, width=cfg.g_width, norm=cfg.g_norm, num_classes=cfg.num_classes,
+                                  channels=cfg.channels, **dict(cfg.g_kwargs or {}))
+        critic = critic_cls(width=cfg.d_width, norm=cfg.d_norm, num_classes=cfg.num_classes, channels=cfg.channels,
+                            **dict(cfg.d_kwargs or {}))
+        return generator, critic
+
+    return build
 
 
-def _build_cifar_dcgan(cfg) -> tuple[nn.Module, nn.Module]:
-    _check_cifar(cfg)
-    generator = DCGANGenerator(z_dim=cfg.z_dim, width=cfg.g_width, norm=cfg.g_norm, num_classes=cfg.num_classes,
-                               channels=cfg.channels, **dict(cfg.g_kwargs or {}))
-    critic = DCGANCritic(width=cfg.d_width, norm=cfg.d_norm, num_classes=cfg.num_classes, channels=cfg.channels,
-                         **dict(cfg.d_kwargs or {}))
-    return generator, critic
+_build_cifar_resnet = _cifar_builder(ResNetGenerator, ResNetCritic)
+_build_cifar_dcgan = _cifar_builder(DCGANGenerator, DCGANCritic)
 
 
 #: ``ModelConfig.name`` → builder returning ``(generator, critic)``.
