@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "resolve_device"]
+__all__ = ["seed_everything", "resolve_device", "default_cache_dir"]
 
 
 def seed_everything(seed: int) -> None:
@@ -27,3 +28,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {name} was requested but no CUDA device is available; use --device cpu")
     return torch.device(name)
+
+
+def default_cache_dir() -> Path:
+    """``$DAGAN_GN_CACHE`` or ``~/.cache/dagan_gn``: where decoded images, converted weights and reference
+    statistics are kept (never inside a user's data folders)."""
+    return Path(os.environ.get("DAGAN_GN_CACHE") or Path.home() / ".cache" / "dagan_gn").expanduser()

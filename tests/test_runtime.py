@@ -25,3 +25,12 @@ def test_resolve_device():
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="--device cpu"):
             resolve_device("cuda")
+
+
+def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
+    from dagan_gn.runtime import default_cache_dir
+
+    monkeypatch.setenv("DAGAN_GN_CACHE", str(tmp_path / "c"))
+    assert default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("DAGAN_GN_CACHE")
+    assert default_cache_dir().parts[-2:] == (".cache", "dagan_gn")

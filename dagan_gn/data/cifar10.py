@@ -29,13 +29,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from dagan_gn.runtime import default_cache_dir
+
 __all__ = [
     "CIFAR10_CLASSES",
     "SPLITS",
     "Cifar10FormatError",
     "load_cifar10",
     "limit_indices_per_class",
-    "default_cache_dir",
     "CIFAR10Dataset",
 ]
 
@@ -276,12 +277,6 @@ def _read_any(path: Path, split: str, select: _Selection | None) -> _Cifar10Arra
     raise Cifar10FormatError(f"{path}: CIFAR-10 path does not exist")
 
 
-def default_cache_dir() -> Path:
-    """``$DAGAN_GN_CACHE`` or ``~/.cache/dagan_gn``: where decoded images, converted weights and reference
-    statistics are kept (never inside a user's data folders)."""
-    return Path(os.environ.get("DAGAN_GN_CACHE") or Path.home() / ".cache" / "dagan_gn").expanduser()
-
-
 def _cache_file(path: Path, split: str, cache_dir: Path) -> Path:
     st = path.stat()
     key = f"{path.resolve()}|{st.st_size}|{int(st.st_mtime)}|{split}|v1"
@@ -368,7 +363,7 @@ class CIFAR10Dataset(Dataset):
 
     The whole split is held in memory as ``uint8`` (150 MB for the training set); ``images_uint8`` (``[N, 3, 32,
     32]``) is what the metrics use as reference images. ``cache_dir="auto"`` keeps a decoded copy of image zips/trees
-    under :func:`default_cache_dir` (the 50k JPEGs take ~16 s to decode on 2 cores); ``None`` disables it.
+    under :func:`dagan_gn.runtime.default_cache_dir` (the 50k JPEGs take ~16 s to decode on 2 cores); ``None`` disables it.
     """
 
     def __init__(

@@ -32,9 +32,9 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_featur
 from dagan_gn.metrics.inception import (
     ISC_UNAVAILABLE_MESSAGE,
     InceptionWeightsUnavailable,
-    default_cache_dir,
     resolve_inception_weights,
 )
+from dagan_gn.runtime import default_cache_dir
 
 __all__ = [
     "METRIC_NAMES",

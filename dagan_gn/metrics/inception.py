@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dagan_gn.data.cifar10 import default_cache_dir
+from dagan_gn.runtime import default_cache_dir
 from dagan_gn.fileio import atomic_path, sha256_file
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "fid_helper_model_path",
     "convert_fid_helper_weights",
     "resolve_inception_weights",
-    "default_cache_dir",
     "ISC_UNAVAILABLE_MESSAGE",
 ]
 
