@@ -281,7 +281,7 @@ def augment(
     from dagan_gn.fileio import sha256_file
     from dagan_gn.config import config_to_dict
     from dagan_gn.runtime import resolve_device
-    from dagan_gn.training.checkpoint import _resolve_checkpoint, load_checkpoint, load_generator
+    from dagan_gn.training.checkpoint import resolve_checkpoint, load_checkpoint, load_generator
 
     t0 = time.perf_counter()
     in_path, out_path = Path(in_path), Path(out_path)
@@ -330,7 +330,7 @@ def augment(
 
         # -- generator
         try:
-            ckpt_path = _resolve_checkpoint(checkpoint)
+            ckpt_path = resolve_checkpoint(checkpoint)
             state = load_checkpoint(ckpt_path)
         except Exception as exc:  # CheckpointError: missing/unreadable/unknown format
             raise AugmentError(str(exc)) from exc

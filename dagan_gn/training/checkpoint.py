@@ -41,6 +41,7 @@ __all__ = [
     "list_checkpoints",
     "prune_checkpoints",
     "load_generator",
+    "resolve_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -191,7 +192,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return state
 
 
-def _resolve_checkpoint(run_dir_or_file: str | os.PathLike) -> Path:
+def resolve_checkpoint(run_dir_or_file: str | os.PathLike) -> Path:
+    """The checkpoint file itself, or the newest ``checkpoints/step_*.pt`` of a run folder."""
     p = Path(run_dir_or_file)
     if p.is_file():
         return p
@@ -213,7 +215,7 @@ def load_generator(
     """
     from dagan_gn.nets import build_networks
 
-    path = _resolve_checkpoint(run_dir_or_file)
+    path = resolve_checkpoint(run_dir_or_file)
     state = load_checkpoint(path)
     cfg = config_from_dict(state["config"])
     generator, _ = build_networks(cfg.model)
