@@ -31,7 +31,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import pydicom
@@ -46,6 +46,8 @@ __all__ = [
     "DicomImage",
     "read_dicom_meta",
     "read_dicom",
+    "read_dicom_raw",
+    "RawDicomImage",
     "resample_to_spacing",
     "spacing_scales",
     "list_dicom_files",
@@ -628,10 +630,17 @@ def _affine_fit(levels: np.ndarray, table: np.ndarray) -> tuple[float, float] | 
     return a, b
 
 
-def _display_pixels(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
+def _display_function(
+    path: Path, ds: Dataset, stored: np.ndarray
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """``(values, display)`` with ``display(values)`` the display image, and ``display`` elementwise: applied to any
+    part of ``values`` (a patch) it gives exactly that part of the display image. Float inputs that are not grey
+    levels (block means) are interpolated in the grey-level table."""
     arr = _honour_bits_stored(stored, ds)
     if not (arr.dtype.kind in "iu" and arr.dtype.itemsize <= 2 and arr.size > 65536):
-        return _display_transform(path, ds, arr, None)
+        # No per-level table (percentiles of the whole image set the range): the display image is the value array.
+        pixels = _display_transform(path, ds, arr, None)
+        return pixels, lambda values: np.asarray(values, dtype=np.float32).copy()
     # Every step is a function of the stored value alone: run pydicom's pipeline once per grey level (at most 65536)
     # rather than in float64 over 12 million pixels, then apply the resulting table to the image: as one float32
     # multiply-add when it is a clipped straight line (rescale + linear window, or a plain stretch), else by lookup.
@@ -642,15 +651,72 @@ def _display_pixels(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
     table = _display_transform(path, ds, levels, counts)
     affine = _affine_fit(levels, table)
     if affine is None:
-        return table[arr.astype(np.intp) - first]
+
+        def lookup(values: np.ndarray) -> np.ndarray:
+            values = np.asarray(values)
+            if values.dtype.kind == "f":
+                return np.interp(values, levels, table).astype(np.float32)
+            return table[values.astype(np.intp) - first]
+
+        return arr, lookup
     slope, intercept = affine
     # Written as slope * (x - zero_level), with zero_level rid of float noise (it is usually a whole or half grey
     # level), so the bottom of the range maps exactly onto 0.0.
-    zero_level = round(-intercept / slope, 6)
-    out = np.subtract(arr, np.float32(zero_level), dtype=np.float32)  # convert and shift in one pass
-    out *= np.float32(slope)
-    np.clip(out, 0.0, 1.0, out=out)
-    return out
+    zero_level = np.float32(round(-intercept / slope, 6))
+
+    def window(values: np.ndarray) -> np.ndarray:
+        out = np.subtract(values, zero_level, dtype=np.float32)  # convert and shift in one pass
+        out *= np.float32(slope)
+        np.clip(out, 0.0, 1.0, out=out)
+        return out
+
+    return arr, window
+
+
+def _display_pixels(path: Path, ds: Dataset, stored: np.ndarray) -> np.ndarray:
+    values, display = _display_function(path, ds, stored)
+    return display(values)
+
+
+@dataclass
+class RawDicomImage:
+    """A decoded mammogram before the display conversion: ``values`` [H, W] (stored grey levels, or already the
+    display image for files without a per-level table) and ``display``, the elementwise map of any part of
+    ``values`` onto what :func:`read_dicom` returns for it (float32 in [0, 1], tissue bright). Block means of
+    ``values`` (floats) are mapped by interpolation in the grey-level table."""
+
+    values: np.ndarray
+    display: Callable[[np.ndarray], np.ndarray]
+    meta: ImageMeta
+
+    def to_image(self) -> DicomImage:
+        return DicomImage(pixels=self.display(self.values), meta=self.meta)
+
+
+def _read_stored(path: Path, allow_modalities) -> tuple[Dataset, ImageMeta, np.ndarray]:
+    ds, has_pixels = _read_dataset(path, header_only=False)
+    meta = _meta_from_dataset(ds)
+    _check_header(path, ds, meta, allow_modalities, has_pixels)
+    stored = _decode(path, ds)
+    if stored.shape != (meta.rows, meta.cols):
+        raise DicomReadError(path, f"decoded shape {stored.shape} differs from Rows x Columns {meta.rows}x{meta.cols}")
+    return ds, meta, stored
+
+
+def read_dicom_raw(
+    path: str | os.PathLike, allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES
+) -> RawDicomImage:
+    """Like :func:`read_dicom`, but leaves the display conversion to the caller (``raw.display(part)``), so it can be
+    applied to patches only; ``raw.to_image()`` is what :func:`read_dicom` returns.
+
+    Raises:
+        DicomReadError: for any file that cannot be used (never another exception for bad input).
+    """
+    path = Path(path)
+    with _as_read_error(path):
+        ds, meta, stored = _read_stored(path, allow_modalities)
+        values, display = _display_function(path, ds, stored)
+    return RawDicomImage(values=values, display=display, meta=meta)
 
 
 def read_dicom(path: str | os.PathLike, allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES) -> DicomImage:
@@ -666,14 +732,7 @@ def read_dicom(path: str | os.PathLike, allow_modalities: Sequence[str] | None =
     """
     path = Path(path)
     with _as_read_error(path):
-        ds, has_pixels = _read_dataset(path, header_only=False)
-        meta = _meta_from_dataset(ds)
-        _check_header(path, ds, meta, allow_modalities, has_pixels)
-        stored = _decode(path, ds)
-        if stored.shape != (meta.rows, meta.cols):
-            raise DicomReadError(
-                path, f"decoded shape {stored.shape} differs from Rows x Columns {meta.rows}x{meta.cols}"
-            )
+        ds, meta, stored = _read_stored(path, allow_modalities)
         pixels = _display_pixels(path, ds, stored)
     return DicomImage(pixels=pixels, meta=meta)
 

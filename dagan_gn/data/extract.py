@@ -135,24 +135,31 @@ def _key_seed(key: str) -> int:
 
 def _process_file(key: str, path: str) -> dict[str, Any]:
     """Decode, mask, sample and cut one file; returns patches + pseudonymous provenance, or the skip reason."""
-    from dagan_gn.data.dicom import DicomReadError, read_dicom, resample_to_spacing
+    from dagan_gn.data.dicom import DicomReadError, read_dicom_raw, resample_to_spacing
     from dagan_gn.data.mask import breast_mask
     from dagan_gn.data.privacy import assign_split
 
     cfg = _WORKER
     try:
-        image = read_dicom(path, allow_modalities=cfg["allow_modalities"])
-        meta = image.meta
+        raw = read_dicom_raw(path, allow_modalities=cfg["allow_modalities"])
+        meta = raw.meta
         table: LabelTable = cfg["labels"]
         lesions = [les.resolve((meta.rows, meta.cols)) for les in table.lookup(path, meta)]
         target = cfg["target_spacing_mm"]
         if target is not None and meta.pixel_spacing_mm is None:
             raise DicomReadError(path, "no PixelSpacing/ImagerPixelSpacing, cannot resample to --target-spacing")
-        pixels, _ = resample_to_spacing(image.pixels, meta.pixel_spacing_mm, target)
-        del image
+        if target is None:
+            # Stay on the stored grey levels: the mask maps only block means to display values, and only the cut
+            # patches are converted (the display map is elementwise, so they equal patches of the display image).
+            pixels, display = raw.values, raw.display
+        else:
+            pixels, _ = resample_to_spacing(raw.to_image().pixels, meta.pixel_spacing_mm, target)
+            display = None
+        del raw
         sy, sx = pixels.shape[0] / meta.rows, pixels.shape[1] / meta.cols
         spacing = (meta.pixel_spacing_mm[0] / sy) if meta.pixel_spacing_mm else float("nan")
-        mask = breast_mask(pixels, meta.laterality, full_resolution=False)  # sampling needs only coverages
+        # Sampling needs only window coverages: keep the mask at block resolution.
+        mask = breast_mask(pixels, meta.laterality, full_resolution=False, display=display)
         S = cfg["patch_size"]
         warnings = []
         scaled = []
@@ -174,7 +181,8 @@ def _process_file(key: str, path: str) -> dict[str, Any]:
         class_names = table.class_names
         labels = [class_names.index(scaled[i][0]) for _, _, i in lesion_pos] + [0] * len(normal_pos)
         if centres:
-            patches = to_uint16(np.stack([cut_patch(pixels, c, S) for c in centres]))[:, None]
+            cut = np.stack([cut_patch(pixels, c, S) for c in centres])
+            patches = to_uint16(cut if display is None else display(cut))[:, None]
         else:
             patches = np.zeros((0, 1, S, S), np.uint16)
         pseudo = cfg["pseudonymizer"]

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -41,16 +42,25 @@ def downsample_factor(shape: tuple[int, ...], working_size: int = _WORKING_SIZE)
 
 
 def _block_mean(pixels: np.ndarray, factor: int) -> np.ndarray:
-    """Mean over factor × factor blocks (partial blocks at the bottom/right edges are averaged over what exists)."""
-    pixels = np.asarray(pixels, dtype=np.float32)
+    """Mean over factor × factor blocks (partial blocks at the bottom/right edges are averaged over what exists).
+
+    Integer images of at most 16 bits are summed in integers (exact, no float copy of the whole image)."""
+    pixels = np.asarray(pixels)
+    integer = pixels.dtype.kind in "iu" and pixels.dtype.itemsize <= 2
+    if not integer or factor == 1:
+        pixels = np.asarray(pixels, dtype=np.float32)
     if factor == 1:
         return pixels
     h, w = pixels.shape
     hf, wf = h // factor * factor, w // factor * factor
     # Sum whole row blocks through a free reshape of the contiguous array, then column blocks of the small result.
-    rows = pixels[:hf].reshape(h // factor, factor, w).sum(axis=1, dtype=np.float32)
+    # (16-bit grey levels: 32-bit integer sums are exact for any factor below 65536.)
+    acc = (np.uint32 if pixels.dtype.kind == "u" else np.int32) if integer else np.float32
+    rows = pixels[:hf].reshape(h // factor, factor, w).sum(axis=1, dtype=acc)
+    rows = rows.astype(np.float32, copy=False)
     if hf < h:
-        rows = np.vstack([rows, pixels[hf:].sum(axis=0, keepdims=True) * np.float32(factor / (h - hf))])
+        tail = pixels[hf:].astype(np.float32, copy=False)  # the partial bottom block row
+        rows = np.vstack([rows, tail.sum(axis=0, keepdims=True) * np.float32(factor / (h - hf))])
     out = rows[:, :wf].reshape(rows.shape[0], w // factor, factor).sum(axis=2, dtype=np.float32)
     if wf < w:
         out = np.hstack([out, rows[:, wf:].sum(axis=1, keepdims=True) * np.float32(factor / (w - wf))])
@@ -136,7 +146,11 @@ def _dilate(mask: np.ndarray, radius: float) -> np.ndarray:
 
 
 def breast_mask(
-    pixels: np.ndarray, laterality: str = "", *, full_resolution: bool = True
+    pixels: np.ndarray,
+    laterality: str = "",
+    *,
+    full_resolution: bool = True,
+    display: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray | BlockMask:
     """Boolean [H, W] mask of the breast in a display image (float in [0, 1], tissue bright).
 
@@ -146,6 +160,10 @@ def breast_mask(
             (left image edge for 'L', right for 'R', the usual orientation); '' uses the largest component.
         full_resolution: False returns the mask as the :class:`BlockMask` it is computed at, skipping the upsampling
             to a 12-Mpixel array when the caller (patch sampling) only needs window coverages.
+        display: with ``pixels`` the stored grey levels of :func:`dagan_gn.data.dicom.read_dicom_raw`, its
+            ``display`` map: the block means are taken of the grey levels and only they are mapped to display values
+            (no display copy of the whole image). This equals the block means of the display image except in blocks
+            where the window clips part of the pixels, which lie on the background/tissue or saturated edges.
 
     Returns:
         The mask (a :class:`BlockMask` with ``full_resolution=False``); all False for an empty (constant) image.
@@ -155,6 +173,9 @@ def breast_mask(
     shape = pixels.shape
     factor = downsample_factor(shape)
     small = _block_mean(pixels, factor)
+    if display is not None:
+        small = np.asarray(display(small), dtype=np.float32)
+
     def result(body: np.ndarray) -> np.ndarray | BlockMask:
         blocks = BlockMask(body, factor, (int(shape[0]), int(shape[1])))
         return blocks.full() if full_resolution else blocks

@@ -22,6 +22,7 @@ from dagan_gn.data.dicom import (
     parse_laterality_view,
     read_dicom,
     read_dicom_meta,
+    read_dicom_raw,
     resample_to_spacing,
     spacing_scales,
 )
@@ -143,6 +144,50 @@ def test_voi_lut_sequence_is_applied(tmp_path):
     del ds.WindowCenter, ds.WindowWidth
     ds.save_as(tmp_path / "voi.dcm")
     np.testing.assert_allclose(read_dicom(tmp_path / "voi.dcm").pixels, ref, atol=1e-3)
+
+
+def _nonlinear_voi_lut_file(tmp_path, size) -> str:
+    path = synth(tmp_path, "gamma_src.dcm", seed=10, bits_stored=12, size=size)
+    ds = pydicom.dcmread(path)
+    lo, hi = round(0.1 * 4095), round(0.9 * 4095)
+    n = hi - lo + 1
+    lut = np.round(4095 * np.linspace(0, 1, n) ** 0.6).astype("<u2")  # not a straight line: lookup path
+    item = pydicom.Dataset()
+    item.LUTDescriptor = [n, lo, 12]
+    item.add_new(0x00283006, "US", lut.tolist())
+    ds.VOILUTSequence = [item]
+    del ds.WindowCenter, ds.WindowWidth
+    ds.save_as(tmp_path / "gamma.dcm")
+    return str(tmp_path / "gamma.dcm")
+
+
+@pytest.mark.parametrize("case", ["window", "no_window", "voi_lut", "small"])
+def test_read_dicom_raw_display_is_elementwise_and_matches_read_dicom(tmp_path, case):
+    big = (384, 256)  # above the per-grey-level table threshold
+    path = {
+        "window": lambda: synth(tmp_path, seed=12, size=big),
+        "no_window": lambda: synth(tmp_path, seed=12, size=big, window=False, photometric="MONOCHROME1"),
+        "voi_lut": lambda: _nonlinear_voi_lut_file(tmp_path, big),
+        "small": lambda: synth(tmp_path, seed=12),
+    }[case]()
+    ref = read_dicom(path)
+    raw = read_dicom_raw(path)
+    assert raw.meta == ref.meta and raw.values.shape == ref.pixels.shape
+    np.testing.assert_array_equal(raw.to_image().pixels, ref.pixels)
+    part = raw.display(raw.values[40:104, 30:94])
+    assert part.dtype == np.float32
+    np.testing.assert_array_equal(part, ref.pixels[40:104, 30:94])
+    if raw.values.dtype.kind in "iu":  # grey levels: a float (a block mean) between two levels is interpolated
+        a, b = raw.values[50, 50], raw.values[60, 60]
+        mid = raw.display(np.array([(float(a) + float(b)) / 2], np.float32))[0]
+        lo, hi = sorted((float(ref.pixels[50, 50]), float(ref.pixels[60, 60])))
+        assert lo - 1e-6 <= mid <= hi + 1e-6
+
+
+def test_read_dicom_raw_errors_like_read_dicom(tmp_path):
+    (tmp_path / "empty.dcm").write_bytes(b"")
+    with pytest.raises(DicomReadError):
+        read_dicom_raw(tmp_path / "empty.dcm")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -94,3 +94,31 @@ def test_chest_wall_side_and_flip():
     # The image decides, not the tag: a mislabelled left image is not flipped.
     _, did = flip_to_chest_wall_left(left, "R")
     assert not did
+
+
+def test_mask_from_grey_levels_with_display_map_matches_the_display_image_mask(tmp_path):
+    """Block means of the stored grey levels mapped through the display window give the mask of the display image
+    (they differ only inside blocks where the window clips, which do not move the threshold here)."""
+    from dagan_gn.data.dicom import read_dicom_raw
+    from dagan_gn.data.synthetic import write_synthetic_mammogram
+
+    for lat, view in (("L", "CC"), ("R", "MLO")):
+        path = write_synthetic_mammogram(tmp_path / f"{lat}.dcm", size=(1500, 1000), seed=3, laterality=lat, view=view)
+        raw = read_dicom_raw(path)
+        assert raw.values.dtype.kind in "iu"
+        ref = breast_mask(raw.to_image().pixels, lat, full_resolution=False)
+        got = breast_mask(raw.values, lat, full_resolution=False, display=raw.display)
+        assert got.factor == ref.factor and got.shape == ref.shape
+        np.testing.assert_array_equal(got.blocks, ref.blocks)
+
+
+@pytest.mark.parametrize("dtype, lo, hi", [(np.uint16, 0, 65535), (np.int16, -32768, 32767)])
+@pytest.mark.parametrize("shape", [(100, 77), (90, 63), (37, 41)])
+@pytest.mark.parametrize("factor", [1, 3, 9])
+def test_block_mean_of_integers_equals_the_float_path(dtype, lo, hi, shape, factor):
+    from dagan_gn.data.mask import _block_mean
+
+    values = np.random.default_rng(0).integers(lo, hi, shape, endpoint=True).astype(dtype)
+    got = _block_mean(values, factor)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, _block_mean(values.astype(np.float32), factor))
