@@ -122,3 +122,18 @@ def test_block_mean_of_integers_equals_the_float_path(dtype, lo, hi, shape, fact
     got = _block_mean(values, factor)
     assert got.dtype == np.float32
     np.testing.assert_array_equal(got, _block_mean(values.astype(np.float32), factor))
+
+
+def test_disk_morphology_equals_the_distance_transform():
+    """_erode/_dilate (row-by-row disk) give exactly the Euclidean-distance-transform opening they replaced."""
+    from scipy import ndimage as ndi
+
+    from dagan_gn.data.mask import _dilate, _erode
+
+    rng = np.random.default_rng(1)
+    for _ in range(400):
+        h, w = rng.integers(1, 40, 2)
+        r = int(rng.integers(2, 9))
+        m = rng.random((h, w)) < rng.random()
+        np.testing.assert_array_equal(_erode(m, r), ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1] > r)
+        np.testing.assert_array_equal(_dilate(m, r), ndi.distance_transform_edt(~m) <= r)
