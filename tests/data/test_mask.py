@@ -137,3 +137,15 @@ def test_disk_morphology_equals_the_distance_transform():
         m = rng.random((h, w)) < rng.random()
         np.testing.assert_array_equal(_erode(m, r), ndi.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1] > r)
         np.testing.assert_array_equal(_dilate(m, r), ndi.distance_transform_edt(~m) <= r)
+
+
+def test_fill_holes_equals_scipy():
+    from scipy import ndimage as ndi
+
+    from dagan_gn.data.mask import _fill_holes
+
+    rng = np.random.default_rng(2)
+    for _ in range(400):
+        h, w = rng.integers(1, 40, 2)
+        m = rng.random((h, w)) < rng.random()
+        np.testing.assert_array_equal(_fill_holes(m), ndi.binary_fill_holes(m))
