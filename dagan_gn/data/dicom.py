@@ -647,7 +647,11 @@ def _display_function(
     first, last = int(arr.min()), int(arr.max())
     levels = np.arange(first, last + 1, dtype=np.int64)
     step = max(1, int(np.sqrt(arr.size / 1_000_000)))  # ~1M samples give the percentiles for files without window
-    counts = np.bincount((arr[::step, ::step].astype(np.int64) - first).ravel(), minlength=len(levels))
+    sample = arr[::step, ::step].ravel()
+    if arr.dtype.kind == "u":  # no shifted int64 copy: count from 0 and drop the levels below the minimum
+        counts = np.bincount(sample, minlength=last + 1)[first:]
+    else:
+        counts = np.bincount(sample.astype(np.int64) - first, minlength=len(levels))
     table = _display_transform(path, ds, levels, counts)
     affine = _affine_fit(levels, table)
     if affine is None:

@@ -147,10 +147,13 @@ def _row_window_counts(mask: np.ndarray, half_widths: set[int]) -> dict[int, np.
     """For each half width ``w``: the number of True pixels of ``mask`` in ``[x - w, x + w]`` of every row (pixels
     outside the image count as False)."""
     h, w = mask.shape
-    c = np.zeros((h, w + 1), dtype=np.int32)
-    np.cumsum(mask, axis=1, dtype=np.int32, out=c[:, 1:])
-    x = np.arange(w)
-    return {hw: c[:, np.minimum(x + hw + 1, w)] - c[:, np.maximum(x - hw, 0)] for hw in half_widths}
+    pad = max(half_widths)
+    # c[:, pad + k] = number of True pixels in columns [0, k) for k in [0, w], clamped to 0 / the row total outside.
+    c = np.empty((h, w + 1 + 2 * pad), dtype=np.int32)
+    c[:, : pad + 1] = 0
+    np.cumsum(mask, axis=1, dtype=np.int32, out=c[:, pad + 1 : pad + 1 + w])
+    c[:, pad + 1 + w :] = c[:, pad + w : pad + 1 + w]
+    return {hw: c[:, pad + hw + 1 : pad + hw + 1 + w] - c[:, pad - hw : pad - hw + w] for hw in half_widths}
 
 
 def _erode(mask: np.ndarray, radius: int) -> np.ndarray:
