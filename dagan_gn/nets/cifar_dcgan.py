@@ -21,14 +21,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules.blocks import (class_conditioning, activation, conv2d, critic_norm_spec, linear, projection_embedding,
-                              projection_score)
+from ..modules.blocks import activation, conv2d, critic_norm_spec, linear, projection_embedding, projection_score
 from ..modules.norms import NormSpec, apply_norm, make_norm
+from .cifar_resnet import Cifar32Generator
 
 __all__ = ["DCGANGenerator", "DCGANCritic"]
 
 
-class DCGANGenerator(nn.Module):
+class DCGANGenerator(Cifar32Generator):
     """DCGAN-style generator: ``forward(z, y=None) -> [B, 3, 32, 32]`` in [-1, 1].
 
     Args:
@@ -41,19 +41,8 @@ class DCGANGenerator(nn.Module):
 
     def __init__(self, z_dim: int = 128, width: int = 64, norm: NormSpec = "batch", num_classes: int = 0,
                  embedding_dim: int = 128, channels: int = 3, image_size: int = 32) -> None:
-        super().__init__()
-        if image_size != 32:
-            raise ValueError(f"DCGANGenerator is the 32×32 CIFAR-10 network; got image_size={image_size}")
-        self.z_dim = int(z_dim)
-        self.norm_spec = norm
-        self.image_size = 32
-        self.channels = int(channels)
-        self.num_classes = int(num_classes)
-        self.width = int(width)
-        # Without conditional BN the class enters as a learned bias of the input projection.
-        self.class_embedding, self.class_to_input = class_conditioning(num_classes, embedding_dim, norm,
-                                                                       4 * 4 * 4 * width)
-        self.input = linear(z_dim, 4 * 4 * 4 * width, norm=norm)
+        super().__init__("DCGANGenerator", z_dim, width, norm, num_classes, embedding_dim, channels, image_size,
+                         4 * 4 * 4 * width)
         chans = [4 * width, 2 * width, width]
         self.norms = nn.ModuleList(
             make_norm(norm, c, layer_index=i, shared_embedding=self.class_embedding, where=f"DCGANGenerator.norms.{i}")
@@ -67,12 +56,7 @@ class DCGANGenerator(nn.Module):
         self.act = activation("relu")
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_classes > 0 and y is None:
-            raise ValueError("this generator is class-conditional: pass labels y")
-        h = self.input(z)
-        if self.class_to_input is not None:
-            h = h + self.class_to_input(self.class_embedding(y))
-        h = h.view(z.shape[0], 4 * self.width, 4, 4)
+        h = self.project_input(z, y).view(z.shape[0], 4 * self.width, 4, 4)
         for norm, conv in zip(self.norms, self.convs):
             h = conv(self.act(apply_norm(norm, h, y)))
         return torch.tanh(h)

@@ -21,14 +21,45 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..modules.blocks import (class_conditioning, ResBlock, activation, conv2d, critic_norm_spec, linear, projection_embedding,
-                              projection_score)
+from ..modules.blocks import (ResBlock, activation, class_conditioning, conv2d, critic_norm_spec, linear,
+                              projection_embedding, projection_score)
 from ..modules.norms import NormSpec, apply_norm, make_norm
 
-__all__ = ["ResNetGenerator", "ResNetCritic"]
+__all__ = ["Cifar32Generator", "ResNetGenerator", "ResNetCritic"]
 
 
-class ResNetGenerator(nn.Module):
+class Cifar32Generator(nn.Module):
+    """Shared front of the 32×32 CIFAR-10 generators: attributes, class conditioning and the input projection
+    ``z → input_features`` (plus the class bias when conditional without conditional BN); subclasses add the body.
+    """
+
+    def __init__(self, name: str, z_dim: int, width: int, norm: NormSpec, num_classes: int, embedding_dim: int,
+                 channels: int, image_size: int, input_features: int) -> None:
+        super().__init__()
+        if image_size != 32:
+            raise ValueError(f"{name} is the 32×32 CIFAR-10 network; got image_size={image_size}")
+        self.z_dim = int(z_dim)
+        self.norm_spec = norm
+        self.image_size = 32
+        self.channels = int(channels)
+        self.num_classes = int(num_classes)
+        self.width = int(width)
+        # Without conditional BN the class enters as a learned bias of the input projection.
+        self.class_embedding, self.class_to_input = class_conditioning(num_classes, embedding_dim, norm,
+                                                                       input_features)
+        self.input = linear(z_dim, input_features, norm=norm)
+
+    def project_input(self, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """The flat input projection of the noise (and class)."""
+        if self.num_classes > 0 and y is None:
+            raise ValueError("this generator is class-conditional: pass labels y")
+        h = self.input(z)
+        if self.class_to_input is not None:
+            h = h + self.class_to_input(self.class_embedding(y))
+        return h
+
+
+class ResNetGenerator(Cifar32Generator):
     """Gulrajani et al.'s CIFAR-10 ResNet generator: ``forward(z, y=None) -> [B, 3, 32, 32]`` in [-1, 1].
 
     Args:
@@ -42,19 +73,8 @@ class ResNetGenerator(nn.Module):
 
     def __init__(self, z_dim: int = 128, width: int = 128, norm: NormSpec = "batch", num_classes: int = 0,
                  embedding_dim: int = 128, channels: int = 3, image_size: int = 32) -> None:
-        super().__init__()
-        if image_size != 32:
-            raise ValueError(f"ResNetGenerator is the 32×32 CIFAR-10 network; got image_size={image_size}")
-        self.z_dim = int(z_dim)
-        self.norm_spec = norm
-        self.image_size = 32
-        self.channels = int(channels)
-        self.num_classes = int(num_classes)
-        self.width = int(width)
-        # Without conditional BN the class enters as a learned bias of the input projection.
-        self.class_embedding, self.class_to_input = class_conditioning(num_classes, embedding_dim, norm,
-                                                                       4 * 4 * width)
-        self.input = linear(z_dim, 4 * 4 * width, norm=norm)
+        super().__init__("ResNetGenerator", z_dim, width, norm, num_classes, embedding_dim, channels, image_size,
+                         4 * 4 * width)
         self.blocks = nn.ModuleList(
             ResBlock(width, width, resample="up", norm=norm, block_index=i, shared_embedding=self.class_embedding,
                      where=f"ResNetGenerator.blocks.{i}")
@@ -66,12 +86,7 @@ class ResNetGenerator(nn.Module):
         self.out_conv = conv2d(width, channels, 3, norm=norm)
 
     def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if self.num_classes > 0 and y is None:
-            raise ValueError("this generator is class-conditional: pass labels y")
-        h = self.input(z)
-        if self.class_to_input is not None:
-            h = h + self.class_to_input(self.class_embedding(y))
-        h = h.view(z.shape[0], self.width, 4, 4)
+        h = self.project_input(z, y).view(z.shape[0], self.width, 4, 4)
         for block in self.blocks:
             h = block(h, y)
         h = self.out_act(apply_norm(self.out_norm, h, y))
