@@ -191,7 +191,7 @@ def main() -> None:
     for dev in devices:
         rows += forward_sweep(args.batches, args.repeats, dev, reference=not args.no_reference)
     ref = {(r["device"], r["batch"]): r["patches_per_s"] for r in rows if r["network"] == "reference UResNet"}
-    print(f"| network | device | batch | patches/s | vs reference (same device, batch 8 or max) | CUDA peak MiB |")
+    print("| network | device | batch | patches/s | vs reference (same device, batch 8 or max) | CUDA peak MiB |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
         base = ref.get((r["device"], min(8, max(args.batches))))

@@ -41,14 +41,12 @@ def _child(mode: str, folder: str, workers: int, patch_size: int, per_image: int
     if mode != "decode":  # start-up imports are not throughput
         import dagan_gn.data.extract  # noqa: F401
         import dagan_gn.data.mask  # noqa: F401
-    import pydicom  # noqa: F401
+    import pydicom
 
     t0 = time.perf_counter()
     c0 = os.times()
     patches = 0
     if mode == "decode":
-        import pydicom
-
         for f in files:
             _ = pydicom.dcmread(f).pixel_array
     else:
@@ -129,8 +127,8 @@ def main() -> None:
                              "peak_detail": f"{r['self_mb']:.0f} + {r['child_mb']:.0f}" if workers > 1 else
                              f"{r['self_mb']:.0f}"})
     source = "real CBIS-DDSM copies" if args.real else f"synthetic {args.image_size[0]}x{args.image_size[1]}"
-    header = (f"| N | run | files/s | patches/s | vs raw decode | CPU s/file | peak RSS MB (writer + largest worker) |\n"
-              f"| --- | --- | --- | --- | --- | --- | --- |")
+    header = ("| N | run | files/s | patches/s | vs raw decode | CPU s/file | peak RSS MB (writer + largest worker) |\n"
+              "| --- | --- | --- | --- | --- | --- | --- |")
     lines = [header]
     for r in rows:
         ps = "" if r["patches_s"] is None else f"{r['patches_s']:.1f}"
