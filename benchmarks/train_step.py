@@ -10,14 +10,18 @@ real widths; both sides start from the same weights and run the same number of A
 *Reference* — the common WGAN-GP/DAGAN port pattern, written here: plain fp32, NCHW, fakes generated **with**
 gradients through G in every critic step (the critic loss back-propagates into G and those gradients are thrown away),
 a separate ``autograd.grad(create_graph=True)`` penalty on detached fakes, and the generator step back-propagating
-into the critic's parameters too.
+into the critic's parameters too. Its networks resample as the ports write them (nearest upsampling then a 3×3 conv;
+a 3×3 conv then a 2×2 mean pool): ``set_fused_resampling(net, False)``.
 
 *Engine* — ``dagan_gn.training.trainer.Trainer``'s own update functions (``_critic_update`` / ``_generator_update``,
 the code ``dagan train`` runs): no-grad fakes from the bare generator, frozen critic in the generator step,
-``channels_last`` when ``--channels-last`` (default on CUDA), autocast with ``--amp`` on CUDA. EMA is off on both sides.
+``channels_last`` when ``--channels-last`` (default on CUDA), autocast with ``--amp`` on CUDA, and the networks as
+``build_networks`` makes them (resampling convs folded into one convolution each, ``dagan_gn.modules.resample``).
+*Engine, literal nets* — the same update functions on the reference's literal networks: it separates the loop's gain
+from the folded convolutions'. EMA is off on every side.
 
-Timing: one warm-up each, then ``--iters`` iterations per side measured alternately, the best kept (robust to a
-shared machine's changing load).
+Timing: one warm-up each, then ``--iters`` iterations per side measured in turn (reference, engine with literal nets,
+engine, reference, ...), the best kept (robust to a shared machine's changing load).
 
 Printed: seconds per iteration, generator steps/s, critic steps/s, images/s (``batch × n_critic`` real images per
 iteration), achieved GFLOP/s (FLOPs of one iteration counted with ``torch.utils.flop_counter.FlopCounterMode``) and its
@@ -41,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dagan_gn.config import load_config  # noqa: E402
+from dagan_gn.modules.resample import set_fused_resampling  # noqa: E402
 from dagan_gn.nets import build_networks  # noqa: E402
 
 CONFIGS = {
@@ -144,24 +149,20 @@ class Engine:
         self.trainer._generator_update(batches[-1], want_norm=False)
 
 
-def _time_pair(fn_a, fn_b, iters: int, device: torch.device) -> tuple[float, float]:
-    """Best-of-``iters`` seconds of two functions, measured alternately (a, b, a, b, ...) after one warm-up each,
-    so a machine whose load changes during the run affects both sides alike."""
-    fn_a()  # warm-up (allocator, oneDNN primitive cache, autotuning)
-    fn_b()
-    best_a = best_b = float("inf")
+def _time_in_turn(fns: list, iters: int, device: torch.device) -> list[float]:
+    """Best-of-``iters`` seconds of each function, measured in turn (a, b, c, a, b, c, ...) after one warm-up each,
+    so a machine whose load changes during the run affects every side alike."""
+    for fn in fns:
+        fn()  # warm-up (allocator, oneDNN primitive cache, autotuning)
+    best = [float("inf")] * len(fns)
     for _ in range(iters):
-        for fn, which in ((fn_a, "a"), (fn_b, "b")):
+        for i, fn in enumerate(fns):
             _sync(device)
             t = time.perf_counter()
             fn()
             _sync(device)
-            dt = time.perf_counter() - t
-            if which == "a":
-                best_a = min(best_a, dt)
-            else:
-                best_b = min(best_b, dt)
-    return best_a, best_b
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best
 
 
 def _flops(fn) -> float:
@@ -181,22 +182,28 @@ def bench_model(name: str, args, device: torch.device, peak: float) -> dict:
     cfg = load_config(ROOT / CONFIGS[name], overrides)
     torch.manual_seed(0)
     G, D = build_networks(cfg.model)
-    ref = Reference(copy.deepcopy(G), copy.deepcopy(D), cfg, device)
+    G_literal, D_literal = copy.deepcopy(G), copy.deepcopy(D)  # same weights, two-step resampling
+    set_fused_resampling(G_literal, False)
+    set_fused_resampling(D_literal, False)
+    ref = Reference(copy.deepcopy(G_literal), copy.deepcopy(D_literal), cfg, device)
     c, s, b = cfg.model.channels, cfg.model.image_size, args.batch_size
     g = torch.Generator().manual_seed(1)
     raw = [{"image": torch.rand(b, c, s, s, generator=g) * 2 - 1, "pair": torch.rand(b, c, s, s, generator=g) * 2 - 1,
             "label": torch.zeros(b, dtype=torch.long)} for _ in range(args.n_critic)]
     ref_batches = [{k: v.to(device) for k, v in batch.items()} for batch in raw]
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tmp_literal:
         engine = Engine(G, D, cfg, device, Path(tmp))
+        engine_literal = Engine(G_literal, D_literal, cfg, device, Path(tmp_literal))
         eng_batches = engine.prepare(raw)
-        flops_ref = _flops(lambda: ref.iteration(ref_batches))
-        flops_eng = _flops(lambda: engine.iteration(eng_batches))
-        t_ref, t_eng = _time_pair(lambda: ref.iteration(ref_batches), lambda: engine.iteration(eng_batches),
-                                  args.iters, device)
+        sides = [("reference", lambda: ref.iteration(ref_batches)),
+                 ("engine, literal nets", lambda: engine_literal.iteration(eng_batches)),
+                 ("engine", lambda: engine.iteration(eng_batches))]
+        flops = [_flops(fn) for _, fn in sides]
+        times = _time_in_turn([fn for _, fn in sides], args.iters, device)
         engine.trainer.close()
-    return {"model": name, "batch": b, "t_ref": t_ref, "t_eng": t_eng, "flops_ref": flops_ref,
-            "flops_eng": flops_eng, "peak": peak}
+        engine_literal.trainer.close()
+    return {"model": name, "batch": b, "sides": [(label, t, fl) for (label, _), t, fl in zip(sides, times, flops)],
+            "peak": peak}
 
 
 def main() -> None:
@@ -230,8 +237,9 @@ def main() -> None:
     print("|" + " --- |" * 10)
     for name in args.models:
         r = bench_model(name, args, device, peak)
-        for side, t, fl in (("reference", r["t_ref"], r["flops_ref"]), ("engine", r["t_eng"], r["flops_eng"])):
-            ratio = r["t_ref"] / t
+        t_ref = r["sides"][0][1]
+        for side, t, fl in r["sides"]:
+            ratio = t_ref / t
             print(f"| {name} | {side} | {t:.3f} | {1 / t:.3f} | {args.n_critic / t:.2f} | "
                   f"{args.batch_size * args.n_critic / t:.1f} | {fl / 1e9:.1f} | {fl / t / 1e9:.1f} | "
                   f"{100 * fl / t / peak:.0f} % | {ratio:.2f}× |", flush=True)
