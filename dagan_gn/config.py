@@ -132,6 +132,9 @@ class TrainConfig:
     device: str = "auto"
     #: Autocast precision on CUDA: ``none``, ``bf16`` or ``fp16`` (fp16 uses a gradient scaler).
     amp: str = "none"
+    #: Also autocast on the CPU (CPU runs are fp32 otherwise): worth it on CPUs with bf16 matrix units (AMX,
+    #: AVX512-BF16), slower elsewhere; the tests use it to run the mixed-precision path without a GPU.
+    amp_on_cpu: bool = False
     compile: bool = False
     channels_last: bool = False
     #: Generator EMA decay (0 disables EMA) and the step at which averaging starts.

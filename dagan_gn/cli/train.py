@@ -39,7 +39,8 @@ def train_command(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (train.device)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise (train.seed)."),
     amp: Optional[str] = typer.Option(
-        None, "--amp", help="Mixed precision on CUDA: none, bf16 or fp16 (train.amp); the CPU always trains in fp32."
+        None, "--amp", help="Mixed precision on CUDA: none, bf16 or fp16 (train.amp); the CPU trains in fp32 "
+        "unless train.amp_on_cpu=true."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (train.progress=false)."),
 ) -> None:

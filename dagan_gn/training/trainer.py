@@ -268,14 +268,14 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
-def _amp_dtype(name: str, device: torch.device) -> torch.dtype | None:
+def _amp_dtype(name: str, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:
     name = (name or "none").lower()
     if name in ("none", "fp32", "no", "off", "false"):
         return None
     if name not in ("bf16", "fp16"):
         raise TrainingError(f"unknown train.amp '{name}'; choose none, bf16 or fp16")
-    if device.type != "cuda":
-        return None  # the CPU trains in fp32 (autocast on CPU is slower than fp32 for these convs)
+    if device.type != "cuda" and not (device.type == "cpu" and on_cpu):
+        return None  # the CPU trains in fp32 unless asked (autocast is slower than fp32 without bf16 matrix units)
     return torch.bfloat16 if name == "bf16" else torch.float16
 
 
@@ -320,9 +320,10 @@ class Trainer:
         self.dist = dist_utils.init_distributed(device)
         self.device = dist_utils.process_device(device, self.dist)
         self.is_main = self.dist.is_main
-        self.amp_dtype = _amp_dtype(cfg.train.amp, self.device)
+        self.amp_dtype = _amp_dtype(cfg.train.amp, self.device, cfg.train.amp_on_cpu)
         if cfg.train.amp not in ("none", "") and self.amp_dtype is None and self.is_main:
-            self.say(f"note: train.amp={cfg.train.amp} ignored on {self.device.type}; training in fp32")
+            hint = " (train.amp_on_cpu=true autocasts on the CPU too)" if self.device.type == "cpu" else ""
+            self.say(f"note: train.amp={cfg.train.amp} ignored on {self.device.type}; training in fp32{hint}")
 
         # --- resume guard before anything is written
         self.resume_from: Path | None = None
