@@ -67,9 +67,10 @@ class GANModel:
     """Shared plumbing: devices, autocast, channels_last, flips, the loss object.
 
     Args:
-        generator, critic: the networks as trained (possibly ``torch.compile``-d).
+        generator, critic: the networks as trained (possibly ``torch.compile``-d, never DDP-wrapped); the generator
+            makes the critic steps' no-grad fakes.
         generator_ddp, critic_ddp: DDP wrappers used where gradients must be all-reduced (default: the same nets).
-        generator_bare, critic_bare: the plain networks (used for no-grad fakes and the frozen critic).
+        generator_bare, critic_bare: the plain networks (the frozen critic of the generator step).
     """
 
     def __init__(
@@ -150,10 +151,11 @@ class GANModel:
         return torch.randn(n, self.z_dim, device=self.device)
 
     def critic_fake(self, *generator_inputs: torch.Tensor | None) -> torch.Tensor:
-        """Fakes for a critic step: the bare generator under ``no_grad`` (the critic loss needs no gradient with
-        respect to G), in the critic's memory format."""
+        """Fakes for a critic step: the generator under ``no_grad`` (the critic loss needs no gradient with respect to
+        G) without its DDP wrapper (nothing to all-reduce), compiled when ``train.compile``, in the critic's memory
+        format."""
         with torch.no_grad(), self.autocast():
-            fake = self.G_bare(*generator_inputs)
+            fake = self.G(*generator_inputs)
         fake = fake.detach()
         if self.channels_last and fake.dim() == 4:
             fake = fake.contiguous(memory_format=torch.channels_last)
