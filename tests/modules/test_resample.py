@@ -8,10 +8,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch.utils.flop_counter import FlopCounterMode
+
+from dagan_gn.modules import resample
 from dagan_gn.modules.blocks import conv2d
 from dagan_gn.modules.resample import (conv_mean_pool, mean_pool_folded_weight, nearest_up_conv,
                                        nearest_up_folded_weight, set_fused_resampling)
 from dagan_gn.nets import DAGANCritic, DAGANGenerator, ResNetCritic, ResNetGenerator
+
+
+@pytest.fixture(autouse=True)
+def always_fold(monkeypatch, request):
+    """These tiny inputs are below the size where the fold pays: force it, so the folded form is what is compared."""
+    if "keep_threshold" not in request.keywords:
+        monkeypatch.setattr(resample, "FOLD_MIN_OUTPUT_PIXELS", 0)
 
 
 def _conv(cin, cout, k, norm=None):
@@ -139,3 +149,23 @@ def test_fused_and_literal_networks_share_one_state_dict_layout():
     set_fused_resampling(plain, False)
     assert d.state_dict().keys() == plain.state_dict().keys()
     plain.load_state_dict(d.state_dict())  # checkpoints move freely between the two forms
+
+
+@pytest.mark.keep_threshold
+def test_fold_is_used_only_where_it_pays():
+    """Small outputs (batch-1 inference of coarse levels) keep the literal form; training-sized ones fold."""
+    conv = _conv(4, 4, 3)
+
+    def flops(fn, x):
+        with FlopCounterMode(display=False) as counter:
+            fn(conv, x)
+        return counter.get_total_flops()
+
+    small_down, big_down = torch.randn(1, 4, 8, 8, dtype=torch.float64), torch.randn(16, 4, 32, 32, dtype=torch.float64)
+    # conv3×3 at full resolution: 9 taps per input pixel; folded: 16 taps per output pixel = 4 per input pixel
+    assert flops(conv_mean_pool, small_down) == 2 * 9 * 4 * 4 * 64
+    assert flops(conv_mean_pool, big_down) == 16 * 2 * 16 * 4 * 4 * 256
+    small_up, big_up = torch.randn(1, 4, 4, 4, dtype=torch.float64), torch.randn(16, 4, 8, 8, dtype=torch.float64)
+    assert flops(nearest_up_conv, small_up) == 2 * 9 * 4 * 4 * 64  # 3×3 conv on the 8×8 upsampled map
+    assert flops(nearest_up_conv, big_up) < flops(lambda c, x: c(F.interpolate(x, scale_factor=2)), big_up)
+    torch.testing.assert_close(nearest_up_conv(conv, big_up), conv(F.interpolate(big_up, scale_factor=2)))
