@@ -2,8 +2,9 @@
 
     python benchmarks/nets_flops.py [--threads 1 2] [--batch 8] [--repeats 3] [--sizes 64 128 256]
 
-FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add = 2 FLOPs, convs and matmuls only) for
-one patch; throughput is generator forwards under ``torch.inference_mode`` with ``--batch`` patches and
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (one multiply-add = 2 FLOPs, convs and matmuls only) on
+the timed batch, per patch (the resampling convolutions fold only for large enough batches, so the count depends on
+the batch, ``dagan_gn/modules/resample.py``); throughput is generator forwards under ``torch.inference_mode`` with ``--batch`` patches and
 each of ``--threads`` intra-op thread counts, best of ``--repeats`` after one warm-up. Both 1 and 2 threads are
 timed because on a shared 2-core machine two OpenMP threads collapse (4× slower) as soon as another process holds a
 core, while one thread does not; the speed-up column compares the best setting of each network. The *reference UResNet* is the DAGAN ports'
@@ -141,9 +142,8 @@ def main() -> None:
         ref_rate = None
         if not args.no_reference:
             ref = ReferenceUResNet(image_size=size).eval()
-            x1, z1 = torch.randn(1, 1, size, size), torch.randn(1, ref.z_dim)
             xb, zb = torch.randn(args.batch, 1, size, size), torch.randn(args.batch, ref.z_dim)
-            gf = flops_per_patch(lambda: ref(x1, z1)) / 1e9
+            gf = flops_per_patch(lambda: ref(xb, zb)) / args.batch / 1e9
             rates = _rates(lambda: ref(xb, zb), args.batch, max(1, args.repeats - 1), args.threads)
             ref_rate = max(rates)
             print(f"{'reference UResNet':<22}{size:>5}{count_params(ref) / 1e6:>10.2f}M{gf:>9.2f}{'':>11}{'':>9}"
@@ -155,10 +155,9 @@ def main() -> None:
             g, d = build_networks(cfg)
             g.eval()
             d.eval()
-            x1, z1 = torch.randn(1, 1, size, size), torch.randn(1, cfg.z_dim)
             xb, zb = torch.randn(args.batch, 1, size, size), torch.randn(args.batch, cfg.z_dim)
-            g_gf = flops_per_patch(lambda: g(x1, z1)) / 1e9
-            d_gf = flops_per_patch(lambda: d(x1, x1)) / 1e9
+            g_gf = flops_per_patch(lambda: g(xb, zb)) / args.batch / 1e9
+            d_gf = flops_per_patch(lambda: d(xb, xb)) / args.batch / 1e9
             rates = _rates(lambda: g(xb, zb), args.batch, args.repeats, args.threads)
             speed = f"{max(rates) / ref_rate:.1f}x" if ref_rate else "-"
             print(f"{'dagan ' + preset:<22}{size:>5}{count_params(g) / 1e6:>10.2f}M{g_gf:>9.2f}"
@@ -168,9 +167,9 @@ def main() -> None:
                           d_norm="layer")
         g, d = build_networks(cfg)
         g.eval()
-        z1, zb = torch.randn(1, cfg.z_dim), torch.randn(args.batch, cfg.z_dim)
-        g_gf = flops_per_patch(lambda: g(z1)) / 1e9
-        d_gf = flops_per_patch(lambda: d(torch.zeros(1, 3, 32, 32))) / 1e9
+        zb = torch.randn(args.batch, cfg.z_dim)
+        g_gf = flops_per_patch(lambda: g(zb)) / args.batch / 1e9
+        d_gf = flops_per_patch(lambda: d(torch.zeros(args.batch, 3, 32, 32))) / args.batch / 1e9
         rates = _rates(lambda: g(zb), args.batch, args.repeats, args.threads)
         print(f"{name:<22}{32:>5}{count_params(g) / 1e6:>10.3f}M{g_gf:>9.3f}{count_params(d) / 1e6:>10.3f}M"
               f"{d_gf:>9.3f}{rates_text(rates)}{'-':>10}")

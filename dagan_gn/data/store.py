@@ -156,6 +156,19 @@ def encode_patch_chunks(patches: np.ndarray, compression: str | None = "gzip", l
     return out
 
 
+def _chunk_encoding(ds: h5py.Dataset) -> tuple[str | None, int] | None:
+    """``(compression, level)`` of a one-patch-per-chunk ``patches`` dataset whose chunks :func:`encode_patch_chunks`
+    can produce (and a writer can take as ``encoded=``); None otherwise. The level only matters for writing: any
+    gzip level decodes the same."""
+    if ds.chunks is None or ds.chunks[0] != 1 or tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
+        return None
+    if ds.compression is None and not ds.shuffle:
+        return (None, 0)
+    if ds.compression == "gzip" and ds.shuffle:
+        return ("gzip", int(ds.compression_opts))
+    return None
+
+
 def _column_dtype(spec: ColumnSpec) -> tuple[Any, tuple[int, ...]]:
     if isinstance(spec, tuple):
         dtype, shape = spec
@@ -388,12 +401,7 @@ class PatchWriter:
     def chunk_encoding(self) -> tuple[str | None, int] | None:
         """``(compression, level)`` to pass to :func:`encode_patch_chunks` so other processes can compress patches
         for :meth:`append` (``encoded=``); None when the file's filters cannot be reproduced that way (lzf)."""
-        ds = self._file["patches"]
-        if ds.compression is None and not ds.shuffle:
-            return (None, 0)
-        if ds.compression == "gzip" and ds.shuffle:
-            return ("gzip", int(ds.compression_opts))
-        return None
+        return _chunk_encoding(self._file["patches"])
 
     def append(
         self,
@@ -601,20 +609,36 @@ class PatchFile:
         self.close()
 
 
+def _read_raw_chunks(ds: h5py.Dataset, rows: slice) -> list[bytes] | None:
+    """The stored (compressed) bytes of patches ``rows``, one chunk each; None if any chunk was stored with a filter
+    skipped (a non-zero filter mask), which a plain ``encoded=`` append could not reproduce."""
+    chunks = []
+    for i in range(rows.start, rows.stop):
+        mask, data = ds.id.read_direct_chunk((i, 0, 0, 0))
+        if mask != 0:
+            return None
+        chunks.append(data)
+    return chunks
+
+
 def merge_patch_files(
     inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
     batch_size: int = 256,
     compression: str | None = "gzip",
-    compression_level: int = 4,
+    compression_level: int | None = None,
 ) -> Path:
     """Concatenate patch files (e.g. the shards of ``extract-patches --shard i/n``) into ``out``.
 
     Checks that every input has the same format version, patch size, channels, split names, synthetic flag and
     provenance columns, that they were pseudonymised with the same salt (``salt_fingerprint`` attribute, when
     present) and that no source image appears in two inputs (overlapping shards). Differing class tables are unified
-    (first-seen order) and labels remapped. Streams ``batch_size`` patches at a time, so memory stays flat."""
+    (first-seen order) and labels remapped. Streams ``batch_size`` patches at a time, so memory stays flat.
+
+    ``compression_level`` None keeps the first input's gzip level (4 when it has none). Patches whose input has the
+    output's filters (the usual case: shards of one extraction) are copied as compressed chunks, neither decoded nor
+    re-encoded; others are decoded and compressed again."""
     if not inputs:
         raise StoreError("merge needs at least one input file")
     files = [PatchFile(p) for p in inputs]
@@ -655,6 +679,9 @@ def merge_patch_files(
         params.pop("shard", None)
         params["merged_from"] = [Path(p).name for p in inputs]
         extra_attrs = {k: v for k, v in first.attrs.items() if k not in _RESERVED_ATTRS}
+        if compression_level is None:
+            first_encoding = _chunk_encoding(first.patches)
+            compression_level = first_encoding[1] if first_encoding and first_encoding[0] == "gzip" else 4
         writer = PatchWriter(out, patch_size=first.patch_size, class_names=class_names, provenance=specs,
                              parameters=params, attrs=extra_attrs, synthetic=first.synthetic, channels=first.channels,
                              split_names=first.split_names, compression=compression,
@@ -665,12 +692,19 @@ def merge_patch_files(
                 offset = writer.num_sources
                 sources = pf.sources
                 writer.add_sources(list(sources))
+                copy_chunks = _chunk_encoding(pf.patches) is not None and _chunk_encoding(pf.patches) == \
+                    writer.chunk_encoding
                 for start in range(0, len(pf), batch_size):
                     rows = slice(start, min(start + batch_size, len(pf)))
                     prov = {name: pf.provenance(name, rows) for name in specs}
                     if "source_index" in prov and len(sources):
                         prov["source_index"] = prov["source_index"] + offset
-                    writer.append(pf.patches[rows], remap[pf.labels[rows]], pf.split[rows], prov)
+                    labels, split = remap[pf.labels[rows]], pf.split[rows]
+                    chunks = _read_raw_chunks(pf.patches, rows) if copy_chunks else None
+                    if chunks is not None:
+                        writer.append(None, labels, split, prov, encoded=chunks)
+                    else:
+                        writer.append(pf.patches[rows], labels, split, prov)
                 writer.commit()
         return Path(out)
     finally:

@@ -14,6 +14,7 @@ from dagan_gn.data.store import (
     PatchFile,
     PatchWriter,
     StoreError,
+    encode_patch_chunks,
     merge_patch_files,
     partial_path,
     to_uint16,
@@ -195,6 +196,30 @@ def test_merge_remaps_classes_and_sources(tmp_path):
         assert pf.provenance("source_index").tolist() == [0, 0, 0, 1, 1]
         assert "shard" not in pf.parameters and pf.parameters["merged_from"] == ["a.h5", "b.h5"]
         assert pf.attrs["salt_fingerprint"] == "fp"
+
+
+def test_merge_copies_compressed_chunks_without_re_encoding(tmp_path):
+    # Inputs written at gzip level 1 but holding level-9 chunk bytes (any level decodes alike): a merge that copies
+    # chunks keeps the level-9 bytes, one that decoded and compressed again would write level-1 bytes.
+    parts = {}
+    for name, image in (("a", "I-a"), ("b", "I-b")):
+        patches, _, split, prov = _batch(3, start=len(image), image=image)
+        with PatchWriter(tmp_path / f"{name}.h5", patch_size=S, class_names=["tissue"], compression_level=1,
+                         attrs={"salt_fingerprint": "fp"}) as w:
+            prov["source_index"] = w.add_sources([image]).repeat(3)
+            w.append(None, [0, 0, 0], split, prov, encoded=encode_patch_chunks(patches, "gzip", 9))
+        parts[name] = (patches, encode_patch_chunks(patches, "gzip", 9))
+    out = merge_patch_files([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "all.h5")
+    with PatchFile(out) as pf:
+        np.testing.assert_array_equal(pf.patches[:], np.concatenate([parts["a"][0], parts["b"][0]]))
+        stored = [pf.patches.id.read_direct_chunk((i, 0, 0, 0))[1] for i in range(6)]
+        assert stored == parts["a"][1] + parts["b"][1]
+        assert pf.patches.compression_opts == 1  # the inputs' level is kept
+    # Another level for the output: the patches are decoded and compressed again, values unchanged.
+    again = merge_patch_files([tmp_path / "a.h5", tmp_path / "b.h5"], tmp_path / "lvl4.h5", compression_level=4)
+    with PatchFile(again) as pf:
+        np.testing.assert_array_equal(pf.patches[:], np.concatenate([parts["a"][0], parts["b"][0]]))
+        assert pf.patches.id.read_direct_chunk((0, 0, 0, 0))[1] == encode_patch_chunks(parts["a"][0][:1], "gzip", 4)[0]
 
 
 def test_merge_refuses_incompatible(tmp_path):
