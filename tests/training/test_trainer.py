@@ -253,3 +253,25 @@ def test_compiled_generator_trains_and_matches_eager(tmp_path, monkeypatch):
         torch.testing.assert_close(trainer.model.G(x, z), trainer.g_bare(x, z), rtol=1e-4, atol=1e-5)
     saved = load_checkpoint(latest_checkpoint(tmp_path))["generator"]
     assert saved.keys() == trainer.g_bare.state_dict().keys() and not any("_orig_mod" in k for k in saved)
+
+
+@pytest.mark.parametrize("model, data", [(None, TinyPairs), (CIFAR_TINY, lambda: TinyImages(channels=3))])
+def test_channels_last_gives_the_same_critic_update(tmp_path, model, data):
+    """``train.channels_last``: networks and batches in NHWC (the CUDA default of the DAGAN configs), the same
+    losses and gradient penalty as NCHW up to rounding, and the run still trains and checkpoints."""
+    extra = {} if model is None else {"model": model}
+    logs = {}
+    for layout in ("false", "true"):
+        cfg = make_cfg("train.steps=1", f"train.channels_last={layout}", "train.checkpoint_every=1", **extra)
+        trainer = Trainer(cfg, tmp_path / layout, dataset=data(), log=lambda m: None)
+        batch = trainer.model.prepare(next(iter(trainer.data)))
+        if layout == "true":
+            assert batch["image"].is_contiguous(memory_format=torch.channels_last)
+            conv = next(m for m in trainer.d_bare.modules() if isinstance(m, nn.Conv2d))
+            assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        logs[layout], _ = trainer._critic_update(batch, want_norm=False)
+        trainer.fit()
+        trainer.close()
+        assert latest_checkpoint(tmp_path / layout) is not None
+    for key in ("loss/critic", "loss/gradient_penalty", "wasserstein_estimate"):
+        torch.testing.assert_close(logs["true"][key], logs["false"][key], rtol=1e-4, atol=1e-5)
