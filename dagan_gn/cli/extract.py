@@ -92,7 +92,11 @@ def extract_patches_cmd(
         f"{out}: {report.patches_total} patches ({report.patches_written} new) from {report.files_used} files; "
         f"{report.files_skipped} skipped, {report.files_already_done} already done; report {out}.report.json"
     )
-    if report.exit_code:
+    if report.exit_code and report.patches_total == 0:
+        # Nothing usable at all: say so plainly (the empty file stays, so shards of a --shard run still merge).
+        typer.echo(f"error: none of the {report.files_skipped} input file(s) gave patches, so {out} holds none; "
+                   f"the reason for each file is in {out}.report.json", err=True)
+    elif report.exit_code:
         typer.echo(f"warning: {report.files_skipped} file(s) skipped; reasons in {out}.report.json", err=True)
     raise typer.Exit(report.exit_code)
 

@@ -68,6 +68,19 @@ def test_skipped_files_exit_3(archive, tmp_path):
     assert [s["file"].endswith("broken.dcm") for s in report["skipped"]] == [True]
 
 
+def test_all_files_skipped_says_nothing_was_extracted(tmp_path):
+    work = tmp_path / "in"
+    work.mkdir()
+    for name in ("a.dcm", "b.dcm"):
+        (work / name).write_bytes(b"DICM but not really")
+    result, out = _invoke(["extract-patches", str(work), "--out", str(tmp_path / "o.h5"), "--patch-size", "64",
+                           "--quiet", "--salt", "k"])
+    assert result.exit_code == 3, out
+    assert "none of the 2 input file(s) gave patches" in out and "o.h5.report.json" in out
+    with PatchFile(tmp_path / "o.h5") as pf:  # an empty but valid file: shards of a --shard run still merge
+        assert len(pf) == 0
+
+
 def test_fatal_errors_exit_2(archive, tmp_path):
     dicom_dir, labels = archive
     bad = tmp_path / "bad.csv"
