@@ -7,12 +7,15 @@ from typing import Iterator, NoReturn
 
 import typer
 
-app = typer.Typer(
-    name="dagan",
-    help="dagan-gn: DICOM mammograms → patches → conditional DAGAN → synthetic augmentation, with metrics.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+def command_group(name: str, help: str) -> typer.Typer:
+    """A typer app with the project's settings: help when called bare, no shell-completion options, plain
+    tracebacks (commands report their own errors through :func:`reported_errors`)."""
+    return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
+                       pretty_exceptions_enable=False)
+
+
+app = command_group(
+    "dagan", "dagan-gn: DICOM mammograms → patches → conditional DAGAN → synthetic augmentation, with metrics."
 )
 
 

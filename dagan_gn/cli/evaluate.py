@@ -13,14 +13,10 @@ from typing import Optional
 
 import typer
 
-from dagan_gn.cli.app import app, reported_errors
+from dagan_gn.cli.app import app, command_group, reported_errors
 
-benchmark_app = typer.Typer(
-    name="benchmark",
-    help="Benchmarks that train and score many runs (the CIFAR-10 normalization study).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
+benchmark_app = command_group(
+    "benchmark", "Benchmarks that train and score many runs (the CIFAR-10 normalization study)."
 )
 app.add_typer(benchmark_app, name="benchmark")
 

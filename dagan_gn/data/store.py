@@ -692,8 +692,8 @@ def merge_patch_files(
                 offset = writer.num_sources
                 sources = pf.sources
                 writer.add_sources(list(sources))
-                copy_chunks = _chunk_encoding(pf.patches) is not None and _chunk_encoding(pf.patches) == \
-                    writer.chunk_encoding
+                encoding = _chunk_encoding(pf.patches)
+                copy_chunks = encoding is not None and encoding == writer.chunk_encoding
                 for start in range(0, len(pf), batch_size):
                     rows = slice(start, min(start + batch_size, len(pf)))
                     prov = {name: pf.provenance(name, rows) for name in specs}

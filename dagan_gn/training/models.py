@@ -161,6 +161,18 @@ class GANModel:
             fake = fake.contiguous(memory_format=torch.channels_last)
         return fake
 
+    def critic_scores(
+        self, real: tuple[torch.Tensor, ...], fake: tuple[torch.Tensor, ...], y: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(D(*real, y), D(*fake, y))`` under autocast: one critic forward of 2B samples when
+        ``fuse_real_fake``, two forwards otherwise."""
+        with self.autocast():
+            if self.fuse_real_fake:
+                yy = None if y is None else torch.cat([y, y])
+                d_real, d_fake = self.D_ddp(*(torch.cat([r, f]) for r, f in zip(real, fake)), yy).chunk(2)
+                return d_real, d_fake
+            return self.D_ddp(*real, y), self.D_ddp(*fake, y)
+
     def _critic_objective(
         self, d_real: torch.Tensor, d_fake: torch.Tensor, critic_fn, real, fake, grad_scale: float
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -210,13 +222,7 @@ class DAGANModel(GANModel):
     def critic_step(self, batch, grad_scale: float = 1.0):
         x, x_other, y = batch["image"], batch["pair"], self.labels(batch)
         fake = self.critic_fake(x, self.noise(x.shape[0]), y)
-        with self.autocast():
-            if self.fuse_real_fake:
-                yy = None if y is None else torch.cat([y, y])
-                d_real, d_fake = self.D_ddp(torch.cat([x, x]), torch.cat([x_other, fake]), yy).chunk(2)
-            else:
-                d_real = self.D_ddp(x, x_other, y)
-                d_fake = self.D_ddp(x, fake, y)
+        d_real, d_fake = self.critic_scores((x, x_other), (x, fake), y)
 
         def critic_fn(a, b):
             with self.autocast():
@@ -272,13 +278,7 @@ class UnconditionalGANModel(GANModel):
     def critic_step(self, batch, grad_scale: float = 1.0):
         real, y = batch["image"], self.labels(batch)
         fake = self.critic_fake(self.noise(real.shape[0]), y)
-        with self.autocast():
-            if self.fuse_real_fake:
-                yy = None if y is None else torch.cat([y, y])
-                d_real, d_fake = self.D_ddp(torch.cat([real, fake]), yy).chunk(2)
-            else:
-                d_real = self.D_ddp(real, y)
-                d_fake = self.D_ddp(fake, y)
+        d_real, d_fake = self.critic_scores((real,), (fake,), y)
 
         def critic_fn(a):
             with self.autocast():
