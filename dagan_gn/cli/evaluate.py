@@ -33,14 +33,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from dagan_gn.config import ConfigError
     from dagan_gn.data.cifar10 import Cifar10FormatError
     from dagan_gn.metrics.inception import InceptionWeightsUnavailable
-    from dagan_gn.training.checkpoint import CheckpointError
-
-    errors: list[type[BaseException]] = [ConfigError, Cifar10FormatError, InceptionWeightsUnavailable,
-                                         CheckpointError, ValueError, FileNotFoundError, OSError, RuntimeError]
     from dagan_gn.studies.cifar10_norms import StudyError
+    from dagan_gn.training.checkpoint import CheckpointError
     from dagan_gn.training.trainer import TrainingError
 
-    return tuple(errors + [StudyError, TrainingError])
+    return (ConfigError, Cifar10FormatError, InceptionWeightsUnavailable, CheckpointError, StudyError, TrainingError,
+            ValueError, FileNotFoundError, OSError, RuntimeError)
 
 
 @app.command("evaluate", context_settings=_HELP)
