@@ -97,7 +97,7 @@ def forward_sweep(batches: list[int], repeats: int, device: str, reference: bool
 def make_inputs(root: Path, n_sources: int) -> tuple[Path, Path]:
     """A 256-px patch file with ``n_sources`` train patches and an (untrained) default-generator checkpoint: speed
     does not depend on the weights."""
-    from dagan_gn.data.store import PatchWriter, to_uint16
+    from dagan_gn.store.patch_file import PatchWriter, to_uint16
     from dagan_gn.nets import build_networks
     from dagan_gn.training.checkpoint import checkpoint_path, save_checkpoint
 
@@ -122,7 +122,7 @@ def make_inputs(root: Path, n_sources: int) -> tuple[Path, Path]:
 def child(args: argparse.Namespace) -> None:
     """One augment job in this (fresh) process; prints a JSON line with timing and memory."""
     torch.set_num_threads(args.threads)
-    from dagan_gn.augment import augment
+    from dagan_gn.jobs.augment import augment
     from dagan_gn.training.checkpoint import load_generator
 
     load_generator(args.run)  # warm the imports and the model build before the baseline RSS

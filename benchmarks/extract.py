@@ -39,8 +39,8 @@ def _child(mode: str, folder: str, workers: int, patch_size: int, per_image: int
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     files = sorted(p for p in Path(folder).rglob("*.dcm"))
     if mode != "decode":  # start-up imports are not throughput
-        import dagan_gn.data.extract  # noqa: F401
-        import dagan_gn.data.mask  # noqa: F401
+        import dagan_gn.jobs.extract_patches  # noqa: F401
+        import dagan_gn.ingest.mask  # noqa: F401
     import pydicom
 
     t0 = time.perf_counter()
@@ -50,7 +50,7 @@ def _child(mode: str, folder: str, workers: int, patch_size: int, per_image: int
         for f in files:
             _ = pydicom.dcmread(f).pixel_array
     else:
-        from dagan_gn.data.extract import extract_patches
+        from dagan_gn.jobs.extract_patches import extract_patches
 
         out = Path(folder).parent / f"out_w{workers}.h5"
         report = extract_patches([folder], out, patch_size=patch_size, per_image=per_image, workers=workers,
@@ -85,7 +85,7 @@ def _make_archive(folder: Path, n: int, size: tuple[int, int], real: bool) -> No
         for i in range(n):
             shutil.copy(real_files[i % len(real_files)], folder / f"img{i:04d}.dcm")
         return
-    from dagan_gn.data.synthetic import write_synthetic_mammogram
+    from dagan_gn.phantom.mammogram import write_synthetic_mammogram
 
     for i in range(n):
         lat = "LR"[i % 2]

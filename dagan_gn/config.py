@@ -21,6 +21,8 @@ from typing import Any, Sequence
 
 import yaml
 
+from dagan_gn.errors import DaganError
+
 __all__ = [
     "ModelConfig",
     "DataConfig",
@@ -39,7 +41,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(DaganError, ValueError):
     """A configuration file or override is invalid; the message names the key."""
 
 

@@ -29,8 +29,8 @@ import numpy as np
 def write_cifar_patch_file(train_path: str, test_path: str, out: Path, per_class: int, test_per_class: int,
                            seed: int) -> Path:
     """The low-data subset as a patch file: uint8 → the uint16 intensity scale, 3×32×32, splits train/test."""
-    from dagan_gn.data.cifar10 import load_cifar10
-    from dagan_gn.data.store import PatchWriter, to_uint16
+    from dagan_gn.datasets.cifar10 import load_cifar10
+    from dagan_gn.store.patch_file import PatchWriter, to_uint16
 
     if out.exists():
         return out
@@ -65,12 +65,13 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny everything: checks the plumbing in minutes")
     args = parser.parse_args()
 
-    from dagan_gn.augment import augment
+    from dagan_gn.jobs.augment import augment
     from dagan_gn.config import ExperimentConfig
-    from dagan_gn.metrics.downstream import DownstreamConfig, evaluate_augmentation_files
-    from dagan_gn.metrics.memorization import check_memorization_files
+    from dagan_gn.jobs.downstream import evaluate_augmentation_files
+    from dagan_gn.metrics.downstream import DownstreamConfig
+    from dagan_gn.jobs.memorization import check_memorization_files
     from dagan_gn.training.checkpoint import latest_checkpoint
-    from dagan_gn.training.trainer import train
+    from dagan_gn.jobs.train import train
 
     if args.smoke:
         args.per_class, args.test_per_class, args.steps, args.n = min(args.per_class, 10), 10, 4, 2

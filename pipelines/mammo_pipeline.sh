@@ -17,7 +17,7 @@ N_VARIANTS=${N_VARIANTS:-10}        # synthetic variants per real training patch
 if [[ -z "${DICOM_DIR:-}" ]]; then
   # Demo mode: synthetic DICOMs with lesion labels; 64-px patches and a tiny DAGAN so it runs on a laptop CPU.
   echo "DICOM_DIR not set: running on a synthetic demo archive in $WORK/demo"
-  python -c "from dagan_gn.data.synthetic import make_demo_archive; make_demo_archive('$WORK/demo', n_patients=12, seed=$SEED)"
+  python -c "from dagan_gn.phantom.mammogram import make_demo_archive; make_demo_archive('$WORK/demo', n_patients=12, seed=$SEED)"
   DICOM_DIR="$WORK/demo/dicom"
   LABELS="$WORK/demo/labels.csv"
   PATCH_SIZE=${PATCH_SIZE:-64}
@@ -44,7 +44,7 @@ if [[ ! -f "$WORK/patches.h5" ]]; then
 fi
 
 # 2. The conditional DAGAN, on the train split only (number of classes taken from the patch file).
-NUM_CLASSES=$(python -c "from dagan_gn.data.store import PatchFile; print(len(PatchFile('$WORK/patches.h5').class_names))")
+NUM_CLASSES=$(python -c "from dagan_gn.store.patch_file import PatchFile; print(len(PatchFile('$WORK/patches.h5').class_names))")
 # shellcheck disable=SC2086
 dagan train --config "$CONFIG" --data "$WORK/patches.h5" --out "$WORK/run" --steps "$STEPS" --seed "$SEED" \
   --device "$DEVICE" --resume model.num_classes="$NUM_CLASSES" $TRAIN_OVERRIDES

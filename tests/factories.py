@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from dagan_gn.data.store import PatchWriter, to_uint16
+from dagan_gn.store.patch_file import PatchWriter, to_uint16
 
 SIZE = 64
 CLASSES = ["normal", "benign", "malignant"]
@@ -36,7 +36,7 @@ def make_checkpoint(run_dir, patch_path, *, num_classes=3, steps=2):
     """A tiny conditional DAGAN trained for ``steps`` steps on the train split of ``patch_path`` (EMA on)."""
     from dagan_gn.config import ExperimentConfig
     from dagan_gn.nets.dagan import dagan_preset
-    from dagan_gn.training.trainer import train
+    from dagan_gn.jobs.train import train
 
     cfg = ExperimentConfig()
     cfg.model = dataclasses.replace(cfg.model, name="dagan", **dagan_preset("tiny"))

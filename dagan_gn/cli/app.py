@@ -7,11 +7,17 @@ from typing import Iterator, NoReturn
 
 import typer
 
+from dagan_gn.errors import DaganError
+
+#: ``-h`` and ``--help`` on every command and group (set once here, inherited by every command of an app).
+HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
+
+
 def command_group(name: str, help: str) -> typer.Typer:
     """A typer app with the project's settings: help when called bare, no shell-completion options, plain
     tracebacks (commands report their own errors through :func:`reported_errors`)."""
     return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False)
+                       pretty_exceptions_enable=False, context_settings=HELP_OPTIONS)
 
 
 app = command_group(
@@ -33,12 +39,13 @@ def fail(error: BaseException | str, code: int = 2) -> NoReturn:
 
 @contextlib.contextmanager
 def reported_errors(*known: type[BaseException], interrupted: str = "interrupted") -> Iterator[None]:
-    """Turn the ``known`` exceptions into a one-line message and exit code 2, and Ctrl-C into ``interrupted`` and
-    exit code 130, so a user never sees a bare traceback for a bad input."""
+    """Turn a :class:`~dagan_gn.errors.DaganError` (and the ``known`` exceptions) into a one-line message and exit
+    code 2, and Ctrl-C into ``interrupted`` and exit code 130, so a user never sees a bare traceback for a bad input;
+    any other exception is a bug and keeps its traceback."""
     try:
         yield
     except KeyboardInterrupt:
         typer.echo(interrupted, err=True)
         raise typer.Exit(130) from None
-    except known as exc:
+    except (DaganError, *known) as exc:
         fail(exc)

@@ -14,7 +14,6 @@ import typer
 
 from dagan_gn.cli.app import app, fail, reported_errors
 
-_CTX = {"help_option_names": ["-h", "--help"]}
 
 
 def _names(values: Optional[List[str]]) -> list[str] | None:
@@ -25,7 +24,7 @@ def _names(values: Optional[List[str]]) -> list[str] | None:
     return out or None
 
 
-@app.command("augment", context_settings=_CTX)
+@app.command("augment")
 def augment_command(
     in_path: Path = typer.Option(..., "--in", "-i", help="Real patch file (from `dagan extract-patches`)."),
     checkpoint: Path = typer.Option(..., "--checkpoint", "-c", help="Run folder (its newest checkpoint) or a "
@@ -53,7 +52,7 @@ def augment_command(
 
     An interrupted run leaves OUT.partial; running the same command again finishes it without duplicates.
     """
-    from dagan_gn.augment import AugmentError, augment
+    from dagan_gn.jobs.augment import AugmentError, augment
 
     with reported_errors(AugmentError, ValueError, OSError, RuntimeError,
                          interrupted=f"interrupted; run the same command again to finish {out}"):
@@ -65,7 +64,7 @@ def augment_command(
         typer.echo(f"contact sheet: {report.contact_sheet}")
 
 
-@app.command("evaluate-augmentation", context_settings=_CTX)
+@app.command("evaluate-augmentation")
 def evaluate_augmentation_command(
     real: Path = typer.Option(..., "--real", help="Real patch file: its train split trains the classifier, its "
                               "test split (held-out patients) evaluates it."),
@@ -95,7 +94,8 @@ def evaluate_augmentation_command(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train the same classifier on real / +albumentations / +DAGAN / +both data and compare test accuracy and AUC."""
-    from dagan_gn.metrics.downstream import REGIMES, DownstreamConfig, evaluate_augmentation_files
+    from dagan_gn.jobs.downstream import evaluate_augmentation_files
+    from dagan_gn.metrics.downstream import REGIMES, DownstreamConfig
 
     chosen = _names(regimes) or [r for r in REGIMES if synthetic is not None or "dagan" not in r and "both" not in r]
     try:
@@ -113,7 +113,7 @@ def evaluate_augmentation_command(
     typer.echo(f"report: {out / 'downstream.md'}, chart: {out / 'downstream.png'}")
 
 
-@app.command("check-memorization", context_settings=_CTX)
+@app.command("check-memorization")
 def check_memorization_command(
     real: Path = typer.Option(..., "--real", help="Real patch file the generator was trained on."),
     synthetic: Path = typer.Option(..., "--synthetic", help="Synthetic patch file from `dagan augment`."),
@@ -137,8 +137,8 @@ def check_memorization_command(
                                 "pipelines)."),
 ) -> None:
     """Nearest-training-patch distances of synthetic patches vs the held-out baseline: near-copies, patient copies."""
-    from dagan_gn.data.store import StoreError
-    from dagan_gn.metrics.memorization import check_memorization_files
+    from dagan_gn.store.patch_file import StoreError
+    from dagan_gn.jobs.memorization import check_memorization_files
 
     if feature not in ("random-conv", "none"):
         fail(f"--feature must be random-conv or none, got {feature!r}")

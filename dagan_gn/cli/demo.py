@@ -24,7 +24,7 @@ def demo(
 
     Look at OUT/contact_sheet.png (source patches and their synthetic variants) and OUT/run/samples/*.png.
     """
-    from dagan_gn.demo import run_demo
+    from dagan_gn.jobs.demo import run_demo
 
     run_demo(out, seed=seed, n_patients=patients, patch_size=patch_size, steps=steps, n_variants=variants,
              device=device, progress=not quiet, log=typer.echo)

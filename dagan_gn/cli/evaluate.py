@@ -20,7 +20,6 @@ benchmark_app = command_group(
 )
 app.add_typer(benchmark_app, name="benchmark")
 
-_HELP = {"help_option_names": ["-h", "--help"]}
 
 
 def _split_list(text: Optional[str]) -> Optional[list[str]]:
@@ -31,9 +30,9 @@ def _split_list(text: Optional[str]) -> Optional[list[str]]:
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from dagan_gn.config import ConfigError
-    from dagan_gn.data.cifar10 import Cifar10FormatError
+    from dagan_gn.datasets.cifar10 import Cifar10FormatError
     from dagan_gn.metrics.inception import InceptionWeightsUnavailable
-    from dagan_gn.studies.cifar10_norms import StudyError
+    from dagan_gn.jobs.cifar10_study import StudyError
     from dagan_gn.training.checkpoint import CheckpointError
     from dagan_gn.training.trainer import TrainingError
 
@@ -41,7 +40,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
             ValueError, FileNotFoundError, OSError, RuntimeError)
 
 
-@app.command("evaluate", context_settings=_HELP)
+@app.command("evaluate")
 def evaluate_command(
     checkpoint: Path = typer.Option(..., "--checkpoint", help="Run folder (its newest checkpoint) or a checkpoint file."),
     data: Optional[Path] = typer.Option(
@@ -81,7 +80,7 @@ def evaluate_command(
     from dagan_gn.fileio import atomic_write_text
 
     with reported_errors(*_known_errors()):
-        from dagan_gn.metrics.fidelity import evaluate_checkpoint
+        from dagan_gn.jobs.evaluate import evaluate_checkpoint
 
         result = evaluate_checkpoint(
             checkpoint, data, metrics=_split_list(metrics) or [], num_samples=num_samples,
@@ -95,7 +94,7 @@ def evaluate_command(
     typer.echo(text)
 
 
-@benchmark_app.command("cifar10", context_settings=_HELP)
+@benchmark_app.command("cifar10")
 def benchmark_cifar10_command(
     data: Path = typer.Option(..., "--data", help="CIFAR-10: cifar-10-python.tar.gz, cifar-10-batches-py/, or an "
                               "image zip/tree of <split>/<class>/*.png|jpg. Nothing is downloaded."),
@@ -125,7 +124,7 @@ def benchmark_cifar10_command(
     """The CIFAR-10 normalization study: architecture × critic norm × generator norm × seed, each cell trained with
     WGAN-GP and scored (FID, KID, IS when available, reconstruction error, wall time, it/s), in one results folder."""
     with reported_errors(*_known_errors(), interrupted="interrupted: re-run the same command to resume"):
-        from dagan_gn.studies.cifar10_norms import run_study
+        from dagan_gn.jobs.cifar10_study import run_study
 
         seed_list = [int(s) for s in _split_list(seeds)] if seeds is not None else None
         report = run_study(

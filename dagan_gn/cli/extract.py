@@ -68,10 +68,10 @@ def extract_patches_cmd(
 
     Exit code 0: all files used; 3: some files were skipped (see OUT.report.json); 2: fatal error."""
     _setup_logging(quiet)
-    from dagan_gn.data.extract import ExtractError, extract_patches
+    from dagan_gn.jobs.extract_patches import ExtractError, extract_patches
 
     try:
-        from dagan_gn.data.privacy import parse_split_fractions
+        from dagan_gn.ingest.privacy import parse_split_fractions
 
         fractions = parse_split_fractions(split)
     except ValueError as exc:
@@ -107,7 +107,7 @@ def merge_patches_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Merged HDF5 patch file (written atomically)."),
 ) -> None:
     """Join patch files (same patch size, format and salt) into one; class tables are unified."""
-    from dagan_gn.data.store import StoreError, merge_patch_files
+    from dagan_gn.store.patch_file import StoreError, merge_patch_files
 
     if out.resolve() in {p.resolve() for p in inputs}:
         fail(f"--out {out} is also an input")
@@ -116,7 +116,7 @@ def merge_patches_cmd(
     except StoreError as exc:
         fail(str(exc))
         return
-    from dagan_gn.data.store import PatchFile
+    from dagan_gn.store.patch_file import PatchFile
 
     with PatchFile(merged) as pf:
         typer.echo(f"{merged}: {len(pf)} patches from {len(inputs)} files, classes {pf.class_names}")

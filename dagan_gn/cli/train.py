@@ -15,7 +15,7 @@ import typer
 from dagan_gn.cli.app import app, reported_errors
 
 
-@app.command("train", context_settings={"help_option_names": ["-h", "--help"]})
+@app.command("train")
 def train_command(
     overrides: Optional[List[str]] = typer.Argument(
         None,
@@ -50,7 +50,8 @@ def train_command(
     """
     from dagan_gn.config import ConfigError, load_config
     from dagan_gn.training.checkpoint import CheckpointError
-    from dagan_gn.training.trainer import TrainingError, train
+    from dagan_gn.jobs.train import train
+    from dagan_gn.training.trainer import TrainingError
 
     items = list(overrides or [])
     if data is not None:

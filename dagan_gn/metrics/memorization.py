@@ -21,11 +21,9 @@ the numbers of patches.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,8 +37,6 @@ __all__ = [
     "SpaceResult",
     "MemorizationReport",
     "check_memorization",
-    "check_memorization_files",
-    "write_memorization_report",
 ]
 
 
@@ -355,116 +351,3 @@ def check_memorization(
         max_near_copy_fraction=float(max_near_copy_fraction), per_sample=per_sample,
     )
 
-
-def write_memorization_report(report: MemorizationReport, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``memorization.md`` and ``memorization.json`` (atomically) into ``out_dir``; returns their paths."""
-    from dagan_gn.fileio import atomic_write_text
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = {"markdown": out_dir / "memorization.md", "json": out_dir / "memorization.json"}
-    atomic_write_text(paths["markdown"], report.to_markdown())
-    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2, default=_json_default))
-    return paths
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    raise TypeError(f"cannot serialise {type(o)}")
-
-
-def check_memorization_files(
-    real_path: str | Path,
-    synthetic_path: str | Path,
-    out_dir: str | Path | None = None,
-    *,
-    train_split: str = "train",
-    heldout_splits: Sequence[str] = ("val", "test"),
-    max_train: int | None = None,
-    max_synthetic: int | None = None,
-    percentile: float = 1.0,
-    copy_factor: float = 0.5,
-    feature_extractor: Callable[[torch.Tensor], torch.Tensor] | str | None = "random-conv",
-    chunk_size: int = 1024,
-    device: str = "cpu",
-    seed: int = 0,
-) -> MemorizationReport:
-    """:func:`check_memorization` on patch files: the real file's ``train_split`` is the training set, its
-    ``heldout_splits`` the baseline, and the synthetic file (from ``dagan augment``) is checked against them.
-
-    Patient pseudonyms come from the ``patient_pseudonym`` provenance columns; the source of each synthetic patch from
-    its ``source_index`` column (a row of the real file). ``max_train`` / ``max_synthetic`` subsample (seeded) very
-    large files; the sources of the checked synthetic patches are always kept in the training set.
-    Writes ``memorization.md`` / ``memorization.json`` to ``out_dir`` when given.
-    """
-    from dagan_gn.data.store import PatchFile
-    from dagan_gn.runtime import resolve_device
-
-    with PatchFile(real_path) as real, PatchFile(synthetic_path) as syn:
-        if not syn.synthetic:
-            raise ValueError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")
-        if real.synthetic:
-            raise ValueError(f"{real_path}: is a synthetic patch file; pass the real patches the generator saw")
-        if (syn.patch_size, syn.channels) != (real.patch_size, real.channels):
-            raise ValueError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but {real_path} "
-                             f"{real.channels}×{real.patch_size}px")
-        train_sel = real.split_indices(train_split)
-        held_sel = np.sort(np.concatenate([real.split_indices(s) for s in heldout_splits] or [np.zeros(0, int)]))
-        if len(train_sel) == 0:
-            raise ValueError(f"{real_path}: split {train_split!r} is empty")
-        if len(held_sel) == 0:
-            raise ValueError(f"{real_path}: held-out split(s) {', '.join(heldout_splits)} are empty; the near-copy "
-                             "threshold needs held-out real patches")
-        rng = np.random.default_rng(seed)
-        syn_sel = np.arange(len(syn))
-        if max_synthetic is not None and len(syn_sel) > max_synthetic:
-            syn_sel = np.sort(rng.choice(syn_sel, max_synthetic, replace=False))
-        src_global = syn.provenance("source_index") if "source_index" in syn.provenance_columns else None
-        if src_global is not None:
-            src_global = src_global[syn_sel].astype(np.int64)
-        if max_train is not None and len(train_sel) > max_train:
-            keep = rng.choice(train_sel, max_train, replace=False)
-            if src_global is not None:
-                keep = np.union1d(keep, np.intersect1d(src_global, train_sel))
-            train_sel = np.sort(keep)
-        source_index = None
-        if src_global is not None:
-            # source_index in the synthetic file is a row of the real file: map it to positions in the train set.
-            pos = {int(g): k for k, g in enumerate(train_sel)}
-            source_index = np.array([pos.get(int(g), -1) for g in src_global])
-        train_patient = source_patient = None
-        if "patient_pseudonym" in real.provenance_columns:
-            real_pat = real.provenance("patient_pseudonym")
-            train_patient = real_pat[train_sel]
-            if "patient_pseudonym" in syn.provenance_columns:
-                source_patient = syn.provenance("patient_pseudonym")[syn_sel]
-            elif src_global is not None:
-                source_patient = real_pat[src_global]
-        images = [_read_images(pf, sel) for pf, sel in ((syn, syn_sel), (real, train_sel), (real, held_sel))]
-    report = check_memorization(
-        *images, source_index=source_index, source_patient=source_patient, train_patient=train_patient,
-        feature_extractor=feature_extractor, percentile=percentile, copy_factor=copy_factor, chunk_size=chunk_size,
-        device=resolve_device(device), seed=seed,
-    )
-    report.meta.update(real=Path(real_path).name, synthetic=Path(synthetic_path).name, train_split=train_split,
-                       heldout_splits=list(heldout_splits), seed=seed, percentile=percentile, copy_factor=copy_factor)
-    if out_dir is not None:
-        write_memorization_report(report, out_dir)
-    return report
-
-
-def _read_images(pf: Any, rows: np.ndarray, block: int = 512) -> torch.Tensor:
-    """Rows (sorted) of a ``PatchFile`` as float32 in [-1, 1], read in blocks so memory holds only the result."""
-    from dagan_gn.data.store import uint16_to_signed
-
-    out = np.empty((len(rows), *pf.patches.shape[1:]), dtype=np.float32)
-    for s in range(0, len(rows), block):
-        idx = np.asarray(rows[s : s + block])
-        if len(idx) and idx[-1] - idx[0] + 1 == len(idx):  # contiguous rows: one fast slice
-            out[s : s + len(idx)] = uint16_to_signed(pf.patches[int(idx[0]) : int(idx[-1]) + 1])
-        else:
-            out[s : s + len(idx)] = uint16_to_signed(pf.patches[idx.tolist()])
-    return torch.from_numpy(out)

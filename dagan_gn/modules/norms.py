@@ -28,6 +28,8 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from dagan_gn.errors import DaganError
+
 __all__ = [
     "NormSpec",
     "NormSpecError",
@@ -47,7 +49,7 @@ __all__ = [
 NormSpec = Union[None, str, tuple, list, dict]
 
 
-class NormSpecError(ValueError):
+class NormSpecError(DaganError, ValueError):
     """An invalid normalization spec (unknown name, bad arguments, groups that do not divide channels)."""
 
 

@@ -2,8 +2,7 @@
 
 Public entry points::
 
-    from dagan_gn.training import train, load_generator
-    run_dir = train(cfg, "runs/exp1")                      # what `dagan train` calls
+    from dagan_gn.training import load_generator
     G, cfg, path = load_generator("runs/exp1", device="cpu")  # the EMA generator of the newest checkpoint
 """
 
@@ -15,10 +14,9 @@ from dagan_gn.training.checkpoint import (
     save_checkpoint,
 )
 from dagan_gn.training.losses import LOSSES, get_loss, gradient_penalty
-from dagan_gn.training.trainer import Trainer, TrainingError, train
+from dagan_gn.training.trainer import Trainer, TrainingError
 
 __all__ = [
-    "train",
     "Trainer",
     "TrainingError",
     "LOSSES",

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dagan_gn.errors import DaganError
 from dagan_gn.config import ExperimentConfig, config_from_dict
 from dagan_gn.fileio import atomic_path
 
@@ -50,7 +51,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(DaganError, RuntimeError):
     """A checkpoint is missing, unreadable, of an unknown format, or does not fit the networks."""
 
 

@@ -21,6 +21,8 @@ from typing import Callable, Sequence, Union
 import torch
 import torch.nn.functional as F
 
+from dagan_gn.errors import DaganError
+
 __all__ = [
     "GANLoss",
     "WassersteinLoss",
@@ -36,7 +38,7 @@ __all__ = [
 Images = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-class LossError(ValueError):
+class LossError(DaganError, ValueError):
     """Unknown loss name or invalid loss arguments."""
 
 

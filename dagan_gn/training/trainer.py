@@ -1,4 +1,4 @@
-"""The training loop shared by every GAN in dagan-gn, and :func:`train`, what ``dagan train`` calls.
+"""The training loop shared by every GAN in dagan-gn (the ``train`` job, :mod:`dagan_gn.jobs.train`, runs it).
 
 One generator step = ``optim.n_critic`` critic updates (each on a fresh batch) + one generator update (on the last
 critic batch's images/labels). ``train.steps`` counts generator steps, and so do checkpoints, logs and grids.
@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from dagan_gn.errors import DaganError
 from dagan_gn.config import ExperimentConfig, config_from_dict, resume_mismatches, save_config
 from dagan_gn.runtime import resolve_device, seed_everything
 from dagan_gn.training import distributed as dist_utils
@@ -44,10 +45,10 @@ from dagan_gn.training.logging import RunLogger, plot_loss_curves, save_image_gr
 from dagan_gn.training.losses import get_loss
 from dagan_gn.training.models import GANModel, build_train_model
 
-__all__ = ["TrainingError", "Trainer", "train", "build_dataset", "ResumableSampler", "InfiniteBatches"]
+__all__ = ["TrainingError", "Trainer", "build_dataset", "ResumableSampler", "InfiniteBatches"]
 
 
-class TrainingError(RuntimeError):
+class TrainingError(DaganError, RuntimeError):
     """A training run cannot start or continue; the message says why and what to change."""
 
 
@@ -159,7 +160,7 @@ def _limit_patches_per_class(ds: Any, limit: int, seed: int) -> Any:
         return ds
     import copy
 
-    from dagan_gn.data.cifar10 import limit_indices_per_class
+    from dagan_gn.datasets.cifar10 import limit_indices_per_class
 
     keep = limit_indices_per_class(ds.labels, limit, seed)
     limited = copy.copy(ds)
@@ -177,7 +178,7 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
     if not path.exists():
         raise TrainingError(f"training data {path} does not exist")
     if data.kind == "patches":
-        from dagan_gn.data.datasets import PatchDataset
+        from dagan_gn.datasets.patches import PatchDataset
 
         try:
             base = PatchDataset(path, split=data.split, classes=list(data.classes) or None)
@@ -189,7 +190,7 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
             )
         base = _limit_patches_per_class(base, data.limit_per_class, cfg.train.seed)
         if cfg.model.name == "dagan":
-            from dagan_gn.data.datasets import SameClassPairDataset
+            from dagan_gn.datasets.patches import SameClassPairDataset
 
             labels = _dataset_labels(base)
             names = list(getattr(base, "class_names", []) or [])
@@ -208,7 +209,7 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
                 raise TrainingError(f"{path}: {exc}") from exc
         return base
     if data.kind == "cifar10":
-        from dagan_gn.data.cifar10 import CIFAR10Dataset
+        from dagan_gn.datasets.cifar10 import CIFAR10Dataset
 
         try:
             ds = CIFAR10Dataset(path, split="train", limit_per_class=data.limit_per_class, seed=cfg.train.seed)
@@ -695,23 +696,3 @@ class Trainer:
         self.logger.close()
         dist_utils.cleanup_distributed(self.dist)
 
-
-def train(
-    cfg: ExperimentConfig,
-    out_dir: str | Path,
-    *,
-    resume: bool = False,
-    dataset: Dataset | None = None,
-    networks: tuple[nn.Module, nn.Module] | None = None,
-    stop_at: int | None = None,
-) -> Path:
-    """Train a GAN as configured and return the run folder (see ``docs/training.md``).
-
-    ``stop_at`` stops after that generator step with a checkpoint, exactly as an interrupted run would (the linear
-    LR schedule still targets ``train.steps``); used to test resumption.
-    """
-    trainer = Trainer(cfg, out_dir, resume=resume, dataset=dataset, networks=networks)
-    try:
-        return trainer.fit(stop_at=stop_at)
-    finally:
-        trainer.close()

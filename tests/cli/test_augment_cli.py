@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from dagan_gn.cli import app
-from dagan_gn.data.store import PatchFile, PatchWriter, to_uint16
+from dagan_gn.store.patch_file import PatchFile, PatchWriter, to_uint16
 
 runner = CliRunner()
 

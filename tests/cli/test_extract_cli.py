@@ -9,14 +9,14 @@ import pytest
 from typer.testing import CliRunner
 
 from dagan_gn.cli import app
-from dagan_gn.data.store import PatchFile
+from dagan_gn.store.patch_file import PatchFile
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    from dagan_gn.data.synthetic import make_demo_archive
+    from dagan_gn.phantom.mammogram import make_demo_archive
 
     return make_demo_archive(tmp_path_factory.mktemp("cli"), n_patients=2, seed=1, size=(512, 384))
 

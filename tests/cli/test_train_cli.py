@@ -21,7 +21,7 @@ FAST = ["data.batch_size=4", "optim.n_critic=1", "train.sample_every=1", "train.
 
 
 def _write_patches(path: Path, counts: dict[str, int], size: int = 64, val: int = 0) -> Path:
-    from dagan_gn.data.store import PatchWriter, to_uint16
+    from dagan_gn.store.patch_file import PatchWriter, to_uint16
 
     rng = np.random.default_rng(0)
     labels, split = [], []

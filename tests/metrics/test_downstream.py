@@ -9,18 +9,17 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from dagan_gn.data.store import PatchWriter, to_uint16
+from dagan_gn.store.patch_file import PatchWriter, to_uint16
 from dagan_gn.metrics.downstream import (
     REGIMES,
     DownstreamConfig,
     build_classifier,
     classical_augmentation,
     evaluate_augmentation,
-    evaluate_augmentation_files,
     evaluate_classifier,
     mean_ci,
-    write_downstream_report,
 )
+from dagan_gn.jobs.downstream import evaluate_augmentation_files, write_downstream_report
 
 TINY = DownstreamConfig(width=4, epochs=2, batch_size=8, seeds=[0, 1], device="cpu")
 

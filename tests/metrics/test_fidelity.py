@@ -132,8 +132,8 @@ def _tiny_cifar_run(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
     from test_cifar10 import write_python_archive
 
-    from dagan_gn.studies.cifar10_norms import PRESETS, Cell, cell_config
-    from dagan_gn.training.trainer import train
+    from dagan_gn.jobs.cifar10_study import PRESETS, Cell, cell_config
+    from dagan_gn.jobs.train import train
 
     archive = tmp_path / "cifar-10-python.tar.gz"
     write_python_archive(archive, per_batch=20, test=20)

@@ -12,8 +12,8 @@ from dagan_gn.metrics.memorization import (
     RandomConvFeatures,
     check_memorization,
     nearest_neighbors,
-    write_memorization_report,
 )
+from dagan_gn.jobs.memorization import write_memorization_report
 
 
 def smooth_images(n: int, seed: int, size: int = 16) -> torch.Tensor:
@@ -112,8 +112,8 @@ def test_report_files(tmp_path):
 
 
 def test_files_flag_planted_patient_copy(tmp_path):
-    from dagan_gn.data.store import PatchWriter, to_uint16
-    from dagan_gn.metrics.memorization import check_memorization_files
+    from dagan_gn.store.patch_file import PatchWriter, to_uint16
+    from dagan_gn.jobs.memorization import check_memorization_files
 
     imgs = smooth_images(40, seed=11)
     patients = [f"p{i // 4}" for i in range(40)]

@@ -10,7 +10,8 @@ from torch import nn
 from training_testutils import CIFAR_TINY, TinyImages, TinyPairs, make_cfg
 
 from dagan_gn.training.checkpoint import latest_checkpoint, load_checkpoint
-from dagan_gn.training.trainer import InfiniteBatches, Trainer, TrainingError, train
+from dagan_gn.jobs.train import train
+from dagan_gn.training.trainer import InfiniteBatches, Trainer, TrainingError
 
 
 def _params(module: nn.Module) -> dict[str, torch.Tensor]:

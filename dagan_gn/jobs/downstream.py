@@ -1,0 +1,79 @@
+"""The ``evaluate-augmentation`` job: :func:`~dagan_gn.metrics.downstream.evaluate_augmentation` on patch files,
+and its report files."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from dagan_gn.metrics.downstream import REGIMES, DownstreamConfig, DownstreamReport, evaluate_augmentation
+
+__all__ = ["evaluate_augmentation_files", "write_downstream_report"]
+
+
+def write_downstream_report(report: DownstreamReport, out_dir: str | os.PathLike) -> dict[str, Path]:
+    """``downstream.md`` (table), ``downstream.json`` (every run) and ``downstream.png`` (bar chart) in ``out_dir``."""
+    from dagan_gn.fileio import atomic_write_text
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"markdown": out_dir / "downstream.md", "json": out_dir / "downstream.json",
+             "png": out_dir / "downstream.png"}
+    atomic_write_text(paths["markdown"], report.to_markdown())
+    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2, default=str))
+    report.plot(paths["png"])
+    return paths
+
+
+def evaluate_augmentation_files(
+    real_path: str | os.PathLike,
+    synthetic_path: str | os.PathLike | None,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    train_split: str = "train",
+    test_split: str = "test",
+    classes: Sequence[str] | None = None,
+    config: DownstreamConfig | None = None,
+    regimes: Sequence[str] = REGIMES,
+    progress: bool = True,
+) -> DownstreamReport:
+    """:func:`evaluate_augmentation` on patch files: ``train_split`` of the real file for training, its
+    ``test_split`` (held-out patients) for evaluation, and the synthetic file (``dagan augment``) for the DAGAN
+    regimes. Writes the report to ``out_dir`` when given."""
+    from dagan_gn.datasets.patches import PatchDataset
+
+    if train_split == test_split:
+        raise ValueError(f"train and test split are both {train_split!r}: evaluation would not be held out")
+    real = PatchDataset(real_path, split=train_split, classes=list(classes) if classes else None)
+    test = PatchDataset(real_path, split=test_split, classes=list(classes) if classes else None)
+    if len(real) == 0:
+        raise ValueError(f"{real_path}: the {train_split!r} split has no patches")
+    if len(test) == 0:
+        raise ValueError(f"{real_path}: the {test_split!r} split has no patches to evaluate on")
+    synthetic = None
+    if synthetic_path is not None:
+        from dagan_gn.store.patch_file import PatchFile
+
+        with PatchFile(synthetic_path) as pf:
+            if not pf.synthetic:
+                raise ValueError(f"{synthetic_path} is not a synthetic patch file (made by `dagan augment`)")
+            syn_classes = list(pf.class_names)
+            split_present = [pf.split_names[s] for s in np.unique(pf.split)]
+        if syn_classes != list(PatchDataset(real_path, split=train_split).class_names):
+            raise ValueError(f"{synthetic_path} has classes {syn_classes}, not those of {real_path}")
+        if test_split in split_present:
+            raise ValueError(
+                f"{synthetic_path} contains variants of {test_split!r} patches: evaluating on that split would leak"
+            )
+        synthetic = PatchDataset(synthetic_path, split=train_split, classes=list(classes) if classes else None)
+    report = evaluate_augmentation(real, test, synthetic, num_classes=len(real.class_names),
+                                   class_names=real.class_names, config=config, regimes=regimes, progress=progress)
+    report.meta.update(real=str(real_path), synthetic=None if synthetic_path is None else str(synthetic_path),
+                       train_split=train_split, test_split=test_split)
+    if out_dir is not None:
+        write_downstream_report(report, out_dir)
+    return report

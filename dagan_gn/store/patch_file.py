@@ -1,0 +1,714 @@
+"""The HDF5 patch file: one format for extracted (real) and generated (synthetic) patches.
+
+Layout (``FORMAT_VERSION`` 1, documented for users in ``docs/hdf5-format.md``)::
+
+    /patches              uint16 [N, C, S, S]   value v means intensity v / 65535 in [0, 1]; chunk = one patch,
+                                                gzip (+ byte shuffle) or lzf compressed, so random access is cheap
+    /labels               int32  [N]            index into the ``class_names`` attribute
+    /split                uint8  [N]            index into the ``split_names`` attribute (train / val / test)
+    /provenance/<column>  [N] or [N, ...]       generic, per-patch columns declared by the writer (name -> dtype)
+    /sources              str    [M]            pseudonymous ids of the source images (``source_index`` points here)
+    /_resume/done_sources str    [K]            opaque keys of the inputs already written (resume bookkeeping)
+    attrs: format_version, tool_version, created (UTC ISO-8601), parameters (JSON), synthetic (bool),
+           class_names, split_names, patch_size, channels, plus any extra attributes given by the writer
+           (dicts/lists are stored as JSON strings).
+
+Writing (extraction, and ``augment`` for synthetic files)::
+
+    from dagan_gn.store.patch_file import PatchWriter, PatchFile, to_uint16
+
+    columns = {"patient_pseudonym": "str", "source_index": "int64", "noise_seed": "int64"}
+    with PatchWriter("synthetic.h5", patch_size=64, class_names=["normal", "benign"], provenance=columns,
+                     synthetic=True, parameters={"n_per_source": 4},
+                     attrs={"checkpoint_sha256": sha, "generator_config": cfg_dict}) as writer:
+        writer.append(to_uint16(images01), labels, split, {"patient_pseudonym": ..., "source_index": ...,
+                                                          "noise_seed": ...})
+    # leaving the ``with`` block normally renames ``synthetic.h5.partial`` onto ``synthetic.h5``;
+    # an exception leaves only the ``.partial`` file, which never looks like a finished output.
+
+Column specs are a numpy dtype name (``"int32"``, ``"float32"``, ``"uint8"``...), ``"str"`` (UTF-8, at most 64
+bytes; ``"strN"`` for at most N bytes)
+or a ``(dtype, trailing_shape)`` tuple such as ``("int32", (2,))`` for ``center_yx``. ``EXTRACTION_PROVENANCE``
+holds the columns written by ``dagan extract-patches``.
+
+Resume: ``writer.commit(key)`` records that input ``key`` is fully written and flushes the file; a writer opened
+with ``resume=True`` on an existing ``.partial`` file truncates every dataset back to the last commit (so rows of an
+input that was half-written when the process died are dropped and written again) and exposes ``done_sources``.
+
+Reading: ``PatchFile(path)`` gives ``len``, ``patches`` (lazy h5py dataset), ``labels``, ``split``, ``class_names``,
+``split_names``, ``provenance(name)``, ``sources``, ``attrs`` and ``parameters``. ``merge_patch_files(inputs, out)``
+concatenates shards (same patch size, channels, format version and provenance columns; class tables are unified
+and labels remapped when they differ).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence, Union
+
+import h5py
+import numpy as np
+
+import dagan_gn
+
+from dagan_gn.errors import DaganError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "SPLIT_NAMES",
+    "EXTRACTION_PROVENANCE",
+    "ColumnSpec",
+    "StoreError",
+    "PatchWriter",
+    "PatchFile",
+    "merge_patch_files",
+    "encode_patch_chunks",
+    "partial_path",
+    "to_uint16",
+    "uint16_to_unit",
+    "uint16_to_signed",
+]
+
+FORMAT_VERSION = 1
+SPLIT_NAMES: tuple[str, ...] = ("train", "val", "test")
+ColumnSpec = Union[str, tuple]
+
+#: Provenance columns of an extracted (real) patch file. No paths, names, dates or UIDs: only salted pseudonyms.
+EXTRACTION_PROVENANCE: dict[str, ColumnSpec] = {
+    "patient_pseudonym": "str",
+    "image_pseudonym": "str",
+    "laterality": "str",
+    "view": "str",
+    "center_yx": ("int32", (2,)),
+    "pixel_spacing_mm": "float32",
+    "source_index": "int32",
+    "lesion_index": "int32",
+}
+
+# Strings are fixed-length UTF-8 (default 64 bytes): variable-length strings live in HDF5's global heap, which a
+# killed writer can leave inconsistent with the truncated datasets, breaking resume. Fixed-length ones are plain
+# chunked data like every other column.
+_STR_LEN = 64
+_STR_DTYPE = h5py.string_dtype("utf-8", _STR_LEN)
+_STR_SPEC = re.compile(r"^str(\d*)$")
+
+
+def _str_dtype(length: int) -> np.dtype:
+    return h5py.string_dtype("utf-8", int(length))
+
+
+def _is_str(dtype: Any) -> bool:
+    return isinstance(dtype, np.dtype) and h5py.check_string_dtype(dtype) is not None
+
+
+def _encode_strings(values: Any, dtype: np.dtype, what: str) -> np.ndarray:
+    encoded = [str(v).encode("utf-8") for v in values]
+    too_long = [v for v in encoded if len(v) > dtype.itemsize]
+    if too_long:
+        raise StoreError(f"{what}: value {too_long[0][:80]!r} is longer than {dtype.itemsize} bytes")
+    return np.asarray(encoded, dtype=dtype)
+_RESERVED_ATTRS = {
+    "format_version", "tool_version", "created", "parameters", "synthetic", "class_names", "split_names",
+    "patch_size", "channels", "committed_rows", "committed_sources", "committed_done",
+}
+
+
+class StoreError(DaganError, ValueError):
+    """A patch file is missing, incomplete, from another format version, or incompatible with an operation."""
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where a writer keeps an unfinished output: ``<path>.partial``."""
+    return Path(str(path) + ".partial")
+
+
+def to_uint16(images01: np.ndarray) -> np.ndarray:
+    """Float intensities in [0, 1] → the stored uint16 scale (rounded, clipped)."""
+    return np.clip(np.rint(np.asarray(images01, dtype=np.float32) * 65535.0), 0, 65535).astype(np.uint16)
+
+
+def uint16_to_unit(values: np.ndarray) -> np.ndarray:
+    """Stored uint16 → float32 intensity in [0, 1]."""
+    return np.asarray(values, dtype=np.float32) / 65535.0
+
+
+def uint16_to_signed(values: np.ndarray) -> np.ndarray:
+    """Stored uint16 → float32 in [-1, 1], the scale networks see (``v / 65535 * 2 - 1``)."""
+    return np.asarray(values, dtype=np.float32) / 65535.0 * 2.0 - 1.0
+
+
+def encode_patch_chunks(patches: np.ndarray, compression: str | None = "gzip", level: int = 4) -> list[bytes]:
+    """Encode uint16 [n, C, S, S] patches exactly as the file's filter pipeline would (byte shuffle, then zlib), one
+    chunk per patch, for :meth:`PatchWriter.append` ``encoded=``. Pure numpy/zlib, so worker processes can do it."""
+    patches = np.ascontiguousarray(patches, dtype=np.uint16)
+    out = []
+    for patch in patches:
+        if compression is None:
+            out.append(patch.tobytes())
+            continue
+        if compression != "gzip":
+            raise StoreError(f"cannot pre-encode {compression!r} chunks")
+        shuffled = patch.view(np.uint8).reshape(-1, 2).T.tobytes()  # HDF5 shuffle filter for 2-byte elements
+        out.append(zlib.compress(shuffled, level))
+    return out
+
+
+def _chunk_encoding(ds: h5py.Dataset) -> tuple[str | None, int] | None:
+    """``(compression, level)`` of a one-patch-per-chunk ``patches`` dataset whose chunks :func:`encode_patch_chunks`
+    can produce (and a writer can take as ``encoded=``); None otherwise. The level only matters for writing: any
+    gzip level decodes the same."""
+    if ds.chunks is None or ds.chunks[0] != 1 or tuple(ds.chunks[1:]) != tuple(ds.shape[1:]):
+        return None
+    if ds.compression is None and not ds.shuffle:
+        return (None, 0)
+    if ds.compression == "gzip" and ds.shuffle:
+        return ("gzip", int(ds.compression_opts))
+    return None
+
+
+def _column_dtype(spec: ColumnSpec) -> tuple[Any, tuple[int, ...]]:
+    if isinstance(spec, tuple):
+        dtype, shape = spec
+        shape = tuple(int(s) for s in shape)
+    else:
+        dtype, shape = spec, ()
+    if dtype is str:
+        dtype = "str"
+    match = _STR_SPEC.match(dtype) if isinstance(dtype, str) else None
+    if match:
+        return _str_dtype(int(match.group(1) or _STR_LEN)), shape
+    try:
+        return np.dtype(dtype), shape
+    except TypeError as exc:
+        raise StoreError(f"unknown provenance column dtype {dtype!r}") from exc
+
+
+def _spec_of_dataset(ds: h5py.Dataset) -> ColumnSpec:
+    if _is_str(ds.dtype):
+        name = "str" if ds.dtype.itemsize == _STR_LEN else f"str{ds.dtype.itemsize}"
+    else:
+        name = ds.dtype.name
+    return (name, tuple(ds.shape[1:])) if ds.ndim > 1 else name
+
+
+def _attr_value(value: Any) -> Any:
+    if isinstance(value, (dict, list, tuple)) and not (
+        isinstance(value, (list, tuple)) and value and all(isinstance(v, str) for v in value)
+    ):
+        return json.dumps(value, sort_keys=True, default=str)
+    if value is None:
+        return "null"
+    return value
+
+
+def _decode_attr(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode("utf-8")
+    if isinstance(value, np.ndarray) and value.dtype.kind in ("O", "S", "U"):
+        return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _read_column(ds: h5py.Dataset, sel: Any = slice(None)) -> np.ndarray:
+    if _is_str(ds.dtype):
+        return np.asarray(ds.asstr()[sel], dtype=object)
+    return ds[sel]
+
+
+class PatchWriter:
+    """Append-only writer of a patch file (see the module docstring for the layout and an example).
+
+    Args:
+        path: final output path; the writer works on ``<path>.partial`` and renames it in :meth:`finalize`.
+        patch_size: S of the S×S patches.
+        class_names: the label table (``labels`` index into it).
+        provenance: per-patch column name → spec (``"int32"``, ``"str"``, ``("int32", (2,))``...).
+        parameters: job parameters, stored as the JSON ``parameters`` attribute.
+        attrs: extra file attributes (dicts/lists stored as JSON strings), e.g. ``checkpoint_sha256``.
+        synthetic: True for generated patches.
+        channels: C of the N×C×S×S patches (1 for mammograms).
+        compression: ``"gzip"`` (portable, default), ``"lzf"`` (faster, h5py only) or None.
+        compression_level: gzip level 0–9.
+        resume: continue an existing ``.partial`` file (truncated to its last commit) instead of starting afresh.
+        overwrite_partial: start afresh even when a ``.partial`` file exists (otherwise that is an error, so an
+            interrupted run is never thrown away by accident).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        patch_size: int,
+        class_names: Sequence[str],
+        provenance: Mapping[str, ColumnSpec] = EXTRACTION_PROVENANCE,
+        parameters: Mapping[str, Any] | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        synthetic: bool = False,
+        channels: int = 1,
+        split_names: Sequence[str] = SPLIT_NAMES,
+        compression: str | None = "gzip",
+        compression_level: int = 4,
+        resume: bool = False,
+        overwrite_partial: bool = False,
+    ) -> None:
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+        self.patch_size = int(patch_size)
+        self.channels = int(channels)
+        self.class_names = [str(c) for c in class_names]
+        self.split_names = [str(s) for s in split_names]
+        self.columns = {name: _column_dtype(spec) for name, spec in provenance.items()}
+        self.resumed = False
+        self._finalized = False
+        if not self.class_names:
+            raise StoreError("class_names must not be empty")
+        bad = set(attrs or {}) & _RESERVED_ATTRS
+        if bad:
+            raise StoreError(f"attribute names {sorted(bad)} are reserved by the patch file format")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.partial.exists() and resume:
+            self._open_existing()
+        else:
+            if self.partial.exists() and not overwrite_partial:
+                raise StoreError(
+                    f"{self.partial} exists (an interrupted run); continue it with resume/--resume or delete it"
+                )
+            self._create(parameters or {}, attrs or {}, synthetic, compression, compression_level)
+
+    # ------------------------------------------------------------------ creation / resume
+    def _create(self, parameters, attrs, synthetic, compression, level) -> None:
+        self.partial.unlink(missing_ok=True)
+        f = h5py.File(self.partial, "w", track_order=True)
+        self._file = f
+        S, C = self.patch_size, self.channels
+        filters: dict[str, Any] = {}
+        if compression == "gzip":
+            filters = {"compression": "gzip", "compression_opts": int(level), "shuffle": True}
+        elif compression == "lzf":
+            filters = {"compression": "lzf", "shuffle": True}
+        elif compression is not None:
+            raise StoreError(f"unknown compression {compression!r}; use 'gzip', 'lzf' or None")
+        f.create_dataset("patches", shape=(0, C, S, S), maxshape=(None, C, S, S), dtype=np.uint16,
+                         chunks=(1, C, S, S), **filters)
+        f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
+        f.create_dataset("split", shape=(0,), maxshape=(None,), dtype=np.uint8, chunks=(4096,))
+        grp = f.create_group("provenance", track_order=True)
+        for name, (dtype, shape) in self.columns.items():
+            grp.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
+                               chunks=(1024, *shape))
+        f.create_dataset("sources", shape=(0,), maxshape=(None,), dtype=_STR_DTYPE, chunks=(1024,))
+        f.create_group("_resume").create_dataset("done_sources", shape=(0,), maxshape=(None,), dtype=_STR_DTYPE,
+                                                 chunks=(1024,))
+        f.attrs["format_version"] = FORMAT_VERSION
+        f.attrs["tool_version"] = dagan_gn.__version__
+        f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        f.attrs["parameters"] = json.dumps(dict(parameters), sort_keys=True, default=str)
+        f.attrs["synthetic"] = bool(synthetic)
+        f.attrs["class_names"] = self.class_names
+        f.attrs["split_names"] = self.split_names
+        f.attrs["patch_size"] = self.patch_size
+        f.attrs["channels"] = self.channels
+        for key, value in attrs.items():
+            f.attrs[key] = _attr_value(value)
+        self._done: list[str] = []
+        self._commit_counts()
+
+    def _open_existing(self) -> None:
+        try:
+            f = h5py.File(self.partial, "r+")
+        except OSError as exc:
+            raise StoreError(
+                f"{self.partial} cannot be opened to resume ({exc}); the process may have died during a write — "
+                "delete it and start again"
+            ) from exc
+        self._file = f
+        try:
+            version = int(f.attrs.get("format_version", -1))
+            if version != FORMAT_VERSION:
+                raise StoreError(f"{self.partial} has format version {version}, this tool writes {FORMAT_VERSION}")
+            size = int(f.attrs["patch_size"])
+            if size != self.patch_size:
+                raise StoreError(f"{self.partial} holds {size}px patches, the resumed run asks for {self.patch_size}")
+            classes = _decode_attr(f.attrs["class_names"])
+            if list(classes) != self.class_names:
+                raise StoreError(f"{self.partial} has classes {classes}, the resumed run has {self.class_names}")
+            on_disk = {name: _column_dtype(_spec_of_dataset(ds)) for name, ds in f["provenance"].items()}
+            if set(on_disk) != set(self.columns):
+                raise StoreError(
+                    f"{self.partial} has provenance columns {sorted(on_disk)}, the resumed run writes "
+                    f"{sorted(self.columns)}"
+                )
+            # Drop everything written after the last commit: it belongs to an input that was not finished.
+            rows = int(f.attrs["committed_rows"])
+            for ds in self._row_datasets():
+                ds.resize(rows, axis=0)
+            f["sources"].resize(int(f.attrs["committed_sources"]), axis=0)
+            done = f["_resume/done_sources"]
+            done.resize(int(f.attrs["committed_done"]), axis=0)
+            self._done = list(done.asstr()[:])
+            f.flush()
+        except BaseException:
+            f.close()
+            raise
+        self.resumed = True
+
+    def _row_datasets(self) -> list[h5py.Dataset]:
+        f = self._file
+        return [f["patches"], f["labels"], f["split"], *f["provenance"].values()]
+
+    def _commit_counts(self) -> None:
+        f = self._file
+        f.attrs["committed_rows"] = f["patches"].shape[0]
+        f.attrs["committed_sources"] = f["sources"].shape[0]
+        f.attrs["committed_done"] = f["_resume/done_sources"].shape[0]
+        f.flush()
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def num_patches(self) -> int:
+        """Rows written so far (committed or not)."""
+        return int(self._file["patches"].shape[0])
+
+    @property
+    def num_sources(self) -> int:
+        return int(self._file["sources"].shape[0])
+
+    @property
+    def done_sources(self) -> set[str]:
+        """Keys passed to :meth:`commit` (including those of a resumed file)."""
+        return set(self._done)
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        """The ``parameters`` attribute of the file being written (the original one when resuming)."""
+        return json.loads(_decode_attr(self._file.attrs["parameters"]))
+
+    def add_sources(self, source_ids: Sequence[str]) -> np.ndarray:
+        """Append pseudonymous source-image ids to the ``sources`` table; returns their indices (int32)."""
+        ds = self._file["sources"]
+        start = ds.shape[0]
+        ds.resize(start + len(source_ids), axis=0)
+        if len(source_ids):
+            ds[start:] = _encode_strings(source_ids, ds.dtype, "sources")
+        return np.arange(start, start + len(source_ids), dtype=np.int32)
+
+    @property
+    def chunk_encoding(self) -> tuple[str | None, int] | None:
+        """``(compression, level)`` to pass to :func:`encode_patch_chunks` so other processes can compress patches
+        for :meth:`append` (``encoded=``); None when the file's filters cannot be reproduced that way (lzf)."""
+        return _chunk_encoding(self._file["patches"])
+
+    def append(
+        self,
+        patches: np.ndarray | None,
+        labels: Sequence[int] | np.ndarray,
+        split: Sequence[int | str] | np.ndarray,
+        provenance: Mapping[str, Any],
+        *,
+        encoded: Sequence[bytes] | None = None,
+    ) -> None:
+        """Append n patches (uint16 [n, C, S, S], see :func:`to_uint16`) with labels, split (indices or names) and
+        every declared provenance column (n rows each).
+
+        ``encoded``: the patches already compressed by :func:`encode_patch_chunks` with :attr:`chunk_encoding`
+        (e.g. in worker processes, so the single writer does no compression); ``patches`` is then None."""
+        C, S = self.channels, self.patch_size
+        if encoded is not None:
+            if self.chunk_encoding is None:
+                raise StoreError("this file's compression cannot take pre-encoded chunks; pass patches")
+            n = len(encoded)
+        else:
+            patches = np.asarray(patches)
+            n = patches.shape[0]
+            if patches.dtype != np.uint16:
+                raise StoreError(f"patches must be uint16 (use to_uint16), got {patches.dtype}")
+            if patches.shape[1:] != (C, S, S):
+                raise StoreError(f"patches must have shape [n, {C}, {S}, {S}], got {list(patches.shape)}")
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if labels.shape[0] != n:
+            raise StoreError(f"{labels.shape[0]} labels for {n} patches")
+        if n and (labels.min() < 0 or labels.max() >= len(self.class_names)):
+            raise StoreError(f"labels must index class_names ({len(self.class_names)} classes)")
+        split_arr = np.asarray(split)
+        if split_arr.dtype.kind in ("U", "S", "O"):
+            try:
+                split_arr = np.asarray([self.split_names.index(str(s)) for s in split_arr], dtype=np.uint8)
+            except ValueError as exc:
+                raise StoreError(f"split names must be in {self.split_names}") from exc
+        split_arr = split_arr.astype(np.uint8).reshape(-1)
+        if split_arr.shape[0] != n:
+            raise StoreError(f"{split_arr.shape[0]} split values for {n} patches")
+        missing = set(self.columns) - set(provenance)
+        extra = set(provenance) - set(self.columns)
+        if missing or extra:
+            raise StoreError(f"provenance columns: missing {sorted(missing)}, undeclared {sorted(extra)}")
+        values = {}
+        for name, (dtype, shape) in self.columns.items():
+            col = provenance[name]
+            if _is_str(dtype):
+                arr = _encode_strings(np.asarray(col, dtype=object).reshape(-1), dtype, f"column {name!r}")
+                arr = arr.reshape((-1, *shape)) if shape else arr
+            else:
+                arr = np.asarray(col, dtype=dtype)
+            if arr.shape != (n, *shape):
+                raise StoreError(f"provenance column {name!r} has shape {list(arr.shape)}, expected {[n, *shape]}")
+            values[name] = arr
+        if n == 0:
+            return
+        f = self._file
+        start = f["patches"].shape[0]
+        for ds in self._row_datasets():
+            ds.resize(start + n, axis=0)
+        if encoded is not None:
+            for i, chunk in enumerate(encoded):
+                f["patches"].id.write_direct_chunk((start + i, 0, 0, 0), bytes(chunk))
+        else:
+            f["patches"][start:] = patches
+        f["labels"][start:] = labels.astype(np.int32)
+        f["split"][start:] = split_arr
+        for name, arr in values.items():
+            f["provenance"][name][start:] = arr
+
+    def commit(self, source_key: str | None = None) -> None:
+        """Make everything appended so far durable: record ``source_key`` (if given) as done and flush.
+
+        A resumed writer truncates back to the last commit, so commit once per fully written input."""
+        if source_key is not None:
+            done = self._file["_resume/done_sources"]
+            done.resize(done.shape[0] + 1, axis=0)
+            done[-1] = _encode_strings([source_key], done.dtype, "done_sources")[0]
+            self._done.append(str(source_key))
+        self._commit_counts()
+
+    def set_attrs(self, **attrs: Any) -> None:
+        """Add or replace extra file attributes (not the reserved format attributes)."""
+        bad = set(attrs) & _RESERVED_ATTRS
+        if bad:
+            raise StoreError(f"attribute names {sorted(bad)} are reserved by the patch file format")
+        for key, value in attrs.items():
+            self._file.attrs[key] = _attr_value(value)
+
+    def finalize(self) -> Path:
+        """Commit, close and rename ``<path>.partial`` onto ``path``; returns ``path``."""
+        if self._finalized:
+            return self.path
+        self.commit()
+        self._file.close()
+        os.replace(self.partial, self.path)
+        self._finalized = True
+        return self.path
+
+    def close(self) -> None:
+        """Close without finalizing: the ``.partial`` file stays (flushed) for a later resume."""
+        if not self._finalized and self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> "PatchWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finalize()
+        else:
+            self.close()
+
+
+class PatchFile:
+    """Read access to a finished patch file. Small per-patch arrays are read once; patches are read lazily.
+
+    Use as a context manager or call :meth:`close`. Not shared across processes: open one per worker."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        if not self.path.exists():
+            hint = " (an unfinished run left a .partial file; finish it with --resume)" if partial_path(
+                self.path).exists() else ""
+            raise StoreError(f"{self.path}: no such patch file{hint}")
+        try:
+            self._file = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise StoreError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
+        f = self._file
+        try:
+            if "format_version" not in f.attrs or "patches" not in f:
+                raise StoreError(f"{self.path}: not a dagan-gn patch file (no format_version / patches)")
+            self.format_version = int(f.attrs["format_version"])
+            if self.format_version > FORMAT_VERSION:
+                raise StoreError(
+                    f"{self.path}: format version {self.format_version} is newer than this tool "
+                    f"({FORMAT_VERSION}); upgrade dagan-gn"
+                )
+        except BaseException:
+            f.close()
+            raise
+        self.patches: h5py.Dataset = f["patches"]
+        self.patch_size = int(f.attrs["patch_size"])
+        self.channels = int(f.attrs.get("channels", self.patches.shape[1]))
+        self.class_names: list[str] = list(_decode_attr(f.attrs["class_names"]))
+        self.split_names: list[str] = list(_decode_attr(f.attrs["split_names"]))
+        self.labels: np.ndarray = f["labels"][:].astype(np.int64)
+        self.split: np.ndarray = f["split"][:]
+
+    def __len__(self) -> int:
+        return int(self.patches.shape[0])
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        """File attributes, decoded (``parameters`` and other JSON strings stay strings; see :attr:`parameters`)."""
+        return {k: _decode_attr(v) for k, v in self._file.attrs.items()}
+
+    @property
+    def parameters(self) -> dict[str, Any]:
+        return json.loads(_decode_attr(self._file.attrs["parameters"]))
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self._file.attrs.get("synthetic", False))
+
+    @property
+    def provenance_columns(self) -> list[str]:
+        return list(self._file["provenance"].keys())
+
+    def provenance_specs(self) -> dict[str, ColumnSpec]:
+        """Column name → spec, in the form :class:`PatchWriter` accepts."""
+        return {name: _spec_of_dataset(ds) for name, ds in self._file["provenance"].items()}
+
+    def provenance(self, name: str, rows: Any = slice(None)) -> np.ndarray:
+        """A provenance column (strings come back as a numpy object array of ``str``)."""
+        if name not in self._file["provenance"]:
+            raise KeyError(f"{self.path}: no provenance column {name!r} (has {self.provenance_columns})")
+        return _read_column(self._file["provenance"][name], rows)
+
+    @property
+    def sources(self) -> np.ndarray:
+        return _read_column(self._file["sources"]) if "sources" in self._file else np.asarray([], dtype=object)
+
+    def read_patch(self, index: int) -> np.ndarray:
+        """One stored patch, uint16 [C, S, S]."""
+        return self.patches[int(index)]
+
+    def split_indices(self, split: str) -> np.ndarray:
+        """Rows of one split (``"train"``, ``"val"``, ``"test"``)."""
+        if split not in self.split_names:
+            raise ValueError(f"unknown split {split!r}; the file has {self.split_names}")
+        return np.flatnonzero(self.split == self.split_names.index(split))
+
+    def close(self) -> None:
+        if self._file.id.valid:
+            self._file.close()
+
+    def __enter__(self) -> "PatchFile":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _read_raw_chunks(ds: h5py.Dataset, rows: slice) -> list[bytes] | None:
+    """The stored (compressed) bytes of patches ``rows``, one chunk each; None if any chunk was stored with a filter
+    skipped (a non-zero filter mask), which a plain ``encoded=`` append could not reproduce."""
+    chunks = []
+    for i in range(rows.start, rows.stop):
+        mask, data = ds.id.read_direct_chunk((i, 0, 0, 0))
+        if mask != 0:
+            return None
+        chunks.append(data)
+    return chunks
+
+
+def merge_patch_files(
+    inputs: Sequence[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    batch_size: int = 256,
+    compression: str | None = "gzip",
+    compression_level: int | None = None,
+) -> Path:
+    """Concatenate patch files (e.g. the shards of ``extract-patches --shard i/n``) into ``out``.
+
+    Checks that every input has the same format version, patch size, channels, split names, synthetic flag and
+    provenance columns, that they were pseudonymised with the same salt (``salt_fingerprint`` attribute, when
+    present) and that no source image appears in two inputs (overlapping shards). Differing class tables are unified
+    (first-seen order) and labels remapped. Streams ``batch_size`` patches at a time, so memory stays flat.
+
+    ``compression_level`` None keeps the first input's gzip level (4 when it has none). Patches whose input has the
+    output's filters (the usual case: shards of one extraction) are copied as compressed chunks, neither decoded nor
+    re-encoded; others are decoded and compressed again."""
+    if not inputs:
+        raise StoreError("merge needs at least one input file")
+    files = [PatchFile(p) for p in inputs]
+    try:
+        first = files[0]
+        specs = first.provenance_specs()
+        fingerprint = first.attrs.get("salt_fingerprint")
+        for pf in files[1:]:
+            for what, a, b in (
+                ("format version", first.format_version, pf.format_version),
+                ("patch size", first.patch_size, pf.patch_size),
+                ("channels", first.channels, pf.channels),
+                ("split names", first.split_names, pf.split_names),
+                ("synthetic flag", first.synthetic, pf.synthetic),
+                ("provenance columns", specs, pf.provenance_specs()),
+            ):
+                if a != b:
+                    raise StoreError(f"cannot merge {pf.path} into {first.path}: {what} differs ({b} vs {a})")
+            if pf.attrs.get("salt_fingerprint") != fingerprint:
+                raise StoreError(
+                    f"cannot merge {pf.path} and {first.path}: they were pseudonymised with different salts, so the "
+                    "same patient would get two pseudonyms (and could land in two splits)"
+                )
+        class_names: list[str] = []
+        for pf in files:
+            for c in pf.class_names:
+                if c not in class_names:
+                    class_names.append(c)
+        seen_sources: dict[str, Path] = {}
+        for pf in files:
+            for s in pf.sources:
+                if s in seen_sources:
+                    raise StoreError(
+                        f"source image {s} is in both {seen_sources[s].name} and {pf.path.name}: overlapping shards?"
+                    )
+                seen_sources[s] = pf.path
+        params = dict(first.parameters)
+        params.pop("shard", None)
+        params["merged_from"] = [Path(p).name for p in inputs]
+        extra_attrs = {k: v for k, v in first.attrs.items() if k not in _RESERVED_ATTRS}
+        if compression_level is None:
+            first_encoding = _chunk_encoding(first.patches)
+            compression_level = first_encoding[1] if first_encoding and first_encoding[0] == "gzip" else 4
+        writer = PatchWriter(out, patch_size=first.patch_size, class_names=class_names, provenance=specs,
+                             parameters=params, attrs=extra_attrs, synthetic=first.synthetic, channels=first.channels,
+                             split_names=first.split_names, compression=compression,
+                             compression_level=compression_level, overwrite_partial=True)
+        with writer:
+            for pf in files:
+                remap = np.asarray([class_names.index(c) for c in pf.class_names], dtype=np.int64)
+                offset = writer.num_sources
+                sources = pf.sources
+                writer.add_sources(list(sources))
+                encoding = _chunk_encoding(pf.patches)
+                copy_chunks = encoding is not None and encoding == writer.chunk_encoding
+                for start in range(0, len(pf), batch_size):
+                    rows = slice(start, min(start + batch_size, len(pf)))
+                    prov = {name: pf.provenance(name, rows) for name in specs}
+                    if "source_index" in prov and len(sources):
+                        prov["source_index"] = prov["source_index"] + offset
+                    labels, split = remap[pf.labels[rows]], pf.split[rows]
+                    chunks = _read_raw_chunks(pf.patches, rows) if copy_chunks else None
+                    if chunks is not None:
+                        writer.append(None, labels, split, prov, encoded=chunks)
+                    else:
+                        writer.append(pf.patches[rows], labels, split, prov)
+                writer.commit()
+        return Path(out)
+    finally:
+        for pf in files:
+            pf.close()

@@ -1,0 +1,37 @@
+"""Every command and command group answers ``-h`` and ``--help`` (set once in the app factory)."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from dagan_gn.cli import app
+
+
+def _command_paths(group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    paths = [prefix]
+    for name, cmd in sorted(group.commands.items()):
+        if hasattr(cmd, "commands"):  # a command group (typer may vendor its own click classes)
+            paths += _command_paths(cmd, prefix + (name,))
+        else:
+            paths.append(prefix + (name,))
+    return paths
+
+
+COMMANDS = _command_paths(typer.main.get_command(app))
+
+
+def test_every_command_is_listed():
+    names = {" ".join(p) for p in COMMANDS}
+    assert {"extract-patches", "merge-patches", "train", "augment", "demo", "benchmark cifar10", "evaluate",
+            "check-memorization", "evaluate-augmentation"} <= names
+
+
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "dagan")
+def test_help_flag(path, flag):
+    result = CliRunner().invoke(app, [*path, flag])
+    assert result.exit_code == 0, result.output
+    assert "Usage:" in result.output
+    assert "No such option" not in result.output
