@@ -519,10 +519,18 @@ def _plot_histograms(report: AssessReport, results: dict[str, _SpaceResult], pat
     for ax, (space, res) in zip(axes[0], results.items()):
         d = res.diversity_ratios[torch.isfinite(res.diversity_ratios)].numpy()
         t = res.source_ratios[torch.isfinite(res.source_ratios)].numpy()
-        hi = max(1.2, float(np.max(d, initial=0)), float(np.max(t, initial=0))) * 1.02
+        both = np.concatenate([d, t])
+        # A few far outliers (e.g. artefact-ridden variants in feature space) would squash the rest into one bar:
+        # the axis ends at the 98th percentile and the outliers are counted in the last bin.
+        hi = max(1.2, float(np.quantile(both, 0.98)) if len(both) else 0.0) * 1.05
         bins = np.linspace(0, hi, 31)
-        ax.hist(d, bins=bins, color="tab:blue", alpha=0.75, label="diversity")
-        ax.hist(t, bins=bins, histtype="step", color="tab:orange", linewidth=1.5, label="distance to source")
+        ax.hist(np.minimum(d, hi), bins=bins, color="tab:blue", alpha=0.75, label="diversity")
+        ax.hist(np.minimum(t, hi), bins=bins, histtype="step", color="tab:orange", linewidth=1.5,
+                label="distance to source")
+        beyond = int((both > hi).sum())
+        if beyond:
+            ax.text(0.98, 0.6, f"{beyond} beyond {hi:.2g}\n(in the last bin)", transform=ax.transAxes,
+                    ha="right", fontsize=7)
         ax.axvline(1.0, color="k", linestyle="--", linewidth=1, label="real same-class pairs")
         ax.set_title(f"{SPACES[space][0]} (median diversity {_fmt(report.diversity[space]['median'], 2)})",
                      fontsize=9)
