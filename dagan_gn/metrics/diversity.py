@@ -108,7 +108,8 @@ def ms_ssim_scales(size: int) -> tuple[int, int]:
 
 def ms_ssim_distance(a: Tensor, b: Tensor) -> Tensor:
     """``1 − MS-SSIM`` per pair (MONAI's ``compute_ms_ssim``, Gaussian window 11, σ 1.5, data range 1 on the [0, 1]
-    scale); 0 for copies, up to 1 for unrelated images. Works from 1 px up; the number of scales follows the image
+    scale); 0 for copies, about 1 for unrelated images (MONAI clamps negative MS-SSIM terms at 0; plain SSIM, used
+    below 22 px, can go slightly negative, so the distance slightly above 1). Works from 1 px up; the number of scales follows the image
     size (:func:`ms_ssim_scales`: 3 scales at 64 px, 2 at 28/32 px, plain SSIM below 22 px, 5 at 256 px).
     Channels are averaged."""
     from monai.metrics.regression import compute_ms_ssim, compute_ssim_and_cs
