@@ -232,8 +232,19 @@ def working_tree_files(root: Path = ROOT) -> list[Path]:
     return [root / p for p in dict.fromkeys(listed) if p and (root / p).is_file()]
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+def git_commit(root: Path = ROOT) -> str | None:
+    """``git describe``-like short commit of the checkout, ``+dirty`` when the working tree has changes; None
+    without git or outside a repository."""
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
 def _sha256(path: Path) -> str:
@@ -292,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     check = verify_fp16(weights.path, fp16_path, cifar_copy, args.verify_fp16) if args.verify_fp16 > 0 else None
 
     manifest = {
-        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
         "wheels": {w.name: {"bytes": w.stat().st_size, "sha256": _sha256(w)} for w in wheels},
         "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in (fp16_path, cifar_copy)},
         "inception_source": weights.source, "inception_tag": weights.tag, "fp16_check": check,
