@@ -440,7 +440,7 @@ def stage_train_step(ctx: Context, st: dict, deadline: float) -> None:
         for row in train_step.side_rows(result, sizes.train_n_critic, reference_s.get(plan["model"])):
             if row["side"] == "reference":
                 reference_s[plan["model"]] = row["s_per_iteration"]
-            side_precision = "fp32" if row["side"] != "engine" else plan["precision"]
+            side_precision = "fp32" if row["side"] == "reference" else plan["precision"]  # the reference is fp32
             flops_key = (plan["model"], side_precision)
             if plan["compile"]:  # same FLOPs as the eager engine in that precision
                 gflop = eager_flops.get(flops_key, float("nan"))
@@ -819,6 +819,13 @@ def _diversity(ctx: Context, st: dict) -> None:
     check(st, "diversity ratio finite", math.isfinite(mean), mean, "finite")
 
 
+def steps_for_budget(seconds: float, s_per_step: float, arms: int, lo: int, hi: int) -> int:
+    """Generator steps per arm that fit ``seconds`` for ``arms`` runs at ``s_per_step`` (+25 % for data loading, EMA
+    and logging), a multiple of 10 capped at ``hi``; 0 when fewer than ``lo`` fit."""
+    steps = int(max(seconds, 0.0) / arms / (1.25 * s_per_step)) // 10 * 10
+    return 0 if steps < lo else min(steps, hi)
+
+
 def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
     from dagan_gn.config import apply_overrides
     from dagan_gn.datasets.cifar10 import CIFAR10Dataset
@@ -828,7 +835,11 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
     from dagan_gn.training.logging import save_image_grid
 
     s, dev, seed = ctx.sizes, ctx.device, ctx.args.seed
-    _diversity(ctx, st)
+    try:
+        _diversity(ctx, st)
+    except Exception as exc:  # noqa: BLE001 - another branch's module: its failure must not cost the comparison
+        st["measurements"]["diversity"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        check(st, "diversity ratio computed", False, f"{type(exc).__name__}", "dagan_gn.metrics.diversity ran")
     extractor, weights = _inception_weights(ctx)
     data = _cifar_zip(ctx)
     dataset = CIFAR10Dataset(data, "test", limit_per_class=s.cifar_limit_per_class, seed=seed,
@@ -858,10 +869,9 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
             s_it = _train_run(cfg, run, dataset=dataset) / s.calibration_steps
             how = f"a {s.calibration_steps}-step calibration run × 1.25"
         train_time = deadline - time.perf_counter() - s.metric_reserve_s
-        steps = int(train_time / len(arms) / (1.25 * s_it)) // 10 * 10
-        if steps < lo:
-            raise StageSkipped(f"only {max(train_time, 0):.0f} s left for training: {steps} steps per arm < {lo}")
-        steps = min(steps, hi)
+        steps = steps_for_budget(train_time, s_it, len(arms), lo, hi)
+        if steps == 0:
+            raise StageSkipped(f"only {max(train_time, 0):.0f} s left for training: fewer than {lo} steps per arm")
     st["measurements"].update(steps=steps, steps_sized_by=how, training_images=len(dataset),
                               feature_extractor=extractor, fid_samples=s.fid_samples, kid_subset=s.kid_subset)
     st["notes"].append(f"{steps} generator steps per arm (sized by {how}), batch {preset.batch_size}, bf16, "

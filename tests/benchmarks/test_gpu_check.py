@@ -156,6 +156,63 @@ def test_train_step_plan_puts_the_compiled_rows_last():
     assert math.isclose(sum(gpu_check.STAGE_WEIGHTS.values()), 1.0)
 
 
+def _variants_file(real: Path, path: Path, n: int) -> int:
+    """A synthetic file shaped like augment's output: n variants of every train patch of ``real`` (shuffled rows)."""
+    import numpy as np
+
+    from dagan_gn.store.patch_file import PatchFile, PatchWriter, to_uint16
+
+    with PatchFile(real) as pf:
+        rows = pf.split_indices("train")
+        labels, classes = pf.labels[rows], list(pf.class_names)
+    source = np.repeat(rows, n)
+    order = np.random.default_rng(0).permutation(len(source))
+    images = np.random.default_rng(1).random((len(source), 1, 64, 64), dtype=np.float32)
+    with PatchWriter(path, patch_size=64, class_names=classes, synthetic=True,
+                     provenance={"source_index": "int64", "variant": "int32"}) as w:
+        w.append(to_uint16(images[order]), np.repeat(labels, n)[order], ["train"] * len(source),
+                 {"source_index": source[order], "variant": np.tile(np.arange(n), len(rows))[order]})
+    return len(rows)
+
+
+def test_diversity_ratio_of_stage_3_variants_when_the_module_exists(tmp_path, monkeypatch):
+    import types
+
+    from factories import make_patch_file
+
+    real = make_patch_file(tmp_path / "real.h5")
+    n_sources = _variants_file(real, tmp_path / "syn.h5", gpu_check.DRY.augment_n)
+    seen = {}
+
+    def diversity_ratios(variants, source_labels, real_images, real_labels):
+        seen.update(variants=tuple(variants.shape), labels=source_labels.tolist(), real=tuple(real_images.shape),
+                    real_labels=real_labels.tolist())
+        return torch.full((len(variants),), 0.75)
+
+    monkeypatch.setitem(sys.modules, "dagan_gn.metrics.diversity", types.SimpleNamespace(
+        diversity_ratios=diversity_ratios))
+    ctx = types.SimpleNamespace(sizes=gpu_check.DRY, shared={"synthetic": tmp_path / "syn.h5", "patches": real})
+    st = {"measurements": {}, "notes": [], "checks": []}
+    gpu_check._diversity(ctx, st)
+    assert seen["variants"] == (n_sources, gpu_check.DRY.augment_n, 1, 64, 64)
+    assert seen["labels"] == seen["real_labels"]  # every train patch is a source, grouped in row order
+    assert seen["real"] == (n_sources, 1, 64, 64)
+    assert st["measurements"]["diversity"]["mean_ratio"] == pytest.approx(0.75) and st["checks"][0]["passed"]
+
+    monkeypatch.setitem(sys.modules, "dagan_gn.metrics.diversity", None)  # the module absent
+    st = {"measurements": {}, "notes": [], "checks": []}
+    gpu_check._diversity(ctx, st)
+    assert st["measurements"]["diversity"] == "skipped: dagan_gn.metrics.diversity not present"
+
+
+def test_quality_steps_fill_the_time_left():
+    # 200 s for two arms at 0.04 s/step (+25 %): 2,000 steps each; capped; nothing when fewer than the minimum fit.
+    assert gpu_check.steps_for_budget(200.0, 0.04, 2, 100, 20_000) == 2000
+    assert gpu_check.steps_for_budget(200.0, 0.04, 2, 100, 1500) == 1500
+    assert gpu_check.steps_for_budget(9.0, 0.04, 2, 100, 20_000) == 0
+    assert gpu_check.steps_for_budget(-5.0, 0.04, 2, 100, 20_000) == 0
+
+
 # ----------------------------------------------------------------------------------------------- the bundle
 def _fake_inception_state() -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
