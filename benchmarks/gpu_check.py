@@ -520,7 +520,7 @@ def _dagan_config(ctx: Context, patches: Path, precision: str, steps: int):
         f"data.path={patches}", f"model.num_classes={num_classes}", f"data.batch_size={s.dagan_batch}",
         "data.num_workers=0", f"train.steps={steps}", f"train.seed={ctx.args.seed}",
         f"train.device={ctx.device.type}", "train.progress=false", f"train.log_every={s.log_every}",
-        f"train.checkpoint_every={max(1, steps // 2)}", f"train.sample_every={steps}",
+        f"train.checkpoint_every={steps}", f"train.sample_every={steps}",  # a stopped run checkpoints anyway
         f"train.ema_start={steps // 4}", f"train.channels_last={str(ctx.device.type == 'cuda').lower()}",
         *ctx.amp_overrides(precision), *s.dagan_overrides,
     ])
