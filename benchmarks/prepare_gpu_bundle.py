@@ -19,7 +19,7 @@ not ignored, files — what the device tool copies), and exits 1 if the total ex
 
 On the GPU machine :func:`unpack_inception_fp16` turns ``inception-fp16.pt`` back into an fp32 torch-fidelity state
 dict; ``--verify-fp16 N`` measures here, on N CIFAR test images, how far the fp16-stored weights move the 2048-d
-features from the fp32 ones.
+features, FID and KID from the fp32 ones.
 
 Not bundled, because no stage imports them (``tests/benchmarks/test_gpu_check.py`` runs the dry run with those
 imports blocked): :data:`NOT_BUNDLED`.
@@ -268,7 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--cifar-zip", type=Path, default=None, help="CIFAR-10 test zip (default: ../shared/data/...)")
     p.add_argument("--verify-fp16", type=int, default=16, metavar="N",
-                   help="compare fp32 and fp16-stored Inception features on N CIFAR test images (0: skip)")
+                   help="compare fp32 and fp16-stored Inception features and FID/KID on N CIFAR test images, "
+                        "N // 10 per class (0: skip)")
     p.add_argument("--no-download", action="store_true", help="keep the wheels already in .whl/")
     args = p.parse_args(argv)
 
