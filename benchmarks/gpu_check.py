@@ -131,7 +131,7 @@ FULL = Sizes(
     matmul_n=8192,
     train_models=(("dagan64", 64), ("dagan256", 32), ("cifar_resnet", 64)),
     train_full_models=("dagan64", "dagan256", "cifar_resnet"), train_iters=5, train_n_critic=5,
-    train_overrides={}, cudnn_benchmark_rows=True, compile_rows=True, compile_estimate_s=90.0,
+    train_overrides={}, cudnn_benchmark_rows=True, compile_rows=True, compile_estimate_s=60.0,
     demo_patients=6, demo_size=(768, 512), per_image=24, per_lesion=6, extract_workers=1, dagan_batch=64,
     dagan_overrides=(), correctness_steps=200, log_every=10, augment_n=8, augment_batch=256,
     sweep_batches=(32, 128, 256), sweep_repeats=5, sweep_reference=True, job_sources=256, job_n=8, job_batch=256,
