@@ -931,7 +931,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cpu-dry-run", action="store_true", help="every stage at toy sizes on the CPU (CI)")
     p.add_argument("--budget-s", type=float, default=480.0, help="wall-time budget of all stages (default 480)")
     p.add_argument("--stages", default="1,2,3,4,5", help="comma-separated stage numbers (default 1,2,3,4,5)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="scratch folder for archives, patch files and runs (default: a new temporary folder; it is "
                         "not under --out, whose files are what comes back from the GPU machine)")
