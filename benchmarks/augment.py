@@ -65,24 +65,36 @@ def _rate(fn, batch: int, repeats: int, sync=lambda: None) -> float:
     return batch / best
 
 
-def forward_sweep(batches: list[int], repeats: int, device: str, reference: bool) -> list[dict]:
+def forward_sweep(batches: list[int], repeats: int, device: str, reference: bool, *,
+                  autocast: torch.dtype | None = None, channels_last: bool = False) -> list[dict]:
+    """Patches/s of the default 256-px generator for each batch size (and of the reference UResNet at batch 1 and 8
+    when ``reference``); on CUDA also the peak allocated memory of each batch. ``autocast`` (e.g. ``torch.bfloat16``)
+    and ``channels_last`` apply to the DAGAN generator only; ``augment`` itself runs fp32, NCHW."""
     from dagan_gn.nets import build_networks
 
     cfg = _default_cfg()
     g, _ = build_networks(cfg.model)
     g = g.to(device).eval()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    g = g.to(memory_format=memory_format)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    dtype = str(autocast).removeprefix("torch.") if autocast is not None else "float32"
     rows = []
     for b in batches:
-        x = torch.randn(b, 1, 256, 256, device=device)
+        x = torch.randn(b, 1, 256, 256, device=device).contiguous(memory_format=memory_format)
         z = torch.randn(b, g.z_dim, device=device)
         y = torch.zeros(b, dtype=torch.long, device=device)
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
-        rate = _rate(lambda: g(x, z, y), b, repeats, sync)
+
+        def forward():
+            with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
+                return g(x, z, y)
+
+        rate = _rate(forward, b, repeats, sync)
         mem = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else float("nan")
         rows.append({"network": "DAGAN 256 (default)", "device": device, "batch": b, "patches_per_s": rate,
-                     "cuda_peak_mib": mem})
+                     "cuda_peak_mib": mem, "dtype": dtype, "channels_last": channels_last})
     if reference:
         ref = _reference_uresnet(256).to(device)
         for b in sorted({1, min(8, max(batches))}):
@@ -90,7 +102,7 @@ def forward_sweep(batches: list[int], repeats: int, device: str, reference: bool
             z = torch.randn(b, ref.z_dim, device=device)
             rate = _rate(lambda: ref(x, z), b, max(1, repeats - 1), sync)
             rows.append({"network": "reference UResNet", "device": device, "batch": b, "patches_per_s": rate,
-                         "cuda_peak_mib": float("nan")})
+                         "cuda_peak_mib": float("nan"), "dtype": "float32", "channels_last": False})
     return rows
 
 
@@ -119,21 +131,33 @@ def make_inputs(root: Path, n_sources: int) -> tuple[Path, Path]:
     return patches, run
 
 
+def timed_augment(patches: Path, run: Path, out: Path, *, n: int, batch_size: int, device: str) -> dict:
+    """One ``augment()`` job in this process: patches written, seconds, patches/s and, on CUDA, the peak allocated
+    GPU memory of the job (MiB; NaN on the CPU)."""
+    from dagan_gn.jobs.augment import augment
+
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    rep = augment(patches, run, out, n=n, batch_size=batch_size, device=device, progress=False)
+    dt = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    return {"n_out": rep.n_written, "seconds": dt, "patches_per_s": rep.n_written / dt, "cuda_peak_mib": peak}
+
+
 def child(args: argparse.Namespace) -> None:
     """One augment job in this (fresh) process; prints a JSON line with timing and memory."""
     torch.set_num_threads(args.threads)
-    from dagan_gn.jobs.augment import augment
     from dagan_gn.training.checkpoint import load_generator
 
     load_generator(args.run)  # warm the imports and the model build before the baseline RSS
     base = _rss_mib()["VmRSS"]
     _reset_peak_rss()
-    t0 = time.perf_counter()
-    rep = augment(args.patches, args.run, args.out, n=args.n, batch_size=args.batch_size, device=args.device,
-                  progress=False)
-    dt = time.perf_counter() - t0
+    m = timed_augment(args.patches, args.run, args.out, n=args.n, batch_size=args.batch_size, device=args.device)
     peak = _rss_mib()["VmHWM"] if _PEAK_RESETTABLE else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"n_out": rep.n_written, "seconds": dt, "patches_per_s": rep.n_written / dt,
+    print(json.dumps({"n_out": m["n_out"], "seconds": m["seconds"], "patches_per_s": m["patches_per_s"],
                       "peak_rss_mib": peak, "baseline_rss_mib": base}))
 
 

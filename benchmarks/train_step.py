@@ -31,6 +31,7 @@ fraction of the device's measured matmul rate, and the engine/reference speed ra
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import sys
 import tempfile
@@ -171,13 +172,30 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def bench_model(name: str, args, device: torch.device, peak: float) -> dict:
+#: The three sides of a row, in timing order (see the module docstring).
+SIDES = ("reference", "engine, literal nets", "engine")
+
+
+def bench_model(name: str, args, device: torch.device, peak: float, *, sides: tuple[str, ...] = SIDES,
+                overrides: tuple[str, ...] = (), count_flops: bool = True) -> dict:
+    """Time ``sides`` (a subset of :data:`SIDES`) of one model, in turn, on the same initial weights.
+
+    ``args`` carries ``batch_size``, ``n_critic``, ``amp``, ``channels_last``, ``compile`` and ``iters`` (the CLI's
+    namespace, or any object with those attributes); ``overrides`` are extra dotted config overrides applied last
+    (e.g. toy widths for a dry run, or ``train.amp_on_cpu=true`` to autocast on the CPU). ``count_flops=False``
+    skips the ``FlopCounterMode`` pass (FLOPs come back NaN): for compiled generators, whose FLOPs equal the eager
+    ones. Returns ``{"model", "batch", "sides": [(label, seconds per iteration, FLOPs per iteration)], "peak"}``.
+    """
+    unknown = [side for side in sides if side not in SIDES]
+    if unknown or not sides:
+        raise ValueError(f"unknown or no sides {unknown}; choose from {SIDES}")
     overrides = [
         f"data.batch_size={args.batch_size}", f"optim.n_critic={args.n_critic}", "data.num_workers=0",
         "data.hflip=false", f"train.device={device.type}", "train.ema_decay=0", "train.progress=false",
         "train.sample_every=0", "train.checkpoint_every=0", "train.log_every=0", "metrics.eval_every=0",
         f"train.amp={args.amp if device.type == 'cuda' else 'none'}",
         f"train.channels_last={str(args.channels_last).lower()}", f"train.compile={str(args.compile).lower()}",
+        *overrides,
     ]
     cfg = load_config(ROOT / CONFIGS[name], overrides)
     torch.manual_seed(0)
@@ -185,25 +203,44 @@ def bench_model(name: str, args, device: torch.device, peak: float) -> dict:
     G_literal, D_literal = copy.deepcopy(G), copy.deepcopy(D)  # same weights, two-step resampling
     set_fused_resampling(G_literal, False)
     set_fused_resampling(D_literal, False)
-    ref = Reference(copy.deepcopy(G_literal), copy.deepcopy(D_literal), cfg, device)
     c, s, b = cfg.model.channels, cfg.model.image_size, args.batch_size
     g = torch.Generator().manual_seed(1)
     raw = [{"image": torch.rand(b, c, s, s, generator=g) * 2 - 1, "pair": torch.rand(b, c, s, s, generator=g) * 2 - 1,
             "label": torch.zeros(b, dtype=torch.long)} for _ in range(args.n_critic)]
-    ref_batches = [{k: v.to(device) for k, v in batch.items()} for batch in raw]
-    with tempfile.TemporaryDirectory() as tmp, tempfile.TemporaryDirectory() as tmp_literal:
-        engine = Engine(G, D, cfg, device, Path(tmp))
-        engine_literal = Engine(G_literal, D_literal, cfg, device, Path(tmp_literal))
-        eng_batches = engine.prepare(raw)
-        sides = [("reference", lambda: ref.iteration(ref_batches)),
-                 ("engine, literal nets", lambda: engine_literal.iteration(eng_batches)),
-                 ("engine", lambda: engine.iteration(eng_batches))]
-        flops = [_flops(fn) for _, fn in sides]
-        times = _time_in_turn([fn for _, fn in sides], args.iters, device)
-        engine.trainer.close()
-        engine_literal.trainer.close()
-    return {"model": name, "batch": b, "sides": [(label, t, fl) for (label, _), t, fl in zip(sides, times, flops)],
-            "peak": peak}
+    with contextlib.ExitStack() as stack:
+        fns = {}
+        if "reference" in sides:
+            ref = Reference(copy.deepcopy(G_literal), copy.deepcopy(D_literal), cfg, device)
+            ref_batches = [{k: v.to(device) for k, v in batch.items()} for batch in raw]
+            fns["reference"] = lambda: ref.iteration(ref_batches)
+        for label, nets in (("engine, literal nets", (G_literal, D_literal)), ("engine", (G, D))):
+            if label in sides:
+                engine = Engine(*nets, cfg, device, Path(stack.enter_context(tempfile.TemporaryDirectory())))
+                stack.callback(engine.trainer.close)
+                batches = engine.prepare(raw)
+                fns[label] = lambda engine=engine, batches=batches: engine.iteration(batches)
+        labels = [side for side in SIDES if side in fns]
+        flops = [_flops(fns[label]) if count_flops else float("nan") for label in labels]
+        times = _time_in_turn([fns[label] for label in labels], args.iters, device)
+    return {"model": name, "batch": b, "sides": list(zip(labels, times, flops)), "peak": peak}
+
+
+def side_rows(result: dict, n_critic: int, reference_s: float | None = None) -> list[dict]:
+    """The printed columns of each side of a :func:`bench_model` result, as numbers.
+
+    ``speedup`` is the reference's seconds per iteration over the side's: the reference of the same result, else
+    ``reference_s`` (a reference timed earlier in the same run), else NaN.
+    """
+    ref = dict((label, t) for label, t, _ in result["sides"]).get("reference", reference_s)
+    rows = []
+    for label, t, fl in result["sides"]:
+        rows.append({
+            "model": result["model"], "side": label, "batch": result["batch"], "s_per_iteration": t,
+            "g_steps_per_s": 1 / t, "critic_steps_per_s": n_critic / t, "images_per_s": result["batch"] * n_critic / t,
+            "gflop_per_iteration": fl / 1e9, "gflop_per_s": fl / t / 1e9, "fraction_of_peak": fl / t / result["peak"],
+            "speedup": ref / t if ref else float("nan"),
+        })
+    return rows
 
 
 def main() -> None:
@@ -236,14 +273,11 @@ def main() -> None:
     print(header)
     print("|" + " --- |" * 10)
     for name in args.models:
-        r = bench_model(name, args, device, peak)
-        t_ref = r["sides"][0][1]
-        for side, t, fl in r["sides"]:
-            ratio = t_ref / t
-            print(f"| {name} | {side} | {t:.3f} | {1 / t:.3f} | {args.n_critic / t:.2f} | "
-                  f"{args.batch_size * args.n_critic / t:.1f} | {fl / 1e9:.1f} | {fl / t / 1e9:.1f} | "
-                  f"{100 * fl / t / peak:.0f} % | {ratio:.2f}× |", flush=True)
-
+        for row in side_rows(bench_model(name, args, device, peak), args.n_critic):
+            print(f"| {name} | {row['side']} | {row['s_per_iteration']:.3f} | {row['g_steps_per_s']:.3f} | "
+                  f"{row['critic_steps_per_s']:.2f} | {row['images_per_s']:.1f} | {row['gflop_per_iteration']:.1f} | "
+                  f"{row['gflop_per_s']:.1f} | {100 * row['fraction_of_peak']:.0f} % | {row['speedup']:.2f}× |",
+                  flush=True)
 
 if __name__ == "__main__":
     main()
