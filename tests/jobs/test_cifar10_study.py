@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 from test_cifar10 import write_python_archive  # noqa: E402
 
 from dagan_gn.jobs.cifar10_study import (  # noqa: E402
