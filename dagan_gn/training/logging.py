@@ -77,18 +77,23 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
     """Tile ``[N, C, H, W]`` images in [-1, 1] (``nrow`` per row, ``padding`` pixels of ``pad_value`` in [0, 1]
-    between them) into a ``uint8`` array: ``H' x W'`` for one channel, ``H' x W' x 3`` for three.
+    around them, as torchvision's ``make_grid`` lays them out) into a ``uint8`` array: ``H' x W'`` for one channel,
+    ``H' x W' x 3`` for three. Values map to ``uint8`` as torchvision's ``save_image`` does (``x * 255 + 0.5``).
 
-    The tiling is torchvision's ``make_grid``; values map to ``uint8`` as torchvision's ``save_image`` does
-    (``x * 255 + 0.5``, clamped).
+    Written out rather than imported: ``import torchvision`` costs seconds per process, and every run draws a grid
+    at step 0.
     """
-    from torchvision.utils import make_grid
-
     images = images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
-    channels = images.shape[1]
-    grid = make_grid(images, nrow=max(1, int(nrow)), padding=padding, pad_value=pad_value)
+    n, c, h, w = images.shape
+    ncol = max(1, min(int(nrow), n))
+    nrows = math.ceil(n / ncol)
+    grid = torch.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), float(pad_value))
+    for i in range(n):
+        r, col = divmod(i, ncol)
+        top, left = padding + r * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[i]
     arr = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
-    return arr[..., 0] if channels == 1 else arr[..., :3]
+    return arr[..., 0] if c == 1 else arr[..., :3]
 
 
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding: int = 2) -> Path:
@@ -96,7 +101,7 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, pa
 
     The one way dagan-gn draws image grids: training samples, the augment contact sheet, the CIFAR-10 study grids.
     """
-    from PIL import Image  # Pillow ships with matplotlib and torchvision
+    from PIL import Image
 
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
