@@ -24,14 +24,16 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 
 from dagan_gn.errors import DaganError
 from dagan_gn.config import ExperimentConfig, config_from_dict, config_to_dict
 from dagan_gn.fileio import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI can list the presets without it
+    import torch
 
 __all__ = [
     "ARCHS",
@@ -247,6 +249,8 @@ def run_cell(
 ) -> dict:
     """Train (or resume) one cell and score it; writes ``cells/<cell>/result.json`` and ``grids/<cell>.png`` and
     returns the result. A cell whose ``result.json`` exists is loaded, not recomputed."""
+    import torch
+
     from dagan_gn.datasets.cifar10 import CIFAR10Dataset
     from dagan_gn.metrics.fidelity import compute_fidelity, reference_images_for_config
     from dagan_gn.metrics.reconstruction import reconstruction_error
@@ -310,7 +314,9 @@ def run_cell(
     return result
 
 
-def _device_name(dev: torch.device) -> str:
+def _device_name(dev: "torch.device") -> str:
+    import torch
+
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"

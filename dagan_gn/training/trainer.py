@@ -339,7 +339,12 @@ class Trainer:
             # Built now so missing Inception weights fail before hours of training, not at the first evaluation.
             from dagan_gn.metrics.fidelity import TrainingEvaluator
 
-            self.evaluator = TrainingEvaluator(cfg, self.device)
+            try:
+                self.evaluator = TrainingEvaluator(cfg, self.device)
+            except DaganError:  # InceptionWeightsUnavailable
+                raise
+            except ValueError as exc:  # an unknown metrics.metrics entry or metrics.feature_extractor
+                raise TrainingError(f"metrics: {exc}") from exc
         self.handlers: list[Handler] = [
             SampleGridHandler(cfg.train.sample_every),
             EvaluationHandler(cfg.metrics.eval_every),
@@ -401,7 +406,10 @@ class Trainer:
             self.d_bare.to(memory_format=torch.channels_last)
         self.g_bare.train()
         self.d_bare.train()
-        self.ema = EMA(self.g_bare, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema_decay > 0 else None
+        try:
+            self.ema = EMA(self.g_bare, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema_decay > 0 else None
+        except ValueError as exc:  # a decay outside (0, 1): the message names train.ema_decay
+            raise TrainingError(str(exc)) from exc
         self.g_run, self.d_run = self.g_bare, self.d_bare
         if cfg.train.compile:
             self.g_run = torch.compile(self.g_bare)
