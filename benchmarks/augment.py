@@ -66,7 +66,7 @@ def _rate(fn, batch: int, repeats: int, sync=lambda: None) -> float:
 
 
 def forward_sweep(batches: list[int], repeats: int, device: str, reference: bool) -> list[dict]:
-    from dagan_gn.nets import build_networks
+    from dagan_gn.training.families import build_networks
 
     cfg = _default_cfg()
     g, _ = build_networks(cfg.model)
@@ -98,7 +98,7 @@ def make_inputs(root: Path, n_sources: int) -> tuple[Path, Path]:
     """A 256-px patch file with ``n_sources`` train patches and an (untrained) default-generator checkpoint: speed
     does not depend on the weights."""
     from dagan_gn.store.patch_file import PatchWriter, to_uint16
-    from dagan_gn.nets import build_networks
+    from dagan_gn.training.families import build_networks
     from dagan_gn.training.checkpoint import checkpoint_path, save_checkpoint
 
     patches = root / f"real_{n_sources}.h5"
