@@ -62,7 +62,7 @@ def fail(error: BaseException | str, code: int = 2) -> NoReturn:
 
 
 @contextlib.contextmanager
-def reported_errors(interrupted: str = "interrupted") -> Iterator[None]:
+def reported_errors(*, interrupted: str = "interrupted") -> Iterator[None]:
     """The one way commands report errors: a :class:`~dagan_gn.errors.DaganError` (a bad input, config or
     environment that dagan-gn detected) or an ``OSError`` (a missing file, a full disk) becomes one ``error:`` line
     and exit code 2; Ctrl-C becomes ``interrupted`` and exit code 130. Anything else is a bug in dagan-gn or a
