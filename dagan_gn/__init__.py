@@ -13,8 +13,8 @@ does not import torch)::
     dagan_gn.evaluate_augmentation_files("patches.h5", "synthetic.h5", "reports/downstream")
 
 Subpackages by layer (``docs/architecture.md``): ``cli`` → ``jobs`` → ``ingest``, ``store``, ``datasets``,
-``phantom``, ``training``, ``metrics`` → ``nets`` → ``modules``; ``config``, ``errors``, ``fileio``, ``runtime`` below
-all of them.
+``phantom``, ``training``, ``metrics`` → ``nets`` → ``modules``; ``config``, ``errors``, ``fileio``, ``runtime``
+below all of them.
 """
 
 from __future__ import annotations
@@ -53,21 +53,21 @@ _PUBLIC: dict[str, str] = {
 __all__ = ["__version__", *_PUBLIC]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on first use (PEP 562)
-    from dagan_gn.config import ExperimentConfig, load_config, save_config
-    from dagan_gn.datasets.mixing import MixedRealSyntheticDataset
-    from dagan_gn.datasets.patches import PatchDataset, SameClassPairDataset
-    from dagan_gn.errors import DaganError
-    from dagan_gn.jobs.augment import augment
-    from dagan_gn.jobs.cifar10_study import run_study
-    from dagan_gn.jobs.demo import run_demo
-    from dagan_gn.jobs.downstream import evaluate_augmentation_files
-    from dagan_gn.jobs.evaluate import evaluate_checkpoint
-    from dagan_gn.jobs.extract_patches import extract_patches
-    from dagan_gn.jobs.memorization import check_memorization_files
-    from dagan_gn.jobs.train import train
-    from dagan_gn.store.patch_file import PatchFile
-    from dagan_gn.training.checkpoint import load_generator
-    from dagan_gn.training.families import get_family
+    from dagan_gn.config import ExperimentConfig, load_config, save_config  # noqa: F401
+    from dagan_gn.datasets.mixing import MixedRealSyntheticDataset  # noqa: F401
+    from dagan_gn.datasets.patches import PatchDataset, SameClassPairDataset  # noqa: F401
+    from dagan_gn.errors import DaganError  # noqa: F401
+    from dagan_gn.jobs.augment import augment  # noqa: F401
+    from dagan_gn.jobs.cifar10_study import run_study  # noqa: F401
+    from dagan_gn.jobs.demo import run_demo  # noqa: F401
+    from dagan_gn.jobs.downstream import evaluate_augmentation_files  # noqa: F401
+    from dagan_gn.jobs.evaluate import evaluate_checkpoint  # noqa: F401
+    from dagan_gn.jobs.extract_patches import extract_patches  # noqa: F401
+    from dagan_gn.jobs.memorization import check_memorization_files  # noqa: F401
+    from dagan_gn.jobs.train import train  # noqa: F401
+    from dagan_gn.store.patch_file import PatchFile  # noqa: F401
+    from dagan_gn.training.checkpoint import load_generator  # noqa: F401
+    from dagan_gn.training.families import get_family  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

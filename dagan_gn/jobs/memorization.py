@@ -69,16 +69,16 @@ def check_memorization_files(
         if real.synthetic:
             raise MemorizationError(f"{real_path}: is a synthetic patch file; pass the real patches the generator saw")
         if (syn.patch_size, syn.channels) != (real.patch_size, real.channels):
-            raise MemorizationError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but {real_path} "
-                             f"{real.channels}×{real.patch_size}px")
+            raise MemorizationError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but "
+                                    f"{real_path} {real.channels}×{real.patch_size}px")
         train_sel = _split_rows(real, train_split, real_path)
         held_sel = np.sort(np.concatenate([_split_rows(real, s, real_path) for s in heldout_splits]
                                           or [np.zeros(0, int)]))
         if len(train_sel) == 0:
             raise MemorizationError(f"{real_path}: split {train_split!r} is empty")
         if len(held_sel) == 0:
-            raise MemorizationError(f"{real_path}: held-out split(s) {', '.join(heldout_splits)} are empty; the near-copy "
-                             "threshold needs held-out real patches")
+            raise MemorizationError(f"{real_path}: held-out split(s) {', '.join(heldout_splits)} are empty; the "
+                                    "near-copy threshold needs held-out real patches")
         rng = np.random.default_rng(seed)
         syn_sel = np.arange(len(syn))
         if max_synthetic is not None and len(syn_sel) > max_synthetic:

@@ -320,7 +320,8 @@ def check_memorization(
     syn_t, train_t, held_t = (torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).float()
                               for a in (synthetic, train, heldout))
     if len(held_t) == 0:
-        raise MemorizationError("no held-out real patches: the near-copy threshold needs val/test patches as a baseline")
+        raise MemorizationError(
+            "no held-out real patches: the near-copy threshold needs val/test patches as a baseline")
     if len(train_t) == 0:
         raise MemorizationError("no training patches to compare with")
     if syn_t.shape[1:] != train_t.shape[1:] or held_t.shape[1:] != train_t.shape[1:]:
@@ -345,7 +346,8 @@ def check_memorization(
     if feature_extractor is not None:
         if isinstance(feature_extractor, str):
             if feature_extractor != "random-conv":
-                raise MemorizationError(f"unknown feature extractor {feature_extractor!r}; use 'random-conv' or a callable")
+                raise MemorizationError(
+                    f"unknown feature extractor {feature_extractor!r}; use 'random-conv' or a callable")
             feature_extractor = RandomConvFeatures(in_channels=train_t.shape[1], seed=seed)
         feats = [embed(x, feature_extractor, batch_size=batch_size, device=device) for x in (syn_t, train_t, held_t)]
         res, d, i = _space("feature", *feats, **kw)

@@ -1,6 +1,7 @@
 """Generators and critics, and one builder per network family ``(ModelConfig) -> (generator, critic)``:
 
-* :func:`build_dagan` — :class:`DAGANGenerator` ``G(x, z, y=None)`` and :class:`DAGANCritic` ``D(x, x_other, y=None)``;
+* :func:`build_dagan` — :class:`DAGANGenerator` ``G(x, z, y=None)`` and :class:`DAGANCritic`
+  ``D(x, x_other, y=None)``;
 * :func:`build_cifar_resnet` — :class:`ResNetGenerator` ``G(z, y=None)`` and :class:`ResNetCritic` ``D(x, y=None)``
   (Gulrajani et al. 2017);
 * :func:`build_cifar_dcgan` — :class:`DCGANGenerator` / :class:`DCGANCritic`, the seed study's "Simple-CNN".

@@ -8,7 +8,7 @@ every step divisible by ``k``; ``every = 0`` turns it off. The built-in ones, in
 
 * :class:`SampleGridHandler` (``train.sample_every``) — the PNG grid of the fixed inputs, plus any *grid metrics*;
 * :class:`EvaluationHandler` (``metrics.eval_every``) — FID/KID through the run's evaluator, and ``best.pt``;
-* :class:`CheckpointHandler` (``train.checkpoint_every``) — ``checkpoints/step_XXXXXXX.pt``, and a last one at the end.
+* :class:`CheckpointHandler` (``train.checkpoint_every``) — ``checkpoints/step_XXXXXXX.pt``, and one at the end.
 
 A metric of the sample grid joins in one line: ``SampleGridHandler(every, metrics={"diversity": fn})`` with
 ``fn(grid: SampleGrid) -> float`` logs ``samples/diversity`` whenever the grid is drawn.
