@@ -70,7 +70,7 @@ def forward_sweep(batches: list[int], repeats: int, device: str, reference: bool
     """Patches/s of the default 256-px generator for each batch size (and of the reference UResNet at batch 1 and 8
     when ``reference``); on CUDA also the peak allocated memory of each batch. ``autocast`` (e.g. ``torch.bfloat16``)
     and ``channels_last`` apply to the DAGAN generator only; ``augment`` itself runs fp32, NCHW."""
-    from dagan_gn.nets import build_networks
+    from dagan_gn.training.families import build_networks
 
     cfg = _default_cfg()
     g, _ = build_networks(cfg.model)
@@ -110,7 +110,7 @@ def make_inputs(root: Path, n_sources: int) -> tuple[Path, Path]:
     """A 256-px patch file with ``n_sources`` train patches and an (untrained) default-generator checkpoint: speed
     does not depend on the weights."""
     from dagan_gn.store.patch_file import PatchWriter, to_uint16
-    from dagan_gn.nets import build_networks
+    from dagan_gn.training.families import build_networks
     from dagan_gn.training.checkpoint import checkpoint_path, save_checkpoint
 
     patches = root / f"real_{n_sources}.h5"

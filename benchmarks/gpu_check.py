@@ -829,9 +829,10 @@ def steps_for_budget(seconds: float, s_per_step: float, arms: int, lo: int, hi: 
 def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
     from dagan_gn.config import apply_overrides
     from dagan_gn.datasets.cifar10 import CIFAR10Dataset
-    from dagan_gn.jobs.cifar10_study import PRESETS, Cell, _generate, cell_config
+    from dagan_gn.jobs.cifar10_study import PRESETS, Cell, cell_config
     from dagan_gn.metrics.fidelity import compute_fidelity
     from dagan_gn.training.checkpoint import load_generator
+    from dagan_gn.training.families import get_family
     from dagan_gn.training.logging import save_image_grid
 
     s, dev, seed = ctx.sizes, ctx.device, ctx.args.seed
@@ -888,7 +889,8 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
         finite, last, _ = _finite_losses(run)
         check(st, f"{norm} critic: losses finite", finite, last.get("loss/critic"), "every logged loss finite")
         generator, _, _ = load_generator(run, device=dev, use_ema=True)
-        fake = _generate(generator, s.fid_samples, generator.z_dim, seed=10_000 + seed, device=dev)
+        fake = get_family(cfg.model.name).sample(generator, s.fid_samples, torch.Generator().manual_seed(10_000 + seed),
+                                                 batch_size=500, device=dev)
         save_image_grid(fake[:64], ctx.out / f"cifar_{norm}.png", 8)
         scores = compute_fidelity(fake, dataset.images_uint8, metrics=("fid", "kid"), inception_weights=weights,
                                   feature_extractor=extractor, device=dev, kid_subset_size=s.kid_subset,

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dagan_gn.config import ModelConfig
-from dagan_gn.nets import build_networks, dagan_preset
+from dagan_gn.nets import dagan_preset
+from dagan_gn.training.families import build_networks
 
 
 class _DenseStage(nn.Module):

@@ -47,7 +47,7 @@ sys.path.insert(0, str(ROOT))
 
 from dagan_gn.config import load_config  # noqa: E402
 from dagan_gn.modules.resample import set_fused_resampling  # noqa: E402
-from dagan_gn.nets import build_networks  # noqa: E402
+from dagan_gn.training.families import build_networks, get_family  # noqa: E402
 
 CONFIGS = {
     "dagan64": "configs/dagan_mammo_64.yaml",
@@ -99,7 +99,7 @@ class Reference:
         betas = tuple(cfg.optim.betas)
         self.opt_g = torch.optim.Adam(G.parameters(), lr=cfg.optim.g_lr, betas=betas)
         self.opt_d = torch.optim.Adam(D.parameters(), lr=cfg.optim.d_lr, betas=betas)
-        self.dagan = cfg.model.name == "dagan"
+        self.dagan = get_family(cfg.model.name).conditions_on_image  # G(x, z) and the pair critic
 
     def _fake(self, x: torch.Tensor) -> torch.Tensor:
         z = torch.randn(x.shape[0], self.G.z_dim, device=self.device)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any, Sequence
 import yaml
 
 from dagan_gn.errors import DaganError
+from dagan_gn.fileio import atomic_write_text
 
 __all__ = [
     "ModelConfig",
@@ -331,14 +331,8 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:
-    """Write the resolved config as YAML, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    """Write the resolved config as YAML, atomically (nothing is left behind when the write fails)."""
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

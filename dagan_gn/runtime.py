@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["seed_everything", "resolve_device", "default_cache_dir"]
+from dagan_gn.errors import DaganError
+
+__all__ = ["DeviceError", "seed_everything", "resolve_device", "default_cache_dir"]
+
+
+class DeviceError(DaganError, RuntimeError):
+    """The requested device does not exist on this machine."""
 
 
 def seed_everything(seed: int) -> None:
@@ -26,8 +32,11 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {name} was requested but no CUDA device is available; use --device cpu")
-    return torch.device(name)
+        raise DeviceError(f"--device {name} was requested but no CUDA device is available; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError as exc:  # "gpu", "cuda:x", ...
+        raise DeviceError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
 
 
 def default_cache_dir() -> Path:

@@ -1,5 +1,7 @@
 """Tests for dagan_gn.config: YAML loading, dotted overrides, type checks and the resume guard."""
 
+import dataclasses
+
 import pytest
 import yaml
 
@@ -77,3 +79,16 @@ def test_resume_guard_ignores_safe_keys_and_names_the_rest():
 def test_config_from_dict_rejects_unknown_section():
     with pytest.raises(ConfigError, match="unknown config section"):
         config_from_dict({"modle": {}})
+
+
+def test_save_config_is_atomic_and_leaves_nothing_behind_on_error(tmp_path):
+    cfg = ExperimentConfig()
+    target = tmp_path / "cfg.yaml"
+    save_config(cfg, target)
+    save_config(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=7)), target)  # replaces it
+    assert load_config(target).train.steps == 7
+    blocked = tmp_path / "blocked.yaml"
+    blocked.mkdir()  # the final rename cannot replace a folder
+    with pytest.raises(OSError):
+        save_config(cfg, blocked)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked.yaml", "cfg.yaml"]  # no temp file left

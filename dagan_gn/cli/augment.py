@@ -12,7 +12,18 @@ from typing import List, Optional
 
 import typer
 
-from dagan_gn.cli.app import app, fail, reported_errors
+from dagan_gn.cli.app import app, choices, device_option, fail, reported_errors
+
+# The choices of the library functions the commands call, spelled out here so `--help` needs no torch import
+# (tests/cli/test_choices.py checks that they match the library).
+#: ``evaluate-augmentation --regimes``: ``dagan_gn.metrics.downstream.REGIMES``.
+Regime = choices("Regime", ("real", "real+albumentations", "real+dagan", "real+both"))
+#: ``--arch``: ``dagan_gn.metrics.downstream.CLASSIFIER_ARCHS`` (MONAI classifiers).
+ClassifierArch = choices("ClassifierArch", ("resnet", "densenet"))
+#: ``--augmentation``: ``dagan_gn.metrics.downstream.AUGMENTATION_PRESETS``.
+AugmentationPreset = choices("AugmentationPreset", ("mammo", "natural"))
+#: ``check-memorization --feature``: the feature space besides pixels (``dagan_gn.metrics.memorization``).
+MemorizationFeature = choices("MemorizationFeature", ("random-conv", "none"))
 
 
 
@@ -39,7 +50,7 @@ def augment_command(
     truncation: float = typer.Option(0.0, "--truncation", min=0.0, help="Noise truncation bound (0: none); "
                                      "smaller values give variants closer to the typical ones."),
     batch_size: int = typer.Option(32, "--batch-size", "-b", min=1, help="Generator batch size."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu or cuda[:N]."),
+    device: str = device_option(),
     seed: int = typer.Option(0, "--seed", help="Base of the per-sample noise seeds; the same seed gives the same "
                              "images."),
     contact_sheet: Optional[Path] = typer.Option(None, "--contact-sheet", help="Also write a PNG: the first sources, "
@@ -52,10 +63,9 @@ def augment_command(
 
     An interrupted run leaves OUT.partial; running the same command again finishes it without duplicates.
     """
-    from dagan_gn.jobs.augment import AugmentError, augment
+    from dagan_gn.jobs.augment import augment
 
-    with reported_errors(AugmentError, ValueError, OSError, RuntimeError,
-                         interrupted=f"interrupted; run the same command again to finish {out}"):
+    with reported_errors(interrupted=f"interrupted; run the same command again to finish {out}"):
         report = augment(in_path, checkpoint, out, n=n, split=split, classes=_names(classes), truncation=truncation,
                          batch_size=batch_size, device=device, seed=seed, contact_sheet=contact_sheet,
                          allow_eval_split=allow_eval_split, overwrite=overwrite, progress=not quiet)
@@ -71,14 +81,13 @@ def evaluate_augmentation_command(
     synthetic: Optional[Path] = typer.Option(None, "--synthetic", help="Synthetic patch file from `dagan augment` "
                                              "(needed for the real+dagan and real+both regimes)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for downstream.md, downstream.json, downstream.png."),
-    regimes: Optional[List[str]] = typer.Option(None, "--regimes", help="Subset of real, real+albumentations, "
-                                                "real+dagan, real+both (default: all four; only the first two "
-                                                "without --synthetic)."),
+    regimes: Optional[List[Regime]] = typer.Option(None, "--regimes", help="Regimes to run (repeat the option; "
+                                                   "default: all four, only the first two without --synthetic)."),
     train_split: str = typer.Option("train", "--train-split", help="Split to train on."),
     test_split: str = typer.Option("test", "--test-split", help="Held-out split to evaluate on."),
     classes: Optional[List[str]] = typer.Option(None, "--classes", help="Only these classes (default all)."),
-    arch: str = typer.Option("resnet", "--arch", help="Classifier: resnet (MONAI ResNet, basic blocks) or "
-                             "densenet (MONAI DenseNet121)."),
+    arch: ClassifierArch = typer.Option("resnet", "--arch", help="Classifier: resnet (MONAI ResNet, basic "
+                                        "blocks) or densenet (MONAI DenseNet121)."),
     width: int = typer.Option(16, "--width", min=1, help="Classifier base width (small for CPUs)."),
     epochs: int = typer.Option(10, "--epochs", min=1, help="Passes over the real training set (same number of "
                                "optimizer steps in every regime)."),
@@ -86,26 +95,28 @@ def evaluate_augmentation_command(
     lr: float = typer.Option(1e-3, "--lr", help="AdamW learning rate."),
     synthetic_ratio: str = typer.Option("0.5", "--synthetic-ratio", help="Fraction of synthetic items in the "
                                         "DAGAN regimes, or 'balance' to top every class up to the largest one."),
-    augmentation: str = typer.Option("mammo", "--augmentation", help="Classical augmentation preset: mammo or "
-                                     "natural."),
+    augmentation: AugmentationPreset = typer.Option("mammo", "--augmentation", help="Classical augmentation "
+                                                    "preset: mammo (flips, 90° turns, affine, contrast) or natural "
+                                                    "(flip, small shifts)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Number of seeds per regime (for the 95 % CIs)."),
     seed: int = typer.Option(0, "--seed", help="First seed; runs use seed, seed+1, ..."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    device: str = device_option(),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train the same classifier on real / +albumentations / +DAGAN / +both data and compare test accuracy and AUC."""
     from dagan_gn.jobs.downstream import evaluate_augmentation_files
-    from dagan_gn.metrics.downstream import REGIMES, DownstreamConfig
+    from dagan_gn.metrics.downstream import DownstreamConfig
 
-    chosen = _names(regimes) or [r for r in REGIMES if synthetic is not None or "dagan" not in r and "both" not in r]
+    chosen = ([r.value for r in regimes] if regimes else
+              [r.value for r in Regime if synthetic is not None or "dagan" not in r.value and "both" not in r.value])
     try:
         ratio: float | str = synthetic_ratio if synthetic_ratio == "balance" else float(synthetic_ratio)
     except ValueError:
         fail(f"--synthetic-ratio must be a number in [0, 1] or 'balance', got {synthetic_ratio!r}")
-    cfg = DownstreamConfig(arch=arch, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
-                           synthetic_ratio=ratio, augmentation=augmentation,
+    cfg = DownstreamConfig(arch=arch.value, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
+                           synthetic_ratio=ratio, augmentation=augmentation.value,
                            seeds=list(range(seed, seed + seeds)), device=device)
-    with reported_errors(ValueError, KeyError, OSError, RuntimeError):
+    with reported_errors():
         report = evaluate_augmentation_files(real, synthetic, out, train_split=train_split, test_split=test_split,
                                              classes=_names(classes), config=cfg, regimes=chosen,
                                              progress=not quiet)
@@ -125,28 +136,25 @@ def check_memorization_command(
                                      "nearest-neighbour distances below which a synthetic patch is a near-copy."),
     copy_factor: float = typer.Option(0.5, "--copy-factor", min=0.0, help="A near-copy of another patient's patch "
                                       "closer than this × the smallest held-out distance is a patient copy."),
-    feature: str = typer.Option("random-conv", "--feature", help="Feature space besides pixels: random-conv (a "
-                                "seeded frozen conv net) or none."),
+    feature: MemorizationFeature = typer.Option("random-conv", "--feature", help="Feature space besides pixels: "
+                                                "random-conv (a seeded frozen conv net) or none."),
     max_train: Optional[int] = typer.Option(None, "--max-train", min=1, help="Subsample the training patches "
                                             "(seeded) to bound memory; sources of checked patches are kept."),
     max_synthetic: Optional[int] = typer.Option(None, "--max-synthetic", min=1, help="Subsample synthetic patches."),
     chunk_size: int = typer.Option(1024, "--chunk-size", min=1, help="Rows per distance chunk (memory bound)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    device: str = device_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the feature network and of subsampling."),
     strict: bool = typer.Option(False, "--strict", help="Exit with code 3 when the check fails (for release "
                                 "pipelines)."),
 ) -> None:
     """Nearest-training-patch distances of synthetic patches vs the held-out baseline: near-copies, patient copies."""
-    from dagan_gn.store.patch_file import StoreError
     from dagan_gn.jobs.memorization import check_memorization_files
 
-    if feature not in ("random-conv", "none"):
-        fail(f"--feature must be random-conv or none, got {feature!r}")
-    with reported_errors(StoreError, ValueError, KeyError, OSError, RuntimeError):
+    with reported_errors():
         report = check_memorization_files(
             real, synthetic, out, train_split=train_split, heldout_splits=_names(heldout_splits) or ("val", "test"),
             max_train=max_train, max_synthetic=max_synthetic, percentile=percentile, copy_factor=copy_factor,
-            feature_extractor=None if feature == "none" else feature, chunk_size=chunk_size, device=device,
+            feature_extractor=None if feature.value == "none" else feature.value, chunk_size=chunk_size, device=device,
             seed=seed,
         )
     typer.echo(report.to_markdown())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from dagan_gn.cli.app import app
+from dagan_gn.cli.app import app, device_option, reported_errors
 
 
 @app.command("demo")
@@ -17,7 +17,7 @@ def demo(
     patch_size: int = typer.Option(64, "--patch-size", help="Patch side in pixels (64 keeps the CPU demo fast)."),
     steps: int = typer.Option(150, "--steps", min=1, help="Generator steps of the tiny DAGAN."),
     variants: int = typer.Option(4, "--n", min=1, help="Synthetic variants written per training patch."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    device: str = device_option("cpu"),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bars."),
 ) -> None:
     """Write synthetic DICOM mammograms, extract patches, train a tiny DAGAN and augment — in a few minutes on a CPU.
@@ -26,5 +26,6 @@ def demo(
     """
     from dagan_gn.jobs.demo import run_demo
 
-    run_demo(out, seed=seed, n_patients=patients, patch_size=patch_size, steps=steps, n_variants=variants,
-             device=device, progress=not quiet, log=typer.echo)
+    with reported_errors():
+        run_demo(out, seed=seed, n_patients=patients, patch_size=patch_size, steps=steps, n_variants=variants,
+                 device=device, progress=not quiet, log=typer.echo)

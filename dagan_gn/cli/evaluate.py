@@ -13,7 +13,11 @@ from typing import Optional
 
 import typer
 
-from dagan_gn.cli.app import app, command_group, reported_errors
+from dagan_gn.cli.app import app, choices, command_group, device_option, reported_errors
+from dagan_gn.jobs.cifar10_study import PRESETS
+
+#: ``benchmark cifar10 --preset`` choices: the study's presets.
+StudyPreset = choices("StudyPreset", PRESETS)
 
 benchmark_app = command_group(
     "benchmark", "Benchmarks that train and score many runs (the CIFAR-10 normalization study)."
@@ -26,18 +30,6 @@ def _split_list(text: Optional[str]) -> Optional[list[str]]:
     if text is None:
         return None
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def _known_errors() -> tuple[type[BaseException], ...]:
-    from dagan_gn.config import ConfigError
-    from dagan_gn.datasets.cifar10 import Cifar10FormatError
-    from dagan_gn.metrics.inception import InceptionWeightsUnavailable
-    from dagan_gn.jobs.cifar10_study import StudyError
-    from dagan_gn.training.checkpoint import CheckpointError
-    from dagan_gn.training.trainer import TrainingError
-
-    return (ConfigError, Cifar10FormatError, InceptionWeightsUnavailable, CheckpointError, StudyError, TrainingError,
-            ValueError, FileNotFoundError, OSError, RuntimeError)
 
 
 @app.command("evaluate")
@@ -69,7 +61,7 @@ def evaluate_command(
     recon_images: int = typer.Option(1000, "--recon-images", min=1, help="Test images for the reconstruction error."),
     split: Optional[str] = typer.Option(None, "--split", help="DAGAN runs: the patch split to sample sources from and "
                                         "compare with (default: the run's data.split)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    device: str = device_option(),
     seed: int = typer.Option(0, "--seed", help="Seed of the noise and of the sample/reference selection."),
     batch_size: int = typer.Option(64, "--batch-size", min=1, help="Generation and feature-extraction batch size."),
     no_ema: bool = typer.Option(False, "--no-ema", help="Use the raw generator weights instead of the EMA weights."),
@@ -79,7 +71,7 @@ def evaluate_command(
     reconstruction error. Prints the results as JSON; known errors are one line and exit code 2."""
     from dagan_gn.fileio import atomic_write_text
 
-    with reported_errors(*_known_errors()):
+    with reported_errors():
         from dagan_gn.jobs.evaluate import evaluate_checkpoint
 
         result = evaluate_checkpoint(
@@ -100,8 +92,9 @@ def benchmark_cifar10_command(
                               "image zip/tree of <split>/<class>/*.png|jpg. Nothing is downloaded."),
     out: Path = typer.Option(..., "--out", "-o", help="Results folder (results.md, results.json, fid_vs_step.png, "
                              "grids/, cells/<cell>/run). Re-running the same command resumes the sweep."),
-    preset: str = typer.Option("smoke", "--preset", help="smoke (minutes on a CPU: tiny nets, a few steps), seed-10k "
-                               "(10k steps, 10k samples, GPU) or full-100k (100k steps, 50k samples, GPU)."),
+    preset: StudyPreset = typer.Option("smoke", "--preset", help="smoke (minutes on a CPU: tiny nets, a few steps), "
+                                       "seed-10k (10k steps, 10k samples, GPU) or full-100k (100k steps, 50k "
+                                       "samples, GPU)."),
     archs: Optional[str] = typer.Option(None, "--archs", help="Comma-separated: resnet, simple-cnn (default: the "
                                         "preset's)."),
     critic_norms: Optional[str] = typer.Option(
@@ -112,7 +105,7 @@ def benchmark_cifar10_command(
                                                   "(default: the preset's)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds, e.g. 0,1,2 (default: the "
                                         "preset's)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda[:N]."),
+    device: str = device_option(),
     feature_extractor: str = typer.Option("inception", "--feature-extractor", help="inception, or tiny for a "
                                           "fast plumbing check whose numbers mean nothing."),
     inception_weights: Optional[Path] = typer.Option(
@@ -123,12 +116,12 @@ def benchmark_cifar10_command(
 ) -> None:
     """The CIFAR-10 normalization study: architecture × critic norm × generator norm × seed, each cell trained with
     WGAN-GP and scored (FID, KID, IS when available, reconstruction error, wall time, it/s), in one results folder."""
-    with reported_errors(*_known_errors(), interrupted="interrupted: re-run the same command to resume"):
+    with reported_errors(interrupted="interrupted: re-run the same command to resume"):
         from dagan_gn.jobs.cifar10_study import run_study
 
         seed_list = [int(s) for s in _split_list(seeds)] if seeds is not None else None
         report = run_study(
-            data, out, preset=preset, archs=_split_list(archs), critic_norms=_split_list(critic_norms),
+            data, out, preset=preset.value, archs=_split_list(archs), critic_norms=_split_list(critic_norms),
             generator_norms=_split_list(generator_norms), seeds=seed_list, device=device,
             feature_extractor=feature_extractor, inception_weights=str(inception_weights or ""),
             progress=not quiet, log=lambda msg: typer.echo(msg, err=True),

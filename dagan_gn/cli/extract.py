@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from dagan_gn.cli.app import app, fail
+from dagan_gn.cli.app import app, fail, reported_errors
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -68,7 +68,7 @@ def extract_patches_cmd(
 
     Exit code 0: all files used; 3: some files were skipped (see OUT.report.json); 2: fatal error."""
     _setup_logging(quiet)
-    from dagan_gn.jobs.extract_patches import ExtractError, extract_patches
+    from dagan_gn.jobs.extract_patches import extract_patches
 
     try:
         from dagan_gn.ingest.privacy import parse_split_fractions
@@ -78,16 +78,13 @@ def extract_patches_cmd(
         raise typer.BadParameter(str(exc), param_hint="--split") from None
     shard_tuple = _parse_shard(shard) if shard else (0, 1)
     modalities = ("MG", *[m.upper() for m in allow_modality])
-    try:
+    with reported_errors(interrupted=f"interrupted; run the same command with --resume to finish {out}"):
         report = extract_patches(
             inputs, out, labels_csv=labels, patch_size=patch_size, per_image=per_image, per_lesion=per_lesion,
             min_tissue=min_tissue, stride=stride, target_spacing_mm=target_spacing, split=fractions,
             workers=workers, seed=seed, salt=salt, salt_file=salt_file, resume=resume, shard=shard_tuple,
             allow_modalities=modalities, progress=not quiet,
         )
-    except ExtractError as exc:
-        fail(str(exc))
-        return
     typer.echo(
         f"{out}: {report.patches_total} patches ({report.patches_written} new) from {report.files_used} files; "
         f"{report.files_skipped} skipped, {report.files_already_done} already done; report {out}.report.json"
@@ -107,16 +104,11 @@ def merge_patches_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Merged HDF5 patch file (written atomically)."),
 ) -> None:
     """Join patch files (same patch size, format and salt) into one; class tables are unified."""
-    from dagan_gn.store.patch_file import StoreError, merge_patch_files
+    from dagan_gn.store.patch_file import PatchFile, merge_patch_files
 
     if out.resolve() in {p.resolve() for p in inputs}:
         fail(f"--out {out} is also an input")
-    try:
+    with reported_errors():
         merged = merge_patch_files(inputs, out)
-    except StoreError as exc:
-        fail(str(exc))
-        return
-    from dagan_gn.store.patch_file import PatchFile
-
     with PatchFile(merged) as pf:
         typer.echo(f"{merged}: {len(pf)} patches from {len(inputs)} files, classes {pf.class_names}")

@@ -12,7 +12,10 @@ from typing import List, Optional
 
 import typer
 
-from dagan_gn.cli.app import app, reported_errors
+from dagan_gn.cli.app import app, choices, device_option, reported_errors
+
+#: ``--amp`` choices (``train.amp``).
+Amp = choices("Amp", ("none", "bf16", "fp16"))
 
 
 @app.command("train")
@@ -36,11 +39,11 @@ def train_command(
         "differs in anything that changes the result; starts fresh when --out has no checkpoint)."
     ),
     steps: Optional[int] = typer.Option(None, "--steps", min=1, help="Generator steps in total (train.steps)."),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu or cuda[:N] (train.device)."),
+    device: Optional[str] = device_option(None, help="auto, cpu, cuda or cuda:N (sets train.device)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of weights, data order and noise (train.seed)."),
-    amp: Optional[str] = typer.Option(
-        None, "--amp", help="Mixed precision on CUDA: none, bf16 or fp16 (train.amp); the CPU trains in fp32 "
-        "unless train.amp_on_cpu=true."
+    amp: Optional[Amp] = typer.Option(
+        None, "--amp", help="Mixed precision on CUDA (train.amp); the CPU trains in fp32 unless "
+        "train.amp_on_cpu=true."
     ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar (train.progress=false)."),
 ) -> None:
@@ -48,10 +51,8 @@ def train_command(
 
     Errors in the config or the data are reported as one line and exit code 2.
     """
-    from dagan_gn.config import ConfigError, load_config
-    from dagan_gn.training.checkpoint import CheckpointError
+    from dagan_gn.config import load_config
     from dagan_gn.jobs.train import train
-    from dagan_gn.training.trainer import TrainingError
 
     items = list(overrides or [])
     if data is not None:
@@ -63,11 +64,10 @@ def train_command(
     if seed is not None:
         items.append(f"train.seed={seed}")
     if amp is not None:
-        items.append(f"train.amp={amp}")
+        items.append(f"train.amp={amp.value}")
     if quiet:
         items.append("train.progress=false")
-    # RuntimeError covers e.g. --device cuda without CUDA, or a network that does not fit the data.
-    with reported_errors(ConfigError, TrainingError, CheckpointError, ValueError, OSError, RuntimeError):
+    with reported_errors():
         cfg = load_config(config, items)
         run_dir = train(cfg, out, resume=resume)
     if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports

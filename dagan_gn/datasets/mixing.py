@@ -58,8 +58,11 @@ def dataset_labels(dataset: Dataset) -> np.ndarray:
     """Integer label of every item of ``dataset``.
 
     Uses a ``labels`` attribute (array-like, one per item) when the dataset has one — ``PatchDataset`` and
-    ``CIFAR10Dataset`` do — and otherwise reads the items (slow for big datasets, fine for small ones).
+    ``CIFAR10Dataset`` do — or the labels of a ``Subset``'s dataset, and otherwise reads the items (slow for big
+    datasets, fine for small ones).
     """
+    if isinstance(dataset, torch.utils.data.Subset):
+        return dataset_labels(dataset.dataset)[np.asarray(dataset.indices, dtype=np.int64)]
     labels = getattr(dataset, "labels", None)
     if labels is not None:
         labels = np.asarray(labels if not isinstance(labels, torch.Tensor) else labels.cpu().numpy())

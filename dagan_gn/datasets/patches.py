@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from dagan_gn.store.patch_file import PatchFile
+from dagan_gn.store.patch_file import PatchFile, uint16_to_signed
 
 __all__ = ["PatchDataset", "SameClassPairDataset", "ClassBalancedSampler"]
 
@@ -77,9 +77,8 @@ class PatchDataset(Dataset):
         return self._h5["patches"]
 
     def read_image(self, i: int) -> torch.Tensor:
-        """Item ``i`` as FloatTensor [C, S, S] in [-1, 1] (before ``transform``)."""
-        raw = self._patches()[int(self.rows[i])]
-        return torch.from_numpy(raw.astype(np.float32) * (2.0 / 65535.0) - 1.0)
+        """Item ``i`` as FloatTensor [C, S, S] in [-1, 1] (before ``transform``): the store's scale."""
+        return torch.from_numpy(uint16_to_signed(self._patches()[int(self.rows[i])]))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):

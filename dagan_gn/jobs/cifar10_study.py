@@ -24,14 +24,16 @@ import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
-import torch
 
 from dagan_gn.errors import DaganError
 from dagan_gn.config import ExperimentConfig, config_from_dict, config_to_dict
 from dagan_gn.fileio import atomic_path, atomic_write_text
+
+if TYPE_CHECKING:  # torch is imported where it is used, so the CLI can list the presets without it
+    import torch
 
 __all__ = [
     "ARCHS",
@@ -211,16 +213,6 @@ def cell_config(
     return config_from_dict(config_to_dict(cfg))  # validates types like a YAML config would be
 
 
-@torch.no_grad()
-def _generate(generator, n: int, z_dim: int, seed: int, device: torch.device, batch: int = 500) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch):
-        z = torch.randn(min(batch, n - start), z_dim, generator=gen).to(device)
-        out.append(generator(z).float().cpu())
-    return torch.cat(out)
-
-
 def _fid_curve(run_dir: Path) -> list[tuple[int, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
@@ -236,18 +228,11 @@ def _fid_curve(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def _start_step(run_dir: Path) -> int:
-    from dagan_gn.training.checkpoint import latest_checkpoint
+    """The step the newest checkpoint of ``run_dir`` reached (0 when there is none yet)."""
+    from dagan_gn.training.checkpoint import checkpoint_step, latest_checkpoint
 
-    try:
-        latest = latest_checkpoint(run_dir)
-    except Exception:  # noqa: BLE001 - no checkpoints yet
-        return 0
-    if latest is None:
-        return 0
-    try:
-        return int(latest.stem.split("_")[-1])
-    except ValueError:
-        return 0
+    latest = latest_checkpoint(run_dir)
+    return checkpoint_step(latest) if latest is not None else 0
 
 
 def run_cell(
@@ -264,11 +249,15 @@ def run_cell(
 ) -> dict:
     """Train (or resume) one cell and score it; writes ``cells/<cell>/result.json`` and ``grids/<cell>.png`` and
     returns the result. A cell whose ``result.json`` exists is loaded, not recomputed."""
+    import torch
+
     from dagan_gn.datasets.cifar10 import CIFAR10Dataset
     from dagan_gn.metrics.fidelity import compute_fidelity, reference_images_for_config
     from dagan_gn.metrics.reconstruction import reconstruction_error
     from dagan_gn.runtime import resolve_device, seed_everything
     from dagan_gn.training.checkpoint import load_generator
+    from dagan_gn.training.families import get_family
+    from dagan_gn.training.logging import save_image_grid
     from dagan_gn.jobs.train import train
 
     out = Path(out)
@@ -289,7 +278,9 @@ def run_cell(
     dev = resolve_device(device)
 
     generator, _, ckpt = load_generator(run_dir, device=dev, use_ema=True)
-    fake = _generate(generator, preset.num_samples, generator.z_dim, seed=10_000 + cell.seed, device=dev)
+    fake = get_family(cfg.model.name).sample(generator, preset.num_samples,
+                                             torch.Generator().manual_seed(10_000 + cell.seed), batch_size=500,
+                                             device=dev)
     reference, ref_key = reference_images_for_config(cfg, preset.num_samples)
     wanted = ("fid", "kid", "isc")
     scores = compute_fidelity(
@@ -301,8 +292,7 @@ def run_cell(
     test_images = test.images_uint8[: preset.recon_images].float() / 255.0
     recon = reconstruction_error(generator, test_images, steps=preset.recon_steps, device=dev)
 
-    grid_path = out / "grids" / f"{cell.name}.png"
-    _save_grid(fake[:64], grid_path)
+    grid_path = save_image_grid(fake[:64], out / "grids" / f"{cell.name}.png", nrow=8)
     trained = max(preset.steps - start, 0)
     result = {
         "cell": cell.name,
@@ -324,18 +314,12 @@ def run_cell(
     return result
 
 
-def _device_name(dev: torch.device) -> str:
+def _device_name(dev: "torch.device") -> str:
+    import torch
+
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
     return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
-def _save_grid(images: torch.Tensor, path: Path) -> None:
-    from torchvision.utils import save_image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path, suffix=".png") as tmp:
-        save_image((images + 1) / 2, str(tmp), nrow=8, format="png")
 
 
 # --------------------------------------------------------------------------------------------- the report

@@ -10,7 +10,9 @@ from typing import Sequence
 
 import numpy as np
 
-from dagan_gn.metrics.downstream import REGIMES, DownstreamConfig, DownstreamReport, evaluate_augmentation
+from dagan_gn.errors import DaganError
+from dagan_gn.metrics.downstream import (REGIMES, DownstreamConfig, DownstreamError, DownstreamReport,
+                                         evaluate_augmentation)
 
 __all__ = ["evaluate_augmentation_files", "write_downstream_report"]
 
@@ -29,6 +31,18 @@ def write_downstream_report(report: DownstreamReport, out_dir: str | os.PathLike
     return paths
 
 
+def _patches(path: str | os.PathLike, split: str, classes: Sequence[str] | None):
+    """``PatchDataset`` of one split; an unknown split or class is the user's error, named with the file."""
+    from dagan_gn.datasets.patches import PatchDataset
+
+    try:
+        return PatchDataset(path, split=split, classes=list(classes) if classes else None)
+    except DaganError:  # StoreError: not a patch file
+        raise
+    except (KeyError, ValueError) as exc:
+        raise DownstreamError(f"{path}: {exc}") from exc
+
+
 def evaluate_augmentation_files(
     real_path: str | os.PathLike,
     synthetic_path: str | os.PathLike | None,
@@ -44,32 +58,30 @@ def evaluate_augmentation_files(
     """:func:`evaluate_augmentation` on patch files: ``train_split`` of the real file for training, its
     ``test_split`` (held-out patients) for evaluation, and the synthetic file (``dagan augment``) for the DAGAN
     regimes. Writes the report to ``out_dir`` when given."""
-    from dagan_gn.datasets.patches import PatchDataset
-
     if train_split == test_split:
-        raise ValueError(f"train and test split are both {train_split!r}: evaluation would not be held out")
-    real = PatchDataset(real_path, split=train_split, classes=list(classes) if classes else None)
-    test = PatchDataset(real_path, split=test_split, classes=list(classes) if classes else None)
+        raise DownstreamError(f"train and test split are both {train_split!r}: evaluation would not be held out")
+    real = _patches(real_path, train_split, classes)
+    test = _patches(real_path, test_split, classes)
     if len(real) == 0:
-        raise ValueError(f"{real_path}: the {train_split!r} split has no patches")
+        raise DownstreamError(f"{real_path}: the {train_split!r} split has no patches")
     if len(test) == 0:
-        raise ValueError(f"{real_path}: the {test_split!r} split has no patches to evaluate on")
+        raise DownstreamError(f"{real_path}: the {test_split!r} split has no patches to evaluate on")
     synthetic = None
     if synthetic_path is not None:
         from dagan_gn.store.patch_file import PatchFile
 
         with PatchFile(synthetic_path) as pf:
             if not pf.synthetic:
-                raise ValueError(f"{synthetic_path} is not a synthetic patch file (made by `dagan augment`)")
+                raise DownstreamError(f"{synthetic_path} is not a synthetic patch file (made by `dagan augment`)")
             syn_classes = list(pf.class_names)
             split_present = [pf.split_names[s] for s in np.unique(pf.split)]
-        if syn_classes != list(PatchDataset(real_path, split=train_split).class_names):
-            raise ValueError(f"{synthetic_path} has classes {syn_classes}, not those of {real_path}")
+        if syn_classes != list(_patches(real_path, train_split, None).class_names):
+            raise DownstreamError(f"{synthetic_path} has classes {syn_classes}, not those of {real_path}")
         if test_split in split_present:
-            raise ValueError(
+            raise DownstreamError(
                 f"{synthetic_path} contains variants of {test_split!r} patches: evaluating on that split would leak"
             )
-        synthetic = PatchDataset(synthetic_path, split=train_split, classes=list(classes) if classes else None)
+        synthetic = _patches(synthetic_path, train_split, classes)
     report = evaluate_augmentation(real, test, synthetic, num_classes=len(real.class_names),
                                    class_names=real.class_names, config=config, regimes=regimes, progress=progress)
     report.meta.update(real=str(real_path), synthetic=None if synthetic_path is None else str(synthetic_path),

@@ -9,42 +9,24 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from dagan_gn.errors import DaganError
 from dagan_gn.metrics.fidelity import (METRIC_NAMES, _dataset_fingerprint, compute_fidelity,
-                                       reference_images_for_config, to_uint8_rgb)
+                                       reference_images_for_config, resolve_feature_extractor_name, to_uint8_rgb)
 
-__all__ = ["evaluate_checkpoint", "EVALUATE_METRICS"]
+__all__ = ["evaluate_checkpoint", "EvaluateError", "EVALUATE_METRICS"]
 
 
 #: What ``evaluate_checkpoint`` can compute: the fidelity metrics plus the reconstruction error.
 EVALUATE_METRICS = METRIC_NAMES + ("recon",)
 
 
-@torch.no_grad()
-def _generate_noise_to_image(generator, n: int, num_classes: int, device, seed: int, batch: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch):
-        k = min(batch, n - start)
-        z = torch.randn(k, generator.z_dim, generator=gen).to(device)
-        y = torch.randint(num_classes, (k,), generator=gen).to(device) if num_classes > 0 else None
-        out.append(to_uint8_rgb(generator(z) if y is None else generator(z, y)))
-    return torch.cat(out)
+class EvaluateError(DaganError, ValueError):
+    """An evaluation request that cannot be carried out (unknown metric or extractor, no data, empty split)."""
 
 
-@torch.no_grad()
-def _generate_dagan(generator, dataset, n: int, conditional: bool, device, seed: int, batch: int) -> torch.Tensor:
-    """``G(x_real, z)`` over real patches of ``dataset`` (in a seeded random order, cycling when n > len)."""
-    gen = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(dataset), generator=gen)
-    out = []
-    for start in range(0, n, batch):
-        idx = [int(order[i % len(order)]) for i in range(start, min(start + batch, n))]
-        items = [dataset[i] for i in idx]
-        x = torch.stack([it["image"] for it in items]).to(device)
-        y = torch.tensor([int(it["label"]) for it in items], device=device) if conditional else None
-        z = torch.randn(len(idx), generator.z_dim, generator=gen).to(device)
-        out.append(to_uint8_rgb(generator(x, z, y)))
-    return torch.cat(out)
+def _sample_uint8(family, generator, n: int, seed: int, **sample_kwargs) -> torch.Tensor:
+    """``n`` seeded samples of ``generator`` as torch-fidelity's ``uint8 [n, 3, H, W]``."""
+    return to_uint8_rgb(family.sample(generator, n, torch.Generator().manual_seed(seed), **sample_kwargs))
 
 
 def evaluate_checkpoint(
@@ -78,12 +60,14 @@ def evaluate_checkpoint(
     """
     from dagan_gn.runtime import resolve_device, seed_everything
     from dagan_gn.training.checkpoint import load_checkpoint, load_generator
+    from dagan_gn.training.families import get_family
 
     wanted = list(dict.fromkeys(m.strip().lower() for m in metrics))
     wanted = ["isc" if m in ("is", "inception_score") else m for m in wanted]
     bad = [m for m in wanted if m not in EVALUATE_METRICS]
     if bad or not wanted:
-        raise ValueError(f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(EVALUATE_METRICS)}")
+        raise EvaluateError(
+            f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(EVALUATE_METRICS)}")
     seed_everything(seed)
     dev = resolve_device(device)
     generator, cfg, path = load_generator(checkpoint, device=dev, use_ema=use_ema)
@@ -91,10 +75,15 @@ def evaluate_checkpoint(
     if data is not None:
         cfg.data.path = str(data)
     if not cfg.data.path:
-        raise ValueError("no data: pass --data (the run's config names none)")
+        raise EvaluateError("no data: pass --data (the run's config names none)")
     n = int(num_samples or cfg.metrics.num_samples)
     weights = inception_weights or cfg.metrics.inception_weights or None
     extractor = feature_extractor or cfg.metrics.feature_extractor
+    try:
+        resolve_feature_extractor_name(extractor)
+    except ValueError as exc:  # the name came from the user or the run's config
+        raise EvaluateError(f"--feature-extractor: {exc}") from exc
+    family = get_family(cfg.model.name)
     kid_size = int(kid_subset_size or cfg.metrics.kid_subset_size)
     result: dict = {
         "checkpoint": str(path),
@@ -106,16 +95,24 @@ def evaluate_checkpoint(
         "device": str(dev),
     }
     fidelity_metrics = [m for m in wanted if m in METRIC_NAMES]
-    if cfg.model.name == "dagan":
+    if fidelity_metrics and n < 2:
+        raise EvaluateError(f"--num-samples must be at least 2 for {', '.join(fidelity_metrics)}, got {n}")
+    sample_kwargs = {"num_classes": cfg.model.num_classes, "batch_size": batch_size, "device": dev}
+    if family.conditions_on_image:
         from dagan_gn.datasets.patches import PatchDataset
 
         cfg.data.split = split or cfg.data.split
-        ds = PatchDataset(cfg.data.path, split=cfg.data.split, classes=cfg.data.classes or None)
+        try:
+            ds = PatchDataset(cfg.data.path, split=cfg.data.split, classes=cfg.data.classes or None)
+        except DaganError:  # StoreError: not a patch file
+            raise
+        except (KeyError, ValueError) as exc:  # an unknown split or class of that file
+            raise EvaluateError(f"{cfg.data.path}: {exc}") from exc
         if len(ds) == 0:
-            raise ValueError(f"{cfg.data.path}: split '{cfg.data.split}' has no patches")
+            raise EvaluateError(f"{cfg.data.path}: split '{cfg.data.split}' has no patches")
         result["split"] = cfg.data.split
         if fidelity_metrics:
-            fake = _generate_dagan(generator, ds, n, cfg.model.num_classes > 0, dev, seed, batch_size)
+            fake = _sample_uint8(family, generator, n, seed, dataset=ds, **sample_kwargs)
             pick = np.sort(np.random.default_rng(seed).permutation(len(ds))[: min(n, len(ds))])
             real = to_uint8_rgb(torch.stack([ds[int(i)]["image"] for i in pick]))
             key = f"patches-{cfg.data.split}-{_dataset_fingerprint(real)}"
@@ -125,14 +122,15 @@ def evaluate_checkpoint(
                                  cache_dir=cache_dir, batch_size=batch_size, seed=seed)
             )
         if "recon" in wanted:
-            result["recon_unavailable"] = "reconstruction error needs a noise-to-image generator G(z); DAGAN is G(x, z)"
+            result["recon_unavailable"] = (f"reconstruction error needs a noise-to-image generator G(z); "
+                                           f"'{family.name}' is G(x, z)")
         return result
 
     if cfg.data.kind != "cifar10":
         cfg.data.kind = "cifar10"
     result["split"] = "train"
     if fidelity_metrics:
-        fake = _generate_noise_to_image(generator, n, cfg.model.num_classes, dev, seed, batch_size)
+        fake = _sample_uint8(family, generator, n, seed, **sample_kwargs)
         real, key = reference_images_for_config(cfg, n)
         result.update(
             compute_fidelity(fake, real, metrics=fidelity_metrics, inception_weights=weights,

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dagan_gn.metrics.memorization import MemorizationReport, check_memorization
+from dagan_gn.metrics.memorization import MemorizationError, MemorizationReport, check_memorization
 
 __all__ = ["check_memorization_files", "write_memorization_report"]
 
@@ -65,19 +65,20 @@ def check_memorization_files(
 
     with PatchFile(real_path) as real, PatchFile(synthetic_path) as syn:
         if not syn.synthetic:
-            raise ValueError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")
+            raise MemorizationError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")
         if real.synthetic:
-            raise ValueError(f"{real_path}: is a synthetic patch file; pass the real patches the generator saw")
+            raise MemorizationError(f"{real_path}: is a synthetic patch file; pass the real patches the generator saw")
         if (syn.patch_size, syn.channels) != (real.patch_size, real.channels):
-            raise ValueError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but {real_path} "
-                             f"{real.channels}×{real.patch_size}px")
-        train_sel = real.split_indices(train_split)
-        held_sel = np.sort(np.concatenate([real.split_indices(s) for s in heldout_splits] or [np.zeros(0, int)]))
+            raise MemorizationError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but "
+                                    f"{real_path} {real.channels}×{real.patch_size}px")
+        train_sel = _split_rows(real, train_split, real_path)
+        held_sel = np.sort(np.concatenate([_split_rows(real, s, real_path) for s in heldout_splits]
+                                          or [np.zeros(0, int)]))
         if len(train_sel) == 0:
-            raise ValueError(f"{real_path}: split {train_split!r} is empty")
+            raise MemorizationError(f"{real_path}: split {train_split!r} is empty")
         if len(held_sel) == 0:
-            raise ValueError(f"{real_path}: held-out split(s) {', '.join(heldout_splits)} are empty; the near-copy "
-                             "threshold needs held-out real patches")
+            raise MemorizationError(f"{real_path}: held-out split(s) {', '.join(heldout_splits)} are empty; the "
+                                    "near-copy threshold needs held-out real patches")
         rng = np.random.default_rng(seed)
         syn_sel = np.arange(len(syn))
         if max_synthetic is not None and len(syn_sel) > max_synthetic:
@@ -114,6 +115,14 @@ def check_memorization_files(
     if out_dir is not None:
         write_memorization_report(report, out_dir)
     return report
+
+
+def _split_rows(pf: Any, split: str, path: str | Path) -> np.ndarray:
+    """Rows of ``split`` in a ``PatchFile``; an unknown split is the user's error, named with the file."""
+    try:
+        return pf.split_indices(split)
+    except ValueError as exc:
+        raise MemorizationError(f"{path}: {exc}") from exc
 
 
 def _read_images(pf: Any, rows: np.ndarray, block: int = 512) -> torch.Tensor:

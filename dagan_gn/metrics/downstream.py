@@ -30,8 +30,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from dagan_gn.errors import DaganError
+
 __all__ = [
+    "DownstreamError",
     "REGIMES",
+    "CLASSIFIER_ARCHS",
+    "AUGMENTATION_PRESETS",
     "DownstreamConfig",
     "DownstreamReport",
     "build_classifier",
@@ -42,7 +47,15 @@ __all__ = [
     "mean_ci",
 ]
 
+
+class DownstreamError(DaganError, ValueError):
+    """A downstream evaluation that cannot run as asked (unknown regime, classifier or preset, missing data)."""
+
 REGIMES: tuple[str, ...] = ("real", "real+albumentations", "real+dagan", "real+both")
+#: ``DownstreamConfig.arch`` values (:func:`build_classifier`).
+CLASSIFIER_ARCHS: tuple[str, ...] = ("resnet", "densenet")
+#: ``DownstreamConfig.augmentation`` values (:func:`classical_augmentation`).
+AUGMENTATION_PRESETS: tuple[str, ...] = ("mammo", "natural")
 
 
 @dataclass
@@ -90,7 +103,7 @@ def classical_augmentation(preset: str = "mammo", image_size: int = 64) -> Any:
             A.HorizontalFlip(p=0.5),
             A.Affine(translate_px=(-pad, pad), border_mode=2, p=0.5),
         ])
-    raise ValueError(f"unknown augmentation preset {preset!r}; choose 'mammo' or 'natural'")
+    raise DownstreamError(f"unknown augmentation preset {preset!r}; choose from {', '.join(AUGMENTATION_PRESETS)}")
 
 
 def build_classifier(
@@ -99,7 +112,7 @@ def build_classifier(
 ) -> nn.Module:
     """A 2-D MONAI classifier producing logits ``[B, num_classes]``."""
     if num_classes < 2:
-        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+        raise DownstreamError(f"a classifier needs at least 2 classes, got {num_classes}")
     if arch == "resnet":
         from monai.networks.nets import ResNet
 
@@ -115,7 +128,7 @@ def build_classifier(
 
         return DenseNet121(spatial_dims=2, in_channels=in_channels, out_channels=num_classes,
                            init_features=2 * width, growth_rate=width)
-    raise ValueError(f"unknown classifier {arch!r}; choose 'resnet' or 'densenet'")
+    raise DownstreamError(f"unknown classifier {arch!r}; choose from {', '.join(CLASSIFIER_ARCHS)}")
 
 
 def _forever(loader: DataLoader, dataset: Dataset) -> Any:
@@ -314,11 +327,14 @@ def evaluate_augmentation(
     config = config or DownstreamConfig()
     unknown = [r for r in regimes if r not in REGIMES]
     if unknown:
-        raise ValueError(f"unknown regime(s) {unknown}; choose from {list(REGIMES)}")
+        raise DownstreamError(f"unknown regime(s) {unknown}; choose from {list(REGIMES)}")
     if synthetic is None and any("dagan" in r or "both" in r for r in regimes):
-        raise ValueError("the real+dagan / real+both regimes need a synthetic dataset (dagan augment output)")
+        raise DownstreamError("the real+dagan / real+both regimes need a synthetic dataset (dagan augment output)")
     if len(real_train) == 0 or len(test) == 0:
-        raise ValueError(f"need real training and test items (got {len(real_train)} and {len(test)})")
+        raise DownstreamError(f"need real training and test items (got {len(real_train)} and {len(test)})")
+    ratio = config.synthetic_ratio
+    if not (ratio == "balance" or (isinstance(ratio, (int, float)) and 0.0 <= float(ratio) <= 1.0)):
+        raise DownstreamError(f"synthetic_ratio must be a number in [0, 1] or 'balance', got {ratio!r}")
     device = resolve_device(config.device)
     sample = real_train[0]["image"]
     in_channels, image_size = int(sample.shape[0]), int(sample.shape[-1])
@@ -331,9 +347,12 @@ def evaluate_augmentation(
             tf = classical_augmentation(config.augmentation, image_size) if regime in (
                 "real+albumentations", "real+both") else None
             use_syn = regime in ("real+dagan", "real+both")
-            data = MixedRealSyntheticDataset(real_train, synthetic if use_syn else None,
-                                             synthetic_ratio=config.synthetic_ratio if use_syn else 0.0,
-                                             transform=tf, seed=int(seed))
+            try:
+                data = MixedRealSyntheticDataset(real_train, synthetic if use_syn else None,
+                                                 synthetic_ratio=config.synthetic_ratio if use_syn else 0.0,
+                                                 transform=tf, seed=int(seed))
+            except ValueError as exc:  # e.g. a class the synthetic data lacks for per-class balancing
+                raise DownstreamError(f"regime {regime}: {exc}") from exc
             model = train_classifier(data, num_classes, steps=steps, config=config, seed=int(seed),
                                      image_size=image_size, in_channels=in_channels, device=device)
             row = {"regime": regime, "seed": int(seed),

@@ -30,7 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from dagan_gn.errors import DaganError
+
 __all__ = [
+    "MemorizationError",
     "nearest_neighbors",
     "RandomConvFeatures",
     "embed",
@@ -38,6 +41,10 @@ __all__ = [
     "MemorizationReport",
     "check_memorization",
 ]
+
+
+class MemorizationError(DaganError, ValueError):
+    """A memorization check that cannot run on the given patches (empty sets, shapes that differ, bad options)."""
 
 
 @torch.no_grad()
@@ -60,11 +67,11 @@ def nearest_neighbors(
         ``(distances [N] float32, indices [N] int64)`` on the CPU.
     """
     if len(reference) == 0:
-        raise ValueError("the reference set is empty: there are no training patches to compare with")
+        raise MemorizationError("the reference set is empty: there are no training patches to compare with")
     q = query.reshape(len(query), int(np.prod(query.shape[1:])))
     r = reference.reshape(len(reference), -1)
     if q.shape[1] != r.shape[1]:
-        raise ValueError(f"query rows have {q.shape[1]} values but reference rows have {r.shape[1]}")
+        raise MemorizationError(f"query rows have {q.shape[1]} values but reference rows have {r.shape[1]}")
     dev = torch.device(device) if device is not None else q.device
     best_d = torch.empty(len(q), dtype=torch.float32)
     best_i = torch.empty(len(q), dtype=torch.int64)
@@ -313,11 +320,12 @@ def check_memorization(
     syn_t, train_t, held_t = (torch.as_tensor(np.asarray(a) if not isinstance(a, torch.Tensor) else a).float()
                               for a in (synthetic, train, heldout))
     if len(held_t) == 0:
-        raise ValueError("no held-out real patches: the near-copy threshold needs val/test patches as a baseline")
+        raise MemorizationError(
+            "no held-out real patches: the near-copy threshold needs val/test patches as a baseline")
     if len(train_t) == 0:
-        raise ValueError("no training patches to compare with")
+        raise MemorizationError("no training patches to compare with")
     if syn_t.shape[1:] != train_t.shape[1:] or held_t.shape[1:] != train_t.shape[1:]:
-        raise ValueError(
+        raise MemorizationError(
             f"image shapes differ: synthetic {tuple(syn_t.shape[1:])}, train {tuple(train_t.shape[1:])}, "
             f"held-out {tuple(held_t.shape[1:])}"
         )
@@ -327,7 +335,7 @@ def check_memorization(
     for name, arr, n in (("source_index", src_idx, len(syn_t)), ("source_patient", src_pat, len(syn_t)),
                          ("train_patient", trn_pat, len(train_t))):
         if arr is not None and len(arr) != n:
-            raise ValueError(f"{name} has {len(arr)} entries, expected {n}")
+            raise MemorizationError(f"{name} has {len(arr)} entries, expected {n}")
     kw = dict(percentile=percentile, copy_factor=copy_factor, source_index=src_idx, source_patient=src_pat, train_patient=trn_pat,
               chunk_size=chunk_size, device=device)
     spaces: dict[str, SpaceResult] = {}
@@ -338,7 +346,8 @@ def check_memorization(
     if feature_extractor is not None:
         if isinstance(feature_extractor, str):
             if feature_extractor != "random-conv":
-                raise ValueError(f"unknown feature extractor {feature_extractor!r}; use 'random-conv' or a callable")
+                raise MemorizationError(
+                    f"unknown feature extractor {feature_extractor!r}; use 'random-conv' or a callable")
             feature_extractor = RandomConvFeatures(in_channels=train_t.shape[1], seed=seed)
         feats = [embed(x, feature_extractor, batch_size=batch_size, device=device) for x in (syn_t, train_t, held_t)]
         res, d, i = _space("feature", *feats, **kw)

@@ -19,11 +19,18 @@ Two kinds:
 
 Only ``batch`` and ``conditional_batch`` couple the samples of a batch (in training mode); that breaks the per-sample
 gradient penalty of WGAN-GP, which is why critics default to ``layer``/``group``.
+
+The registry is open, as MONAI's ``Norm`` factory is: :func:`register_norm` adds a norm by name in one call, and every
+network of the package (and every config) can then use it::
+
+    register_norm("pixel", layer=lambda ctx, eps=1e-8: PixelNorm(eps))          # an activation norm
+    register_norm("spectral2", weight=lambda module, **kw: my_parametrization(module, **kw))
 """
 
 from __future__ import annotations
 
-from typing import Any, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -33,10 +40,11 @@ from dagan_gn.errors import DaganError
 __all__ = [
     "NormSpec",
     "NormSpecError",
-    "NORMS",
-    "ACTIVATION_NORMS",
-    "WEIGHT_NORMS",
-    "BATCH_COUPLING_NORMS",
+    "NormContext",
+    "NormEntry",
+    "NORM_REGISTRY",
+    "register_norm",
+    "norm_names",
     "parse_norm_spec",
     "format_norm_spec",
     "make_norm",
@@ -53,14 +61,76 @@ class NormSpecError(DaganError, ValueError):
     """An invalid normalization spec (unknown name, bad arguments, groups that do not divide channels)."""
 
 
-ACTIVATION_NORMS = ("batch", "layer", "instance", "group", "conditional_batch")
-WEIGHT_NORMS = ("weight", "spectral")
-NORMS = ("none",) + ACTIVATION_NORMS + WEIGHT_NORMS
-BATCH_COUPLING_NORMS = ("batch", "conditional_batch")
+@dataclass(frozen=True)
+class NormContext:
+    """Where an activation norm is built: what its builder may need besides the spec's own arguments."""
 
-_ALIASES = {"bn": "batch", "ln": "layer", "in": "instance", "gn": "group", "wn": "weight", "sn": "spectral",
-            "cbn": "conditional_batch", "identity": "none", "": "none"}
-_SHORT_ARG = {"group": "num_groups", "conditional_batch": "num_classes"}
+    channels: int
+    layer_index: int = 0
+    spatial_dims: int = 2
+    shared_embedding: nn.Embedding | None = None
+    #: `` at <layer name>`` (or empty), for error messages.
+    place: str = ""
+
+
+@dataclass(frozen=True)
+class NormEntry:
+    """A registered normalization: an activation norm (``layer``: ``(NormContext, **kwargs) -> nn.Module`` placed
+    after a conv/linear), a weight norm (``weight``: ``(module, **kwargs) -> module``) or neither (``none``)."""
+
+    name: str
+    layer: Callable[..., nn.Module] | None = None
+    weight: Callable[..., nn.Module] | None = None
+    #: Mixes statistics across the samples of a batch in training mode (breaks the per-sample gradient penalty).
+    couples_batch: bool = False
+    #: The argument of the short form ``name:value`` (``group:8`` → ``num_groups``).
+    short_arg: str | None = None
+    #: Arguments filled in when a spec leaves them out.
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return "activation" if self.layer is not None else "weight" if self.weight is not None else "none"
+
+
+#: Name → entry of every registered normalization (see :func:`register_norm`).
+NORM_REGISTRY: dict[str, NormEntry] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_norm(
+    name: str,
+    *,
+    layer: Callable[..., nn.Module] | None = None,
+    weight: Callable[..., nn.Module] | None = None,
+    couples_batch: bool = False,
+    short_arg: str | None = None,
+    defaults: Mapping[str, Any] | None = None,
+    aliases: Sequence[str] = (),
+) -> NormEntry:
+    """Register (or replace) the normalization ``name``; at most one of ``layer`` and ``weight``.
+
+    Args:
+        layer: builds the norm layer: ``layer(ctx: NormContext, **spec_kwargs) -> nn.Module``.
+        weight: wraps a conv/linear: ``weight(module, **spec_kwargs) -> module``.
+        couples_batch: True for norms with cross-sample statistics (batch norm and its kin).
+        short_arg: the argument of ``"name:value"`` specs.
+        defaults: arguments a spec may leave out.
+        aliases: other names for it (``"gn"`` for ``group``).
+    """
+    key = str(name).lower()
+    if layer is not None and weight is not None:
+        raise NormSpecError(f"register_norm({name!r}): give layer= or weight=, not both")
+    entry = NormEntry(key, layer, weight, bool(couples_batch), short_arg, dict(defaults or {}))
+    NORM_REGISTRY[key] = entry
+    for alias in aliases:
+        _ALIASES[str(alias).lower()] = key
+    return entry
+
+
+def norm_names(kind: str | None = None) -> tuple[str, ...]:
+    """Registered names, in registration order; ``kind`` (``activation``, ``weight``, ``none``) filters them."""
+    return tuple(n for n, e in NORM_REGISTRY.items() if kind is None or e.kind == kind)
 
 
 def parse_norm_spec(spec: NormSpec) -> tuple[str, dict[str, Any]]:
@@ -82,13 +152,14 @@ def parse_norm_spec(spec: NormSpec) -> tuple[str, dict[str, Any]]:
         kwargs = {}
         name = _ALIASES.get(name.lower(), name.lower())
         if arg:
-            if name not in _SHORT_ARG:
+            short = NORM_REGISTRY[name].short_arg if name in NORM_REGISTRY else None
+            if short is None:
                 raise NormSpecError(f"norm spec {spec!r}: '{name}' takes no ':argument'")
             try:
                 values = [int(v) for v in arg.split(",")]
             except ValueError as exc:
                 raise NormSpecError(f"norm spec {spec!r}: argument after ':' must be integer(s)") from exc
-            kwargs[_SHORT_ARG[name]] = values[0] if len(values) == 1 else values
+            kwargs[short] = values[0] if len(values) == 1 else values
     elif isinstance(spec, (tuple, list)) and len(spec) in (1, 2) and isinstance(spec[0], str):
         if len(spec) == 2 and not isinstance(spec[1], dict):
             raise NormSpecError(f"norm spec {spec!r}: second element must be a dict of arguments")
@@ -97,25 +168,24 @@ def parse_norm_spec(spec: NormSpec) -> tuple[str, dict[str, Any]]:
     else:
         raise NormSpecError(f"cannot read norm spec {spec!r}; use e.g. 'group:8' or ('group', {{'num_groups': 8}})")
     name = _ALIASES.get(str(name).lower(), str(name).lower())
-    if name not in NORMS:
-        raise NormSpecError(f"unknown normalization '{name}'; choose one of: {', '.join(NORMS)}")
-    if name == "group":
-        kwargs.setdefault("num_groups", 8)
-    return name, kwargs
+    if name not in NORM_REGISTRY:
+        raise NormSpecError(f"unknown normalization '{name}'; choose one of: {', '.join(NORM_REGISTRY)}")
+    return name, {**NORM_REGISTRY[name].defaults, **kwargs}
 
 
 def format_norm_spec(spec: NormSpec) -> str:
     """Short human-readable form, e.g. ``group:8`` (used in tables and file names)."""
     name, kwargs = parse_norm_spec(spec)
-    if name == "group":
-        g = kwargs["num_groups"]
-        return "group:" + (",".join(map(str, g)) if isinstance(g, (list, tuple)) else str(g))
-    return name
+    short = NORM_REGISTRY[name].short_arg
+    if short is None or short not in kwargs:
+        return name
+    value = kwargs[short]
+    return f"{name}:" + (",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value))
 
 
 def is_batch_coupling(spec: NormSpec) -> bool:
     """True if the norm mixes statistics across the samples of a batch in training mode."""
-    return parse_norm_spec(spec)[0] in BATCH_COUPLING_NORMS
+    return NORM_REGISTRY[parse_norm_spec(spec)[0]].couples_batch
 
 
 def _pick(value: Any, layer_index: int) -> Any:
@@ -184,8 +254,14 @@ def make_norm(spec: NormSpec, channels: int, *, layer_index: int = 0, spatial_di
     """
     name, kwargs = parse_norm_spec(spec)
     place = f" at {where}" if where else ""
+    if spatial_dims not in _BATCH:
+        raise NormSpecError(f"norm{place}: spatial_dims must be 0, 1, 2 or 3, got {spatial_dims}")
+    entry = NORM_REGISTRY[name]
+    if entry.layer is None:
+        return nn.Identity()
+    ctx = NormContext(int(channels), int(layer_index), int(spatial_dims), shared_embedding, place)
     try:
-        return _build_norm(name, kwargs, channels, layer_index, spatial_dims, shared_embedding, place)
+        return entry.layer(ctx, **kwargs)
     except TypeError as exc:  # an argument the torch layer does not take, e.g. ("batch", {"momentun": 0.1})
         raise NormSpecError(f"norm spec {spec!r}{place}: {exc}") from exc
 
@@ -196,55 +272,53 @@ _BATCH = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNo
 _INSTANCE = {1: nn.InstanceNorm1d, 2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 
 
-def _build_norm(name: str, kwargs: dict[str, Any], channels: int, layer_index: int, spatial_dims: int,
-                shared_embedding: nn.Embedding | None, place: str) -> nn.Module:
-    if spatial_dims not in _BATCH:
-        raise NormSpecError(f"norm{place}: spatial_dims must be 0, 1, 2 or 3, got {spatial_dims}")
-    if name in ("none",) + WEIGHT_NORMS:
-        return nn.Identity()
-    if name == "batch":
-        return _BATCH[spatial_dims](channels, **kwargs)
-    if name == "instance":
-        if spatial_dims == 0:
-            raise NormSpecError(f"instance norm{place} is undefined for (N, C) vectors; use 'layer' there")
-        kwargs = {"affine": True, **kwargs}
-        return _INSTANCE[spatial_dims](channels, **kwargs)
-    if name == "layer":
-        # Per-sample over (C, H, W) with per-channel affine: GroupNorm with one group (see module docstring).
-        return nn.GroupNorm(1, channels, **kwargs)
-    if name == "group":
-        kwargs = dict(kwargs)
-        groups = int(_pick(kwargs.pop("num_groups"), layer_index))
-        if groups < 1 or channels % groups != 0:
-            raise NormSpecError(
-                f"group norm with num_groups={groups} cannot normalise {channels} channels{place} "
-                f"(layer {layer_index}): num_groups must divide the channel count; "
-                f"divisors of {channels} are {[d for d in range(1, channels + 1) if channels % d == 0]}"
-            )
-        return nn.GroupNorm(num_groups=groups, num_channels=channels, **kwargs)
-    if name == "conditional_batch":
-        if spatial_dims != 2:
-            raise NormSpecError(f"conditional_batch norm{place} is only defined for (N, C, H, W) feature maps")
-        num_classes = int(kwargs.get("num_classes", 0))
-        if num_classes < 1 and shared_embedding is not None:
-            num_classes = shared_embedding.num_embeddings
-        if num_classes < 1:
-            raise NormSpecError(f"conditional_batch norm{place} needs num_classes >= 1 (a class-conditional model)")
-        return ConditionalBatchNorm2d(channels, num_classes, int(kwargs.get("embedding_dim", 128)), shared_embedding)
-    raise NormSpecError(f"unknown normalization '{name}'")  # pragma: no cover - parse_norm_spec guards
+def _batch(ctx: NormContext, **kwargs: Any) -> nn.Module:
+    return _BATCH[ctx.spatial_dims](ctx.channels, **kwargs)
+
+
+def _instance(ctx: NormContext, **kwargs: Any) -> nn.Module:
+    if ctx.spatial_dims == 0:
+        raise NormSpecError(f"instance norm{ctx.place} is undefined for (N, C) vectors; use 'layer' there")
+    return _INSTANCE[ctx.spatial_dims](ctx.channels, **{"affine": True, **kwargs})
+
+
+def _layer(ctx: NormContext, **kwargs: Any) -> nn.Module:
+    # Per-sample over (C, H, W) with per-channel affine: GroupNorm with one group (see module docstring).
+    return nn.GroupNorm(1, ctx.channels, **kwargs)
+
+
+def _group(ctx: NormContext, num_groups: Any, **kwargs: Any) -> nn.Module:
+    groups, channels = int(_pick(num_groups, ctx.layer_index)), ctx.channels
+    if groups < 1 or channels % groups != 0:
+        raise NormSpecError(
+            f"group norm with num_groups={groups} cannot normalise {channels} channels{ctx.place} "
+            f"(layer {ctx.layer_index}): num_groups must divide the channel count; "
+            f"divisors of {channels} are {[d for d in range(1, channels + 1) if channels % d == 0]}"
+        )
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, **kwargs)
+
+
+def _conditional_batch(ctx: NormContext, num_classes: int = 0, embedding_dim: int = 128) -> nn.Module:
+    if ctx.spatial_dims != 2:
+        raise NormSpecError(f"conditional_batch norm{ctx.place} is only defined for (N, C, H, W) feature maps")
+    num_classes = int(num_classes)
+    if num_classes < 1 and ctx.shared_embedding is not None:
+        num_classes = ctx.shared_embedding.num_embeddings
+    if num_classes < 1:
+        raise NormSpecError(f"conditional_batch norm{ctx.place} needs num_classes >= 1 (a class-conditional model)")
+    return ConditionalBatchNorm2d(ctx.channels, num_classes, int(embedding_dim), ctx.shared_embedding)
 
 
 def apply_weight_norm(module: nn.Module, spec: NormSpec) -> nn.Module:
     """Wrap a conv/linear with weight or spectral normalization when ``spec`` asks for it; else return it as is."""
     name, kwargs = parse_norm_spec(spec)
+    wrap = NORM_REGISTRY[name].weight
+    if wrap is None:
+        return module
     try:
-        if name == "weight":
-            return nn.utils.parametrizations.weight_norm(module, **kwargs)
-        if name == "spectral":
-            return nn.utils.parametrizations.spectral_norm(module, **kwargs)
+        return wrap(module, **kwargs)
     except TypeError as exc:  # an argument the parametrization does not take
         raise NormSpecError(f"norm spec {spec!r}: {exc}") from exc
-    return module
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -254,3 +328,14 @@ def apply_norm(norm: nn.Module, x: torch.Tensor, y: torch.Tensor | None = None) 
             raise ValueError("a conditional_batch norm needs class labels y")
         return norm(x, y)
     return norm(x)
+
+
+register_norm("none", aliases=("identity", ""))
+register_norm("batch", layer=_batch, couples_batch=True, aliases=("bn",))
+register_norm("layer", layer=_layer, aliases=("ln",))
+register_norm("instance", layer=_instance, aliases=("in",))
+register_norm("group", layer=_group, short_arg="num_groups", defaults={"num_groups": 8}, aliases=("gn",))
+register_norm("conditional_batch", layer=_conditional_batch, couples_batch=True, short_arg="num_classes",
+              aliases=("cbn",))
+register_norm("weight", weight=nn.utils.parametrizations.weight_norm, aliases=("wn",))
+register_norm("spectral", weight=nn.utils.parametrizations.spectral_norm, aliases=("sn",))

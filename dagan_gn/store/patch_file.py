@@ -594,6 +594,25 @@ class PatchFile:
         """One stored patch, uint16 [C, S, S]."""
         return self.patches[int(index)]
 
+    def read_patches(self, rows: Sequence[int] | np.ndarray, *, signed: bool = False,
+                     block: int = 512) -> np.ndarray:
+        """Patches ``rows`` (any order, repeats allowed) as uint16 ``[n, C, S, S]``, or with ``signed`` as float32
+        in [-1, 1] (:func:`uint16_to_signed`, the networks' scale). Read ``block`` rows at a time, each block as one
+        slice when its rows are contiguous, else as one point selection, so memory holds only the result."""
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        unique, inverse = np.unique(rows, return_inverse=True)
+        if len(unique) and (unique[0] < 0 or unique[-1] >= len(self)):
+            raise StoreError(f"{self.path}: rows {unique[0]}..{unique[-1]} outside the file's {len(self)} patches")
+        out = np.empty((len(unique), *self.patches.shape[1:]), dtype=np.float32 if signed else np.uint16)
+        for start in range(0, len(unique), block):
+            idx = unique[start : start + block]
+            if idx[-1] - idx[0] + 1 == len(idx):
+                raw = self.patches[int(idx[0]) : int(idx[-1]) + 1]
+            else:
+                raw = self.patches[idx.tolist()]
+            out[start : start + len(idx)] = uint16_to_signed(raw) if signed else raw
+        return out if np.array_equal(unique, rows) else out[inverse.reshape(-1)]
+
     def split_indices(self, split: str) -> np.ndarray:
         """Rows of one split (``"train"``, ``"val"``, ``"test"``)."""
         if split not in self.split_names:

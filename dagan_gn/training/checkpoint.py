@@ -9,6 +9,8 @@ A checkpoint is a dict of tensors and plain Python values (the contract in ``doc
     step                     generator steps completed
     rng                      RNG states (python/numpy/torch/cuda) as tensors and plain values, one entry per rank
     data                     position of the data iterator (epoch, batches consumed in that epoch)
+    best_fid                 the lowest FID of the periodic evaluations so far (inf without them)
+    train_model              the training steps' own state (``GANModel.state_dict()``), only when it has any
     config                   the resolved ExperimentConfig as a nested plain dict
     format_version           CHECKPOINT_FORMAT_VERSION
 
@@ -36,6 +38,7 @@ __all__ = [
     "CheckpointError",
     "checkpoint_dir",
     "checkpoint_path",
+    "checkpoint_step",
     "save_checkpoint",
     "load_checkpoint",
     "latest_checkpoint",
@@ -62,6 +65,12 @@ def checkpoint_dir(run_dir: str | os.PathLike) -> Path:
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
     """``RUN/checkpoints/step_XXXXXXX.pt``."""
     return checkpoint_dir(run_dir) / f"step_{int(step):07d}.pt"
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """The generator step in a ``step_XXXXXXX.pt`` file name, or None for any other name (``best.pt``)."""
+    m = _STEP_RE.match(Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 # --------------------------------------------------------------------------------------------------- RNG states
@@ -105,11 +114,7 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     folder = root if root.name == "checkpoints" and not (root / "checkpoints").is_dir() else checkpoint_dir(root)
     if not folder.is_dir():
         return []
-    found = []
-    for p in folder.iterdir():
-        m = _STEP_RE.match(p.name)
-        if m and p.is_file():
-            found.append((int(m.group(1)), p))
+    found = [(step, p) for p in folder.iterdir() if (step := checkpoint_step(p)) is not None and p.is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -214,7 +219,7 @@ def load_generator(
     Returns ``(generator in eval mode on device, the run's ExperimentConfig, checkpoint path)``; the EMA weights are
     used when ``use_ema`` and the checkpoint has them.
     """
-    from dagan_gn.nets import build_networks
+    from dagan_gn.training.families import build_networks
 
     path = resolve_checkpoint(run_dir_or_file)
     state = load_checkpoint(path)

@@ -76,34 +76,36 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def image_grid(images: torch.Tensor, nrow: int, padding: int = 2, pad_value: float = 1.0) -> np.ndarray:
-    """Tile ``[N, C, H, W]`` images in [-1, 1] into an ``H' x W' (x 3)`` float array in [0, 1], ``nrow`` per row."""
+    """Tile ``[N, C, H, W]`` images in [-1, 1] (``nrow`` per row, ``padding`` pixels of ``pad_value`` in [0, 1]
+    around them, as torchvision's ``make_grid`` lays them out) into a ``uint8`` array: ``H' x W'`` for one channel,
+    ``H' x W' x 3`` for three. Values map to ``uint8`` as torchvision's ``save_image`` does (``x * 255 + 0.5``).
+
+    Written out rather than imported: ``import torchvision`` costs seconds per process, and every run draws a grid
+    at step 0.
+    """
     images = images.detach().float().cpu().clamp(-1, 1).add(1).div(2)
     n, c, h, w = images.shape
-    ncol = max(1, int(nrow))
+    ncol = max(1, min(int(nrow), n))
     nrows = math.ceil(n / ncol)
-    grid = torch.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), pad_value)
+    grid = torch.full((c, nrows * (h + padding) + padding, ncol * (w + padding) + padding), float(pad_value))
     for i in range(n):
         r, col = divmod(i, ncol)
         top, left = padding + r * (h + padding), padding + col * (w + padding)
         grid[:, top : top + h, left : left + w] = images[i]
-    arr = grid.permute(1, 2, 0).numpy()
-    return arr[..., 0] if c == 1 else arr
+    arr = grid.mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8).permute(1, 2, 0).numpy()
+    return arr[..., 0] if c == 1 else arr[..., :3]
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int) -> Path:
-    """Write an image grid as PNG, atomically (grey for 1-channel images)."""
-    import matplotlib
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int, padding: int = 2) -> Path:
+    """Write :func:`image_grid` of ``images`` as a PNG (grey for one channel), atomically; returns ``path``.
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.image
+    The one way dagan-gn draws image grids: training samples, the augment contact sheet, the CIFAR-10 study grids.
+    """
+    from PIL import Image
 
-    arr = image_grid(images, nrow)
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
-        if arr.ndim == 2:
-            matplotlib.image.imsave(tmp, arr, cmap="gray", vmin=0.0, vmax=1.0, format="png")
-        else:
-            matplotlib.image.imsave(tmp, np.clip(arr, 0, 1), format="png")
+        Image.fromarray(image_grid(images, nrow, padding)).save(tmp, format="PNG")
     return path
 
 

@@ -1,7 +1,8 @@
 """Per-model training steps (mimicry style): one class per network family knows how to feed its networks.
 
 The trainer owns optimizers, scalers, schedules and logging; a model class only turns a batch into a critic loss or a
-generator loss (plus detached values to log) and knows how to draw sample grids:
+generator loss (plus detached values to log). Which class a network family trains with, and how that family samples,
+is declared once in :mod:`dagan_gn.training.families`:
 
 * :class:`DAGANModel` — the conditional DAGAN: ``G(x, z, y) -> x'`` and a pair critic ``D(x, x_other, y)`` that
   tells a real same-class pair ``(x, x_other)`` from ``(x, G(x, z))``.
@@ -27,8 +28,7 @@ from torch import nn
 from dagan_gn.config import LossConfig, ModelConfig
 from dagan_gn.training.losses import drift_penalty, get_loss, gradient_penalty
 
-__all__ = ["GANModel", "DAGANModel", "UnconditionalGANModel", "MODELS", "build_train_model", "truncated_noise",
-           "frozen"]
+__all__ = ["GANModel", "DAGANModel", "UnconditionalGANModel", "truncated_noise", "frozen"]
 
 
 def truncated_noise(
@@ -207,13 +207,19 @@ class GANModel:
     def generator_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def sample_grid(self, generator: nn.Module, fixed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Images for the PNG grid and the number per row."""
-        raise NotImplementedError
+    def state_dict(self) -> dict[str, Any]:
+        """Training state kept by the steps themselves (e.g. an adaptive augmentation probability): tensors and
+        plain values, saved in every checkpoint and given back to :meth:`load_state_dict` on resume. None here."""
+        return {}
 
-    def fixed_inputs(self, dataset, n: int, seed: int) -> dict[str, torch.Tensor]:
-        """The fixed inputs (noise, sources, labels) of the periodic sample grids."""
-        raise NotImplementedError
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a checkpoint's ``train_model`` entry)."""
+        if state:
+            from dagan_gn.training.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint holds training-step state {sorted(state)} that {type(self).__name__} does not keep"
+            )
 
 
 class DAGANModel(GANModel):
@@ -239,38 +245,6 @@ class DAGANModel(GANModel):
         loss = self.loss.generator_loss(d_fake)
         return loss, {"loss/generator": loss.detach()}
 
-    @torch.no_grad()
-    def generate(self, generator: nn.Module, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None):
-        was_training = generator.training
-        generator.eval()
-        try:
-            with self.autocast():
-                out = generator(self._to_device(x), z.to(self.device), None if y is None else y.to(self.device))
-        finally:
-            generator.train(was_training)
-        return out.float()
-
-    def fixed_inputs(self, dataset, n: int, seed: int, variants: int = 7, truncation: float = 0.0):
-        g = torch.Generator().manual_seed(seed + 12345)
-        idx = torch.randperm(len(dataset), generator=g)[: min(n, len(dataset))].tolist()
-        items = [dataset[i] for i in idx]
-        sources = torch.stack([it["image"] for it in items])
-        labels = torch.tensor([int(it["label"]) for it in items])
-        noise = truncated_noise(variants, self.z_dim, truncation, generator=g)
-        return {"sources": sources, "labels": labels, "noise": noise}
-
-    def sample_grid(self, generator, fixed):
-        """Rows: a source patch followed by its variants, one per fixed noise vector."""
-        sources, noise = fixed["sources"], fixed["noise"]
-        labels = fixed["labels"] if self.conditional else None
-        s, v = sources.shape[0], noise.shape[0]
-        x = sources.repeat_interleave(v, dim=0)
-        z = noise.repeat(s, 1)
-        y = labels.repeat_interleave(v, dim=0) if labels is not None else None
-        fakes = self.generate(generator, x, z, y).cpu().view(s, v, *sources.shape[1:])
-        rows = torch.cat([sources.unsqueeze(1), fakes], dim=1)
-        return rows.reshape(s * (v + 1), *sources.shape[1:]), v + 1
-
 
 class UnconditionalGANModel(GANModel):
     """Noise-to-image GANs (CIFAR-10 ResNet/DCGAN), optionally class-conditional."""
@@ -295,46 +269,3 @@ class UnconditionalGANModel(GANModel):
             d_fake = self.D_bare(fake, y)
         loss = self.loss.generator_loss(d_fake)
         return loss, {"loss/generator": loss.detach()}
-
-    @torch.no_grad()
-    def generate(self, generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None):
-        was_training = generator.training
-        generator.eval()
-        try:
-            with self.autocast():
-                out = generator(z.to(self.device), None if y is None else y.to(self.device))
-        finally:
-            generator.train(was_training)
-        return out.float()
-
-    def fixed_inputs(self, dataset, n: int, seed: int, truncation: float = 0.0):
-        g = torch.Generator().manual_seed(seed + 12345)
-        noise = truncated_noise(n, self.z_dim, truncation, generator=g)
-        k = max(1, self.model_cfg.num_classes)
-        labels = torch.arange(n) % k
-        return {"noise": noise, "labels": labels}
-
-    def sample_grid(self, generator, fixed):
-        labels = fixed["labels"] if self.conditional else None
-        images = self.generate(generator, fixed["noise"], labels).cpu()
-        n = images.shape[0]
-        nrow = self.model_cfg.num_classes if self.conditional and self.model_cfg.num_classes <= n else int(n**0.5)
-        return images, max(1, nrow)
-
-
-#: Network family (``ModelConfig.name``) → training-step class.
-MODELS: dict[str, type[GANModel]] = {
-    "dagan": DAGANModel,
-    "cifar_resnet": UnconditionalGANModel,
-    "cifar_dcgan": UnconditionalGANModel,
-}
-
-
-def build_train_model(name: str, *args, **kwargs) -> GANModel:
-    """The training-step object for network family ``name`` (unknown families with an ``x``-conditioned generator
-    are not guessed: the error lists the registered ones)."""
-    try:
-        cls = MODELS[name]
-    except KeyError:
-        raise ValueError(f"no training steps registered for model '{name}'; known: {', '.join(MODELS)}") from None
-    return cls(*args, **kwargs)

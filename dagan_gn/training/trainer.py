@@ -13,14 +13,16 @@ datasets of this package are deterministic per item and leave augmentation to th
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import math
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -28,6 +30,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from dagan_gn.errors import DaganError
 from dagan_gn.config import ExperimentConfig, config_from_dict, resume_mismatches, save_config
+from dagan_gn.datasets.mixing import dataset_labels
 from dagan_gn.runtime import resolve_device, seed_everything
 from dagan_gn.training import distributed as dist_utils
 from dagan_gn.training.checkpoint import (
@@ -41,9 +44,11 @@ from dagan_gn.training.checkpoint import (
     save_checkpoint,
 )
 from dagan_gn.training.ema import EMA
-from dagan_gn.training.logging import RunLogger, plot_loss_curves, save_image_grid
+from dagan_gn.training.families import FixedGrid, ModelFamily, SampleGrid, get_family
+from dagan_gn.training.handlers import CheckpointHandler, EvaluationHandler, Handler, SampleGridHandler
+from dagan_gn.training.logging import RunLogger, plot_loss_curves
 from dagan_gn.training.losses import get_loss
-from dagan_gn.training.models import GANModel, build_train_model
+from dagan_gn.training.models import GANModel
 
 __all__ = ["TrainingError", "Trainer", "build_dataset", "ResumableSampler", "InfiniteBatches"]
 
@@ -140,16 +145,6 @@ class InfiniteBatches:
         raise TrainingError("the data loader produced no batch for a whole epoch")  # pragma: no cover
 
 
-def _dataset_labels(ds: Dataset) -> list[int]:
-    labels = getattr(ds, "labels", None)
-    if labels is not None:
-        return [int(v) for v in (labels.tolist() if hasattr(labels, "tolist") else labels)]
-    if isinstance(ds, torch.utils.data.Subset):
-        base = _dataset_labels(ds.dataset)
-        return [base[i] for i in ds.indices]
-    return [int(ds[i]["label"]) for i in range(len(ds))]
-
-
 def _limit_patches_per_class(ds: Any, limit: int, seed: int) -> Any:
     """A copy of a PatchDataset keeping at most ``limit`` patches per class (chosen by ``seed``, as for CIFAR-10).
 
@@ -189,14 +184,11 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
                 f"{path}: split '{data.split}' has no patches (empty split); check data.split/data.classes"
             )
         base = _limit_patches_per_class(base, data.limit_per_class, cfg.train.seed)
-        if cfg.model.name == "dagan":
+        if get_family(cfg.model.name).conditions_on_image:
             from dagan_gn.datasets.patches import SameClassPairDataset
 
-            labels = _dataset_labels(base)
             names = list(getattr(base, "class_names", []) or [])
-            counts: dict[int, int] = {}
-            for label in labels:
-                counts[label] = counts.get(label, 0) + 1
+            counts = collections.Counter(dataset_labels(base).tolist())
             lonely = [names[k] if k < len(names) else str(k) for k, c in sorted(counts.items()) if c < 2]
             if lonely:
                 raise TrainingError(
@@ -221,7 +213,7 @@ def build_dataset(cfg: ExperimentConfig) -> Dataset:
     raise TrainingError(f"unknown data.kind '{data.kind}'; choose patches or cifar10")
 
 
-def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig) -> None:
+def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig, family: ModelFamily) -> None:
     item = ds[0]
     shape = tuple(item["image"].shape)
     want = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
@@ -230,10 +222,11 @@ def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig) -> None:
             f"the training images are {list(shape)} (C, H, W) but the model expects {list(want)}; set "
             f"model.channels/model.image_size to match the data (or use the matching config)"
         )
-    if cfg.model.name == "dagan" and "pair" not in item:
-        raise TrainingError("the DAGAN needs same-class pairs: the dataset items have no 'pair' (SameClassPairDataset)")
+    if family.conditions_on_image and "pair" not in item:
+        raise TrainingError(f"model '{family.name}' needs same-class pairs: the dataset items have no 'pair' "
+                            f"(SameClassPairDataset)")
     if cfg.model.num_classes > 0:
-        labels = set(_dataset_labels(ds)) if len(ds) <= 100_000 else set()
+        labels = set(dataset_labels(ds).tolist()) if len(ds) <= 100_000 else set()
         if labels and max(labels) >= cfg.model.num_classes:
             raise TrainingError(
                 f"the data has class label {max(labels)} but model.num_classes={cfg.model.num_classes}"
@@ -241,6 +234,17 @@ def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig) -> None:
 
 
 # ============================================================================================ helpers
+def _check_training_config(cfg: ExperimentConfig) -> None:
+    """The optimisation settings a run cannot start with (before anything is built)."""
+    get_loss(cfg.loss.name)  # fail early on an unknown loss
+    if cfg.optim.n_critic < 1:
+        raise TrainingError(f"optim.n_critic must be >= 1, got {cfg.optim.n_critic}")
+    if cfg.optim.lr_decay not in ("linear", "none"):
+        raise TrainingError(f"unknown optim.lr_decay '{cfg.optim.lr_decay}'; choose linear or none")
+    if cfg.train.steps < 1:
+        raise TrainingError(f"train.steps must be >= 1, got {cfg.train.steps}")
+
+
 def orthogonal_regularization(module: nn.Module) -> torch.Tensor:
     """BigGAN's orthogonal regularisation ``Σ ||W Wᵀ ⊙ (1 - I)||²_F`` over conv/linear weights
     (rows = output channels)."""
@@ -282,16 +286,21 @@ def _amp_dtype(name: str, device: torch.device, on_cpu: bool = False) -> torch.d
 
 # ============================================================================================ trainer
 class Trainer:
-    """Builds everything a run needs from an :class:`ExperimentConfig` and runs the loop.
+    """A training run: built from an :class:`ExperimentConfig` by ``__init__`` (one small step per part: device,
+    resume guard, networks, optimizers, training steps, data, handlers, restored state, run folder), run by
+    :meth:`fit` (the loop: critic and generator updates, logging, then the cadence handlers of
+    :mod:`dagan_gn.training.handlers`).
 
     Args:
         cfg: the resolved config.
         run_dir: output folder (config.yaml, checkpoints/, samples/, tensorboard/, metrics.jsonl, loss_curves.png).
         resume: continue from the newest checkpoint of ``run_dir`` (starts fresh, with a message, when there is none).
         dataset: use this Dataset instead of building one from ``cfg.data`` (tests, notebooks).
-        networks: ``(generator, critic)`` instead of ``dagan_gn.nets.build_networks(cfg.model)``.
+        networks: ``(generator, critic)`` instead of the family's ``build_networks(cfg.model)``.
         evaluator: a callable like ``dagan_gn.metrics.fidelity.TrainingEvaluator`` (built lazily from the config
             when ``metrics.eval_every > 0`` and none is given).
+        handlers: extra :class:`~dagan_gn.training.handlers.Handler` s, run after the sample-grid and evaluation
+            handlers and before the checkpoint handler (so what they change is checkpointed).
         log: where one-line status messages go (``print`` by default; rank 0 only).
     """
 
@@ -304,19 +313,57 @@ class Trainer:
         dataset: Dataset | None = None,
         networks: tuple[nn.Module, nn.Module] | None = None,
         evaluator: Callable | None = None,
+        handlers: Sequence[Handler] = (),
         log: Callable[[str], None] | None = None,
     ) -> None:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self._print = log or (lambda msg: print(msg, file=sys.stderr))
-        get_loss(cfg.loss.name)  # fail early on an unknown loss
-        if cfg.optim.n_critic < 1:
-            raise TrainingError(f"optim.n_critic must be >= 1, got {cfg.optim.n_critic}")
-        if cfg.optim.lr_decay not in ("linear", "none"):
-            raise TrainingError(f"unknown optim.lr_decay '{cfg.optim.lr_decay}'; choose linear or none")
-        if cfg.train.steps < 1:
-            raise TrainingError(f"train.steps must be >= 1, got {cfg.train.steps}")
+        self.family: ModelFamily = get_family(cfg.model.name)
+        _check_training_config(cfg)
+        self._setup_device()
+        state = self._checkpoint_to_resume(resume)
+        self._build_networks(networks)
+        self._build_optimizers()
+        self.model: GANModel = self.family.train_steps(
+            self.g_run, self.d_run, model_cfg=cfg.model, loss_cfg=cfg.loss, device=self.device,
+            amp_dtype=self.amp_dtype, channels_last=cfg.train.channels_last, hflip=cfg.data.hflip,
+            generator_ddp=self.g_ddp, critic_ddp=self.d_ddp, generator_bare=self.g_bare, critic_bare=self.d_bare,
+        )
+        self._build_data(dataset)
+        self.fixed: FixedGrid = self.family.fixed_grid(self.g_bare, self.dataset, cfg.train.seed,
+                                                       num_classes=cfg.model.num_classes,
+                                                       truncation=cfg.train.truncation)
+        self.evaluator = evaluator
+        if self.evaluator is None and cfg.metrics.eval_every > 0 and self.is_main:
+            # Built now so missing Inception weights fail before hours of training, not at the first evaluation.
+            from dagan_gn.metrics.fidelity import TrainingEvaluator
 
+            try:
+                self.evaluator = TrainingEvaluator(cfg, self.device)
+            except DaganError:  # InceptionWeightsUnavailable
+                raise
+            except ValueError as exc:  # an unknown metrics.metrics entry or metrics.feature_extractor
+                raise TrainingError(f"metrics: {exc}") from exc
+        self.handlers: list[Handler] = [
+            SampleGridHandler(cfg.train.sample_every),
+            EvaluationHandler(cfg.metrics.eval_every),
+            *handlers,
+            CheckpointHandler(cfg.train.checkpoint_every),
+        ]
+        self.best_fid = math.inf
+        self.step = 0
+        if state is not None:
+            self._load_state(state)
+        else:
+            seed_everything(cfg.train.seed + 7919 * self.dist.rank)
+        self._open_run_folder(resumed=state is not None)
+        self._stop_requested = False
+        self._signals_seen = 0
+
+    # ------------------------------------------------------------------ building the run
+    def _setup_device(self) -> None:
+        cfg = self.cfg
         device = resolve_device(cfg.train.device)
         self.dist = dist_utils.init_distributed(device)
         self.device = dist_utils.process_device(device, self.dist)
@@ -326,7 +373,8 @@ class Trainer:
             hint = " (train.amp_on_cpu=true autocasts on the CPU too)" if self.device.type == "cpu" else ""
             self.say(f"note: train.amp={cfg.train.amp} ignored on {self.device.type}; training in fp32{hint}")
 
-        # --- resume guard before anything is written
+    def _checkpoint_to_resume(self, resume: bool) -> dict[str, Any] | None:
+        """The state to resume from (None for a fresh run), checked before anything is written."""
         self.resume_from: Path | None = None
         if resume:
             self.resume_from = latest_checkpoint(self.run_dir)
@@ -336,39 +384,43 @@ class Trainer:
             raise TrainingError(
                 f"{self.run_dir} already holds checkpoints; pass --resume to continue that run or choose another --out"
             )
-        state = load_checkpoint(self.resume_from) if self.resume_from else None
-        if state is not None:
-            mismatched = resume_mismatches(config_from_dict(state["config"]), cfg)
-            if mismatched:
-                raise TrainingError(
-                    f"cannot resume {self.resume_from}: the config differs in {', '.join(mismatched)} "
-                    f"(resume with the run's own config.yaml, or start a new --out)"
-                )
+        if self.resume_from is None:
+            return None
+        state = load_checkpoint(self.resume_from)
+        mismatched = resume_mismatches(config_from_dict(state["config"]), self.cfg)
+        if mismatched:
+            raise TrainingError(
+                f"cannot resume {self.resume_from}: the config differs in {', '.join(mismatched)} "
+                f"(resume with the run's own config.yaml, or start a new --out)"
+            )
+        return state
 
-        # --- networks (same seed on every rank → same initial weights; DDP also broadcasts rank 0's)
-        seed_everything(cfg.train.seed)
-        if networks is None:
-            from dagan_gn.nets import build_networks
-
-            networks = build_networks(cfg.model)
-        g_bare, d_bare = networks
+    def _build_networks(self, networks: tuple[nn.Module, nn.Module] | None) -> None:
+        """Bare networks on the device, the EMA copy, and the forms that run (compiled, DDP-wrapped)."""
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)  # the same seed on every rank → the same initial weights (DDP broadcasts too)
+        g_bare, d_bare = networks if networks is not None else self.family.build_networks(cfg.model)
         self.g_bare, self.d_bare = g_bare.to(self.device), d_bare.to(self.device)
         if cfg.train.channels_last:
             self.g_bare.to(memory_format=torch.channels_last)
             self.d_bare.to(memory_format=torch.channels_last)
         self.g_bare.train()
         self.d_bare.train()
-        self.ema = EMA(self.g_bare, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema_decay > 0 else None
-
-        g_run, d_run = self.g_bare, self.d_bare
+        try:
+            self.ema = EMA(self.g_bare, cfg.train.ema_decay, cfg.train.ema_start) if cfg.train.ema_decay > 0 else None
+        except ValueError as exc:  # a decay outside (0, 1): the message names train.ema_decay
+            raise TrainingError(str(exc)) from exc
+        self.g_run, self.d_run = self.g_bare, self.d_bare
         if cfg.train.compile:
-            g_run = torch.compile(self.g_bare)
+            self.g_run = torch.compile(self.g_bare)
             # Double backward (the gradient penalty) is not supported by torch.compile; compile D only without it.
             if not get_loss(cfg.loss.name).uses_gradient_penalty:
-                d_run = torch.compile(self.d_bare)
-        self.g_ddp = dist_utils.wrap_ddp(g_run, self.dist, self.device)
-        self.d_ddp = dist_utils.wrap_ddp(d_run, self.dist, self.device)
+                self.d_run = torch.compile(self.d_bare)
+        self.g_ddp = dist_utils.wrap_ddp(self.g_run, self.dist, self.device)
+        self.d_ddp = dist_utils.wrap_ddp(self.d_run, self.dist, self.device)
 
+    def _build_optimizers(self) -> None:
+        cfg = self.cfg
         betas = tuple(float(b) for b in cfg.optim.betas)
         if len(betas) != 2:
             raise TrainingError(f"optim.betas must have two values, got {cfg.optim.betas}")
@@ -378,27 +430,12 @@ class Trainer:
         self.scaler_g = torch.amp.GradScaler(self.device.type, enabled=fp16)
         self.scaler_d = torch.amp.GradScaler(self.device.type, enabled=fp16)
 
-        self.model: GANModel = build_train_model(
-            cfg.model.name,
-            g_run,
-            d_run,
-            model_cfg=cfg.model,
-            loss_cfg=cfg.loss,
-            device=self.device,
-            amp_dtype=self.amp_dtype,
-            channels_last=cfg.train.channels_last,
-            hflip=cfg.data.hflip,
-            generator_ddp=self.g_ddp,
-            critic_ddp=self.d_ddp,
-            generator_bare=self.g_bare,
-            critic_bare=self.d_bare,
-        )
-
-        # --- data
+    def _build_data(self, dataset: Dataset | None) -> None:
+        cfg = self.cfg
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
         if len(self.dataset) == 0:
             raise TrainingError("the training dataset is empty")
-        _check_data_fits_model(self.dataset, cfg)
+        _check_data_fits_model(self.dataset, cfg, self.family)
         self.data = InfiniteBatches(
             self.dataset,
             cfg.data.batch_size,
@@ -408,30 +445,14 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-        self.fixed = self.model.fixed_inputs(self.dataset, 8 if cfg.model.name == "dagan" else 64, cfg.train.seed,
-                                             truncation=cfg.train.truncation)
-        self.evaluator = evaluator
-        if self.evaluator is None and cfg.metrics.eval_every > 0 and self.is_main:
-            # Built now so missing Inception weights fail before hours of training, not at the first evaluation.
-            from dagan_gn.metrics.fidelity import TrainingEvaluator
 
-            self.evaluator = TrainingEvaluator(cfg, self.device)
-        self.best_fid = math.inf
-        self.step = 0
-
-        # --- restore or start fresh
-        if state is not None:
-            self._load_state(state)
-        else:
-            seed_everything(cfg.train.seed + 7919 * self.dist.rank)
+    def _open_run_folder(self, resumed: bool) -> None:
         self.logger = RunLogger(self.run_dir, enabled=self.is_main)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.run_dir / "config.yaml")
-            if state is not None:
+            save_config(self.cfg, self.run_dir / "config.yaml")
+            if resumed:
                 self.logger.truncate_after(self.step)
-        self._stop_requested = False
-        self._signals_seen = 0
 
     # ------------------------------------------------------------------ messages
     def say(self, msg: str) -> None:
@@ -451,6 +472,7 @@ class Trainer:
             self.scaler_g.load_state_dict(scalers["g"])
         if scalers.get("d"):
             self.scaler_d.load_state_dict(scalers["d"])
+        self.model.load_state_dict(state.get("train_model") or {})
         self.step = int(state["step"])
         self.best_fid = float(state.get("best_fid", math.inf))
         if state.get("data"):
@@ -474,6 +496,10 @@ class Trainer:
         scalers = {}
         if self.scaler_g.is_enabled():
             scalers = {"g": self.scaler_g.state_dict(), "d": self.scaler_d.state_dict()}
+        extra: dict[str, Any] = {"data": self.data.state_dict(), "best_fid": float(self.best_fid)}
+        model_state = self.model.state_dict()
+        if model_state:
+            extra["train_model"] = model_state
         save_checkpoint(
             path,
             step=self.step,
@@ -485,7 +511,7 @@ class Trainer:
             ema=self.ema.module if self.ema is not None else None,
             scaler=scalers,
             rng={"ranks": rng_states},
-            extra={"data": self.data.state_dict(), "best_fid": float(self.best_fid)},
+            extra=extra,
         )
         if path.name.startswith("step_"):
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
@@ -535,48 +561,61 @@ class Trainer:
         self.scaler_g.update()
         return logs, norm
 
-    def sample_images(self) -> Path | None:
-        """Write ``samples/step_XXXXXXX.png`` from the fixed grid inputs (EMA generator when enabled)."""
-        if not self.is_main:
-            return None
-        g = self.ema.module if self.ema is not None else self.g_bare
-        images, nrow = self.model.sample_grid(g, self.fixed)
-        return save_image_grid(images, self.run_dir / "samples" / f"step_{self.step:07d}.png", nrow)
+    def train_step(self, want_norms: bool = False) -> dict[str, torch.Tensor | float]:
+        """One generator step: ``optim.n_critic`` critic updates on fresh batches, then the generator update on the
+        last of them, then the EMA. Returns the step's values to log, still as tensors (reading them waits for the
+        device, so :meth:`fit` does it on logging steps only), with the gradient norms when ``want_norms``."""
+        lr = self._set_lr()
+        batch = None
+        n_critic = self.cfg.optim.n_critic
+        for i in range(n_critic):
+            batch = self.model.prepare(next(self.data))
+            d_logs, d_norm = self._critic_update(batch, want_norm=want_norms and i == n_critic - 1)
+        g_logs, g_norm = self._generator_update(batch, want_norm=want_norms)
+        self.step += 1
+        if self.ema is not None:
+            self.ema.update(self.g_bare, self.step)
+        return {**d_logs, **g_logs, "grad_norm/critic": d_norm, "grad_norm/generator": g_norm, "lr": lr}
 
-    def _sample_fn(self) -> Callable[[int], torch.Tensor]:
+    def _finite_scalars(self, logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
+        """``logs`` as floats; a non-finite loss stops the run. Gradient norms are not checked: an fp16 step whose
+        gradients overflow is legitimately inf there, and the GradScaler skips it."""
+        scalars = {k: float(v) for k, v in logs.items()}
+        bad = [k for k, v in scalars.items() if not math.isfinite(v) and not k.startswith("grad_norm/")]
+        if bad:
+            raise TrainingError(
+                f"non-finite {', '.join(bad)} at step {self.step}; lower the learning rates or "
+                f"check the data (last good checkpoint is kept)"
+            )
+        return scalars
+
+    # ------------------------------------------------------------------ sampling and evaluation
+    @property
+    def sampling_generator(self) -> nn.Module:
+        """The generator that samples and is evaluated: the EMA copy when enabled, else the trained one."""
+        return self.ema.module if self.ema is not None else self.g_bare
+
+    def _generate_kwargs(self) -> dict[str, Any]:
+        return {"device": self.device, "amp_dtype": self.amp_dtype, "channels_last": self.cfg.train.channels_last}
+
+    def sample_grid(self) -> SampleGrid:
+        """The grid of the run's fixed inputs, drawn by :attr:`sampling_generator`."""
+        return self.family.sample_grid(self.sampling_generator, self.fixed, **self._generate_kwargs())
+
+    def sample_fn(self) -> Callable[[int], torch.Tensor]:
         """``n -> n generated images in [-1, 1]`` for the evaluator, from a private RNG (no effect on training)."""
-        g = self.ema.module if self.ema is not None else self.g_bare
-        gen = torch.Generator().manual_seed(self.cfg.train.seed + 31337)
-        from dagan_gn.training.models import truncated_noise
-
-        def sample(n: int) -> torch.Tensor:
-            out = []
-            done = 0
-            bs = self.cfg.data.batch_size
-            while done < n:
-                k = min(bs, n - done)
-                z = truncated_noise(k, self.model.z_dim, self.cfg.train.truncation, generator=gen)
-                if self.cfg.model.name == "dagan":
-                    idx = torch.randint(len(self.dataset), (k,), generator=gen).tolist()
-                    items = [self.dataset[i] for i in idx]
-                    x = torch.stack([it["image"] for it in items])
-                    y = torch.tensor([int(it["label"]) for it in items]) if self.model.conditional else None
-                    out.append(self.model.generate(g, x, z, y).cpu())
-                else:
-                    y = (torch.randint(self.cfg.model.num_classes, (k,), generator=gen)
-                         if self.model.conditional else None)
-                    out.append(self.model.generate(g, z, y).cpu())
-                done += k
-            return torch.cat(out)[:n]
-
-        return sample
+        rng = torch.Generator().manual_seed(self.cfg.train.seed + 31337)
+        return functools.partial(
+            self.family.sample, self.sampling_generator, rng=rng, dataset=self.dataset,
+            num_classes=self.cfg.model.num_classes, truncation=self.cfg.train.truncation,
+            batch_size=self.cfg.data.batch_size, **self._generate_kwargs(),
+        )
 
     def evaluate(self) -> dict[str, float]:
-        if not self.is_main:
+        """Score :attr:`sampling_generator` with the evaluator (rank 0), log ``eval/*`` and keep ``best.pt``."""
+        if not self.is_main or self.evaluator is None:
             return {}
-        if self.evaluator is None:
-            return {}
-        results = {k: float(v) for k, v in self.evaluator(self._sample_fn(), self.step).items()}
+        results = {k: float(v) for k, v in self.evaluator(self.sample_fn(), self.step).items()}
         self.logger.log(self.step, results, prefix="eval/")
         fid = results.get("fid")
         if fid is not None and math.isfinite(fid) and fid < self.best_fid:
@@ -632,45 +671,23 @@ class Trainer:
             f"training {cfg.model.name} on {self.device} ({self.dist.world_size} process(es)), "
             f"{len(self.dataset)} images, batch {cfg.data.batch_size}, steps {self.step}->{end}"
         )
-        if self.step == 0 and self.is_main and cfg.train.sample_every > 0:
-            self.sample_images()
-        last_saved = -1
+        for handler in self.handlers:
+            handler.started(self)
         t0, s0 = time.perf_counter(), self.step
         try:
             with self._signals():
                 while self.step < end:
                     log_now = cfg.train.log_every > 0 and (self.step + 1) % cfg.train.log_every == 0
-                    lr = self._set_lr()
-                    batch = None
-                    for i in range(cfg.optim.n_critic):
-                        batch = self.model.prepare(next(self.data))
-                        d_logs, d_norm = self._critic_update(batch, want_norm=log_now and i == cfg.optim.n_critic - 1)
-                    g_logs, g_norm = self._generator_update(batch, want_norm=log_now)
-                    self.step += 1
-                    if self.ema is not None:
-                        self.ema.update(self.g_bare, self.step)
+                    logs = self.train_step(want_norms=log_now)
                     if log_now or self.step == end:
-                        scalars = {k: float(v) for k, v in {**d_logs, **g_logs}.items()}
-                        bad = [k for k, v in scalars.items() if not math.isfinite(v)]
-                        if bad:
-                            raise TrainingError(
-                                f"non-finite {', '.join(bad)} at step {self.step}; lower the learning rates or "
-                                f"check the data (last good checkpoint is kept)"
-                            )
-                        scalars.update({"grad_norm/critic": d_norm, "grad_norm/generator": g_norm, "lr": lr})
-                        elapsed = time.perf_counter() - t0
-                        scalars["steps_per_s"] = (self.step - s0) / max(elapsed, 1e-9)
+                        scalars = self._finite_scalars(logs)
+                        scalars["steps_per_s"] = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
                         self.logger.log(self.step, scalars)
                         bar.set_postfix(d=f"{scalars['loss/critic']:.3f}", g=f"{scalars['loss/generator']:.3f}",
                                         refresh=False)
                     bar.update(1)
-                    if cfg.train.sample_every > 0 and self.step % cfg.train.sample_every == 0:
-                        self.sample_images()
-                    if cfg.metrics.eval_every > 0 and self.step % cfg.metrics.eval_every == 0:
-                        self.evaluate()
-                    if cfg.train.checkpoint_every > 0 and self.step % cfg.train.checkpoint_every == 0:
-                        self.save()
-                        last_saved = self.step
+                    for handler in self.handlers:
+                        handler.step_completed(self)
                     if self._should_stop():
                         self.say(f"stopping at step {self.step} on request")
                         break
@@ -683,11 +700,9 @@ class Trainer:
             raise
         finally:
             bar.close()
-        if last_saved != self.step:
-            self.save()
+        for handler in reversed(self.handlers):
+            handler.completed(self)
         if self.is_main:
-            if cfg.train.sample_every > 0 and self.step % cfg.train.sample_every != 0:
-                self.sample_images()
             self.logger.flush()
             plot_loss_curves(self.run_dir / "metrics.jsonl", self.run_dir / "loss_curves.png")
         return self.run_dir
@@ -695,4 +710,3 @@ class Trainer:
     def close(self) -> None:
         self.logger.close()
         dist_utils.cleanup_distributed(self.dist)
-

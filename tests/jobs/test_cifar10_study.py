@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
 from test_cifar10 import write_python_archive  # noqa: E402
 
 from dagan_gn.jobs.cifar10_study import (  # noqa: E402
@@ -96,7 +96,7 @@ def test_benchmark_cli_reports_bad_options_in_one_line(archive, tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["benchmark", "cifar10", "--data", str(archive), "--out", str(tmp_path / "o"),
                               "--preset", "huge", "--feature-extractor", "tiny"])
-    assert res.exit_code == 2 and "unknown preset 'huge'" in res.output
+    assert res.exit_code == 2 and "'huge' is not one of 'smoke'" in res.output and "'full-100k'" in res.output
     res = runner.invoke(app, ["benchmark", "cifar10", "--data", str(tmp_path / "none.tar.gz"), "--out",
                               str(tmp_path / "o"), "--feature-extractor", "tiny"])
     assert res.exit_code == 2 and "does not exist" in res.output and "Traceback" not in res.output

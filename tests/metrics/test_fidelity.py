@@ -129,7 +129,7 @@ def _tiny_cifar_run(tmp_path):
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "data"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "datasets"))
     from test_cifar10 import write_python_archive
 
     from dagan_gn.jobs.cifar10_study import PRESETS, Cell, cell_config

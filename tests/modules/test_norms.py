@@ -6,7 +6,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dagan_gn.modules.norms import (
-    NORMS,
+    NORM_REGISTRY,
     ConditionalBatchNorm2d,
     NormSpecError,
     apply_norm,
@@ -14,7 +14,9 @@ from dagan_gn.modules.norms import (
     format_norm_spec,
     is_batch_coupling,
     make_norm,
+    norm_names,
     parse_norm_spec,
+    register_norm,
 )
 
 
@@ -77,7 +79,7 @@ def test_parse_norm_spec_errors(spec, message):
 def test_unknown_norm_error_lists_choices_and_is_a_value_error():
     with pytest.raises(ValueError) as info:
         parse_norm_spec("batchnorm2d")
-    for name in NORMS:
+    for name in norm_names():
         assert name in str(info.value)
 
 
@@ -214,3 +216,54 @@ def test_apply_weight_norm_parametrizations():
     for spec in ["none", "batch", "layer", "instance", "group:2"]:
         plain = nn.Linear(2, 2)
         assert apply_weight_norm(plain, spec) is plain and not parametrize.is_parametrized(plain)
+
+
+def test_builtin_registry():
+    assert norm_names() == ("none", "batch", "layer", "instance", "group", "conditional_batch", "weight", "spectral")
+    assert norm_names("weight") == ("weight", "spectral") and norm_names("none") == ("none",)
+    assert [n for n, e in NORM_REGISTRY.items() if e.couples_batch] == ["batch", "conditional_batch"]
+
+
+class _PixelNorm(nn.Module):
+    """ProGAN's pixel norm: each feature vector scaled to unit RMS (per sample and position)."""
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(dim=1, keepdim=True) + self.eps)
+
+
+def test_a_norm_is_registered_with_one_call_and_used_by_the_networks(monkeypatch):
+    import dagan_gn.modules.norms as norms
+    from dagan_gn.nets import DAGANCritic, DAGANGenerator
+
+    monkeypatch.setitem(NORM_REGISTRY, "pixel", None)  # both restored after the test
+    monkeypatch.setitem(norms._ALIASES, "pn", None)
+    register_norm("pixel", layer=lambda ctx, eps=1e-8: _PixelNorm(eps), short_arg="eps", aliases=("pn",))
+    assert parse_norm_spec("pn") == ("pixel", {}) and norm_names("activation")[-1] == "pixel"
+    layer = make_norm(("pixel", {"eps": 1e-6}), 8)
+    assert isinstance(layer, _PixelNorm) and layer.eps == 1e-6 and not is_batch_coupling("pixel")
+    out = layer(_input())
+    torch.testing.assert_close(out.pow(2).mean(dim=1), torch.ones(4, 6, 6), atol=1e-4, rtol=0)
+    with pytest.raises(NormSpecError, match="unexpected keyword argument 'gain'"):
+        make_norm(("pixel", {"gain": 2}), 8)
+    g = DAGANGenerator(image_size=64, z_dim=8, width=4, norm="pixel")
+    assert any(isinstance(m, _PixelNorm) for m in g.modules())
+    assert g(torch.rand(2, 1, 64, 64) * 2 - 1, torch.randn(2, 8)).shape == (2, 1, 64, 64)
+
+    calls = []
+    monkeypatch.setitem(NORM_REGISTRY, "scaled", None)
+
+    def scaled(module, factor=0.5):
+        calls.append(factor)
+        with torch.no_grad():
+            module.weight.mul_(factor)
+        return module
+
+    register_norm("scaled", weight=scaled)
+    d = DAGANCritic(image_size=64, width=4, norm=("scaled", {"factor": 0.25}))
+    assert calls and set(calls) == {0.25} and not any(isinstance(m, _PixelNorm) for m in d.modules())
+    with pytest.raises(NormSpecError, match="not both"):
+        register_norm("both", layer=lambda ctx: nn.Identity(), weight=scaled)

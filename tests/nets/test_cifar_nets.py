@@ -7,11 +7,14 @@ from torch import nn
 
 from dagan_gn.config import ModelConfig
 from dagan_gn.modules.norms import ConditionalBatchNorm2d, NormSpecError
-from dagan_gn.nets import DCGANCritic, DCGANGenerator, ResNetCritic, ResNetGenerator, build_networks
+from dagan_gn.config import ConfigError
+from dagan_gn.nets import (DCGANCritic, DCGANGenerator, ResNetCritic, ResNetGenerator, build_cifar_dcgan,
+                           build_cifar_resnet)
 
 G_NORMS = ["none", "batch", "layer", "instance", "group:4", "weight", "spectral", "conditional_batch"]
 D_NORMS = ["none", "batch", "layer", "instance", "group:4", "weight", "spectral"]
 FAMILIES = {"cifar_resnet": (ResNetGenerator, ResNetCritic), "cifar_dcgan": (DCGANGenerator, DCGANCritic)}
+BUILDERS = {"cifar_resnet": build_cifar_resnet, "cifar_dcgan": build_cifar_dcgan}
 
 
 def count(module: nn.Module) -> int:
@@ -106,7 +109,8 @@ def test_dcgan_parameter_counts():
 
 
 @pytest.mark.parametrize("name", ["cifar_resnet", "cifar_dcgan"])
-def test_build_networks_and_deterministic_init(name):
+def test_builders_and_deterministic_init(name):
+    build_networks = BUILDERS[name]
     cfg = ModelConfig(name=name, image_size=32, channels=3, z_dim=16, g_width=8, d_width=8, g_norm="batch",
                       d_norm="group:4")
     torch.manual_seed(5)
@@ -117,7 +121,9 @@ def test_build_networks_and_deterministic_init(name):
         sa, sb = a.state_dict(), b.state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
     assert isinstance(g1, FAMILIES[name][0]) and isinstance(d1, FAMILIES[name][1])
-    with pytest.raises(ValueError, match="image_size=32"):
+    with pytest.raises(ConfigError, match="image_size=32"):
         build_networks(ModelConfig(name=name, image_size=64, channels=3))
-    with pytest.raises(ValueError, match="dropout"):
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) model\.d_kwargs\.depth"):
+        build_networks(ModelConfig(name=name, image_size=32, channels=3, d_kwargs={"depth": 3}))
+    with pytest.raises(ConfigError, match="dropout"):
         build_networks(ModelConfig(name=name, image_size=32, channels=3, dropout=0.1))

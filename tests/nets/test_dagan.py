@@ -8,7 +8,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from dagan_gn.config import ModelConfig
 from dagan_gn.modules.norms import NormSpecError
-from dagan_gn.nets import DAGAN_PRESETS, NETWORKS, DAGANCritic, DAGANGenerator, build_networks, dagan_preset
+from dagan_gn.config import ConfigError
+from dagan_gn.nets import DAGAN_PRESETS, DAGANCritic, DAGANGenerator, build_dagan, dagan_preset
 
 NORMS = ["none", "batch", "layer", "instance", "group:2", "weight", "spectral"]
 SIZES = [64, 128, 256]
@@ -124,26 +125,40 @@ def test_stem_factor_one_and_explicit_widths():
     assert g.widths == [4, 8, 8, 16, 16]
 
 
-def test_attributes_and_build_networks():
+def test_attributes_and_build_dagan():
     cfg = ModelConfig(name="dagan", image_size=64, z_dim=16, g_width=4, d_width=4, g_norm="group:2",
                       d_norm="instance", num_classes=2, dropout=0.1, g_kwargs={"z_channels": 4},
                       d_kwargs={"down_mode": "pool"})
-    g, d = build_networks(cfg)
+    g, d = build_dagan(cfg)
     assert isinstance(g, DAGANGenerator) and isinstance(d, DAGANCritic)
     assert g.z_dim == 16 and g.z_channels == 4 and g.norm_spec == "group:2" and d.norm_spec == "instance"
     assert d.blocks[0].down_mode == "pool"
     x = torch.randn(2, 1, 64, 64)
     y = torch.tensor([0, 1])
     assert d(x, g(x, torch.randn(2, 16), y), y).shape == (2,)
-    assert set(NETWORKS) == {"dagan", "cifar_resnet", "cifar_dcgan"}
-    with pytest.raises(ValueError, match="choose one of: dagan, cifar_resnet, cifar_dcgan"):
-        build_networks(dataclasses.replace(cfg, name="biggan"))
+
+
+def test_config_errors_name_the_key():
+    """An unknown or repeated g_kwargs/d_kwargs key, or an architecture the net cannot build, is a one-line
+    ConfigError naming the key (not a TypeError traceback)."""
+    cfg = ModelConfig(name="dagan", image_size=64, z_dim=8, g_width=4, d_width=4, g_norm="group:2")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) model\.g_kwargs\.z_chanels: DAGANGenerator takes .*"
+                                          r"z_channels"):
+        build_dagan(dataclasses.replace(cfg, g_kwargs={"z_chanels": 4}))
+    with pytest.raises(ConfigError, match=r"model\.d_kwargs\.downmode"):
+        build_dagan(dataclasses.replace(cfg, d_kwargs={"downmode": "pool"}))
+    with pytest.raises(ConfigError, match=r"model\.g_kwargs\.norm: set by the model's own keys"):
+        build_dagan(dataclasses.replace(cfg, g_kwargs={"norm": "batch"}))
+    with pytest.raises(ConfigError, match=r"^model: DAGANGenerator: widths \[4, 8\] must have"):
+        build_dagan(dataclasses.replace(cfg, g_kwargs={"widths": [4, 8]}))
+    with pytest.raises(NormSpecError, match="num_groups must divide"):
+        build_dagan(dataclasses.replace(cfg, g_norm="group:3"))
 
 
 def test_deterministic_init_given_seed():
     def state(seed):
         torch.manual_seed(seed)
-        g, d = build_networks(ModelConfig(name="dagan", **dagan_preset("tiny")))
+        g, d = build_dagan(ModelConfig(name="dagan", **dagan_preset("tiny")))
         return {**g.state_dict(), **{"d." + k: v for k, v in d.state_dict().items()}}
 
     a, b, c = state(1), state(1), state(2)
@@ -169,12 +184,12 @@ def test_presets_and_compute_budget():
         assert "mutated" not in DAGAN_PRESETS[name]["g_kwargs"]
         sizes[name] = overrides["image_size"]
     assert sizes == {"tiny": 64, "64": 64, "128": 128, "256": 256}
-    g, _ = build_networks(ModelConfig(name="dagan", **dagan_preset("tiny")))
+    g, _ = build_dagan(ModelConfig(name="dagan", **dagan_preset("tiny")))
     tiny = _gflops(g, torch.zeros(1, 1, 64, 64), torch.zeros(1, g.z_dim))
     assert 0.05 < tiny < 1.0  # "a few hundred MFLOP"
     # The 256-px default must stay within 20 GFLOP per patch (counted on the meta device: no compute).
     with torch.device("meta"):
-        g, _ = build_networks(ModelConfig(name="dagan", **dagan_preset("256")))
+        g, _ = build_dagan(ModelConfig(name="dagan", **dagan_preset("256")))
         big = _gflops(g, torch.zeros(1, 1, 256, 256), torch.zeros(1, g.z_dim))
     assert big <= 20.0
 

@@ -10,7 +10,7 @@ import torch
 from training_testutils import TinyPairs, make_cfg
 
 from dagan_gn.config import config_to_dict
-from dagan_gn.nets import build_networks
+from dagan_gn.training.families import build_networks
 from dagan_gn.training.checkpoint import (
     CheckpointError,
     capture_rng_state,

@@ -48,7 +48,7 @@ def test_two_process_gloo_ddp_keeps_ranks_identical(tmp_path):
     # training moved the weights (the ranks agree because gradients were all-reduced, not because nothing happened)
     from training_testutils import make_cfg
 
-    from dagan_gn.nets import build_networks
+    from dagan_gn.training.families import build_networks
 
     torch.manual_seed(make_cfg().train.seed)
     initial, _ = build_networks(make_cfg().model)

@@ -1,0 +1,174 @@
+"""The package's import direction, read from the source (every ``import``, also inside functions):
+
+    cli  →  jobs  →  libraries (ingest, store, datasets, phantom, training, metrics)  →  nets  →  modules
+
+with ``config``, ``errors``, ``fileio``, ``runtime`` and the lazy top-level ``dagan_gn`` at the bottom, importable
+by all. No module imports a higher layer; the libraries may import each other, but the package graph has no cycle.
+Also: ``import dagan_gn`` does not import torch, and its public names resolve lazily (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "dagan_gn"
+
+#: Layer of each top-level part of the package (higher imports lower, never the reverse).
+LAYERS = {
+    "cli": 5,
+    "jobs": 4,
+    "ingest": 3, "store": 3, "datasets": 3, "phantom": 3, "training": 3, "metrics": 3,
+    "nets": 2,
+    "modules": 1,
+    "config": 0, "errors": 0, "fileio": 0, "runtime": 0, "": 0,  # "": the package root (dagan_gn/__init__.py)
+}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``dagan_gn...`` module a file imports when it runs (``if TYPE_CHECKING:`` blocks never run)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and _is_type_checking(node):
+            for child in node.orelse:
+                visit(child)
+            return
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "dagan_gn")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "dagan_gn":
+                found.add(target)
+                found.update(f"{target}.{a.name}" for a in node.names)  # `from dagan_gn import jobs`
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(), filename=str(path)))
+    return found
+
+
+def _part(module: str) -> str | None:
+    """The top-level part (``jobs``, ``config``, ``""`` for the root) of a real module, None if there is none."""
+    parts = module.split(".")[1:]
+    if not parts:
+        return ""
+    if (PACKAGE / parts[0]).is_dir() or (PACKAGE / f"{parts[0]}.py").is_file():
+        return parts[0]
+    return None  # a name imported from the root, e.g. `from dagan_gn import __version__`
+
+
+@functools.lru_cache(maxsize=None)
+def _graph() -> dict[str, dict[str, str]]:
+    """Part → {part it imports (itself excluded): one module-level example "a.b imports c.d"}."""
+    edges: dict[str, dict[str, str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = _module_name(path)
+        src = _part(module)
+        for target in sorted(_imports(path)):
+            dst = _part(target)
+            if dst is not None and dst != src:
+                edges.setdefault(src, {}).setdefault(dst, f"{module} imports {target}")
+    return edges
+
+
+def test_every_part_has_a_layer():
+    parts = {p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    parts |= {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    assert parts <= set(LAYERS), f"add {sorted(parts - set(LAYERS))} to LAYERS (and to docs/architecture.md)"
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = sorted(example for src, dsts in _graph().items() for dst, example in dsts.items()
+                    if LAYERS[dst] > LAYERS[src])
+    assert not upward, "imports against the layer order:\n" + "\n".join(upward)
+
+
+def test_the_package_graph_has_no_cycle():
+    graph = _graph()
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def walk(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path + [node, nxt]
+            if nxt not in state:
+                cycle = walk(nxt, path + [node])
+                if cycle:
+                    return cycle
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = walk(node, [])
+            if cycle:
+                cycle = cycle[cycle.index(cycle[-1]):]
+                examples = [graph[a][b] for a, b in zip(cycle, cycle[1:])]
+                pytest.fail("import cycle " + " → ".join(cycle) + ": " + "; ".join(examples))
+
+
+def test_the_analysis_sees_function_level_and_relative_imports(tmp_path):
+    """The checker itself: a function-level import and a relative import are both found."""
+    imports = _imports(PACKAGE / "jobs" / "cifar10_study.py")
+    assert "dagan_gn.jobs.train" in imports  # imported inside run_cell
+    assert "dagan_gn.nets.cifar_dcgan" in _imports(PACKAGE / "nets" / "__init__.py")  # `from .cifar_dcgan import`
+    assert "dagan_gn.training.trainer" not in _imports(PACKAGE / "training" / "handlers.py")  # TYPE_CHECKING only
+
+
+def _run(code: str) -> str:
+    root = PACKAGE.parent
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root, timeout=120,
+                         env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin", "NO_ALBUMENTATIONS_UPDATE": "1"})
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+def test_import_dagan_gn_is_light_and_the_public_api_is_lazy():
+    out = _run(
+        "import sys, dagan_gn\n"
+        "print('torch' in sys.modules, 'dagan_gn.jobs' in sys.modules)\n"
+        "print(sorted(set(dagan_gn.__all__) - set(dir(dagan_gn))))\n"
+        "print(dagan_gn.DaganError.__module__, dagan_gn.load_config.__module__, 'torch' in sys.modules)\n"
+    )
+    assert out.splitlines() == [
+        "False False",  # nothing heavy at import time
+        "[]",  # every public name is listed by dir()
+        "dagan_gn.errors dagan_gn.config False",  # a name loads its own module only
+    ]
+
+
+def test_every_public_name_resolves():
+    import dagan_gn
+
+    for name in dagan_gn.__all__:
+        assert getattr(dagan_gn, name) is not None, name
+    assert dagan_gn.train.__module__ == "dagan_gn.jobs.train"
+    assert dagan_gn.PatchDataset.__module__ == "dagan_gn.datasets.patches"
+    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+        dagan_gn.nope  # noqa: B018
+    assert (PACKAGE / "py.typed").is_file()
