@@ -903,8 +903,8 @@ def find_dicom_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) ->
     that loops back is noted and not followed again); files given in ``inputs`` are always kept. A file counts when
     its name ends in ``.dcm``/``.dicom``/``.dic`` (kept even when broken, so the extraction job can report it) or when
     it carries the DICOM "DICM" preamble whatever its name. Hidden files and folders (leading dot) and DICOMDIR
-    indexes are skipped. The same file reached by two paths (links) is listed once, under the first path in sorted
-    order.
+    indexes are skipped. The same file reached by two paths (links) is listed once, under its path without links
+    when it has one, else the first in sorted order.
 
     Raises:
         FileNotFoundError: an input path does not exist.
@@ -957,7 +957,9 @@ def find_dicom_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) ->
                 if candidate.is_file() and _looks_like_dicom(candidate):
                     candidates[candidate] = _identity(candidate.stat())
     first_path: dict[tuple[int, int], Path] = {}
-    for path in sorted(candidates, key=lambda p: p.as_posix()):
+    # Of several paths to one file, keep the one without links (then the first in sorted order): deterministic, and
+    # the key of a file does not change when someone adds a link to it.
+    for path in sorted(candidates, key=lambda p: (os.path.realpath(p) != os.path.abspath(p), p.as_posix())):
         ident = candidates[path]
         if ident in first_path:
             search.notes.append((path, f"same file as {printable_path(first_path[ident])} (reached through a link); "
@@ -965,6 +967,7 @@ def find_dicom_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) ->
             continue
         first_path[ident] = path
         search.files.append(path)
+    search.files.sort(key=lambda p: p.as_posix())
     search.unreadable = sorted(unreadable.items(), key=lambda kv: kv[0].as_posix())
     search.notes.sort(key=lambda kv: kv[0].as_posix())
     return search
