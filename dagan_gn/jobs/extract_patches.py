@@ -504,13 +504,12 @@ def _results_pool(tasks: Sequence[tuple[str, str]], config: _WorkerConfig, worke
     pool = new_pool()
     try:
         while waiting or in_flight:
-            while waiting and len(in_flight) < 2 * workers:
-                task = waiting.popleft()
-                in_flight.append((task, pool.submit(_process_file, *task)))
-            task, future = in_flight[0]
             try:
-                result = future.result()
-            except BrokenProcessPool:
+                while waiting and len(in_flight) < 2 * workers:
+                    in_flight.append((waiting[0], pool.submit(_process_file, *waiting[0])))
+                    waiting.popleft()
+                result = in_flight[0][1].result()
+            except BrokenProcessPool:  # from result(), or from submit() when the death was noticed first
                 suspects = list(in_flight)
                 in_flight.clear()
                 pool.shutdown(wait=True, cancel_futures=True)
