@@ -20,6 +20,7 @@ from dagan_gn.store.patch_file import PatchFile, merge_patch_files, partial_path
 
 S = 64
 SIZE = (512, 384)
+ROOT = Path(__file__).resolve().parents[2]  # subprocesses import this checkout's dagan_gn
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def test_resume_after_sigkill_of_a_subprocess(archive, straight_run, tmp_path):
                         per_image=3, salt="test-salt", progress=False, workers=2, _on_file_written=hook)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists() and partial_path(out).exists()
     report = _run(archive, out, resume=True, workers=2)
