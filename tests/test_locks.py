@@ -74,11 +74,15 @@ def test_processes_forked_while_locked_do_not_keep_the_lock(tmp_path):
     proc = _python(f"""
         import os, signal, time, multiprocessing as mp
         from dagan_gn.locks import output_lock
-        def sleep():
+        def sleep(ready):
+            ready.set()  # the child runs: its at-fork handlers are done
             time.sleep(60)
         with output_lock({str(out)!r}, what="parent"):
-            child = mp.get_context("fork").Process(target=sleep)
+            ctx = mp.get_context("fork")
+            ready = ctx.Event()
+            child = ctx.Process(target=sleep, args=(ready,))
             child.start()
+            ready.wait(30)
             print(child.pid, flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
     """)
