@@ -117,12 +117,11 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
     ("numpy", "ndarray"): np.ndarray,
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
-    **{(f"{prefix}.multiarray", "_reconstruct"): _numpy_core("multiarray._reconstruct")
-       for prefix in ("numpy.core", "numpy._core")},
-    **{(f"{prefix}.multiarray", "scalar"): _numpy_core("multiarray.scalar") for prefix in ("numpy.core", "numpy._core")},
-    **{(f"{prefix}.numeric", "_frombuffer"): _numpy_core("numeric._frombuffer")
-       for prefix in ("numpy.core", "numpy._core")},
 }
+for _prefix in ("numpy.core", "numpy._core"):
+    for _name in ("multiarray._reconstruct", "multiarray.scalar", "numeric._frombuffer"):
+        _module, _, _attr = _name.rpartition(".")
+        _ALLOWED_GLOBALS[(f"{_prefix}.{_module}", _attr)] = _numpy_core(_name)
 
 
 class _BatchUnpickler(pickle.Unpickler):

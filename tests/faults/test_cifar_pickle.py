@@ -107,14 +107,31 @@ def test_genuine_batches_still_load_under_every_protocol(tmp_path, protocol):
     np.testing.assert_array_equal(labels, batch[b"labels"])
 
 
-def test_a_python2_style_batch_with_numpy_core_names_loads(tmp_path):
-    """The published archive was pickled by Python 2 and numpy 1: ``numpy.core.multiarray``, byte strings."""
-    batch = _batch(3)
-    py2 = pickle.dumps(batch, protocol=2).replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-    assert b"cnumpy.core.multiarray\n_reconstruct" in py2
-    folder = _folder(tmp_path, py2)
+def _python2_batch(data: np.ndarray, labels: list[int]) -> bytes:
+    """The opcodes Python 2 + numpy 1 wrote for the published archive: protocol 2, byte strings as BINSTRING,
+    ``numpy.core.multiarray._reconstruct`` for the uint8 array (written by hand: no Python 2 here)."""
+    import struct
+
+    def string(b: bytes) -> bytes:
+        return b"T" + struct.pack("<i", len(b)) + b
+    n, width = data.shape
+    array = (b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b") + b"\x87R("
+             + b"K\x01J" + struct.pack("<i", n) + b"J" + struct.pack("<i", width) + b"\x86"
+             + b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R(K\x03" + string(b"|")
+             + b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89" + string(data.tobytes()) + b"tb")
+    label_list = b"](" + b"".join(b"K" + bytes([v]) for v in labels) + b"e"
+    return (b"\x80\x02}(" + string(b"data") + array + string(b"labels") + label_list + string(b"batch_label")
+            + string(b"testing batch 1 of 1") + b"u.")
+
+
+def test_a_python2_batch_as_in_the_published_archive_loads(tmp_path):
+    data = np.random.default_rng(5).integers(0, 256, (3, 3072), dtype=np.uint8)
+    payload = _python2_batch(data, [7, 0, 3])
+    assert pickle.loads(payload, encoding="bytes")[b"labels"] == [7, 0, 3]  # what plain pickle made of it
+    folder = _folder(tmp_path, payload)
     images, labels, _ = load_cifar10(folder, "test")
-    assert images.shape == (3, 32, 32, 3) and labels.tolist() == [0, 1, 2]
+    assert labels.tolist() == [7, 0, 3]
+    np.testing.assert_array_equal(images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
 
 
 def test_a_hostile_tar_archive_fails_train_with_one_line_and_runs_nothing(tmp_path):
