@@ -728,42 +728,68 @@ def _summarise(report: ExtractionReport, out: Path, started: float, n_todo: int,
     report.patches_per_s = round(written / report.elapsed_s, 3) if report.elapsed_s > 0 else 0.0
 
 
+def _report_finished(plan: ExtractionPlan, report: ExtractionReport, fingerprint: str) -> None:
+    """``--resume`` on a finished output (a requeued job array task): nothing to do but check its salt and count."""
+    try:
+        with PatchFile(plan.out) as pf:
+            same_salt = pf.attrs.get("salt_fingerprint") == fingerprint
+            report.patches_total = len(pf)
+    except StoreError as exc:
+        raise ExtractError(f"--resume: {exc}") from exc
+    if not same_salt:
+        raise ExtractError(f"{printable_path(plan.out)} was written with another salt; resume needs the same "
+                           "--salt/--salt-file")
+    report.files_already_done = len(plan.tasks) + len(plan.unreadable)
+    report.resumed = True
+    log.info("%s is already complete; nothing to resume", printable_path(plan.out))
+
+
+def _write_all(writing: _Writing, results: Iterable[_FileResult], n_todo: int, progress: bool) -> None:
+    """Stream every result into the writer (finalized at the end); a failed write becomes one ExtractError."""
+    from tqdm.auto import tqdm
+
+    writer, report = writing.writer, writing.report
+    bar = tqdm(total=n_todo, unit="file", desc="extract", disable=not progress, dynamic_ncols=True)
+    try:
+        with writer:
+            for n_done, res in enumerate(results, start=1):
+                writing.take(n_done, res)
+                bar.update(1)
+                bar.set_postfix(patches=writing.written, skipped=report.files_skipped, refresh=False)
+    except (StoreError, OSError) as exc:
+        # A full disk, a lost share, a failed flush: what was committed before stays in the .partial file.
+        raise ExtractError(
+            f"writing {printable_path(writer.partial)} failed ({exc}); every file committed before is kept: fix the "
+            "cause (e.g. free disk space) and run the same command with --resume"
+        ) from exc
+    finally:
+        bar.close()
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
 def _run(plan: ExtractionPlan, *, salt: str | None, salt_file: str | os.PathLike | None, resume: bool,
          overwrite: bool, progress: bool, on_file_written: Callable[[int], None] | None,
          started: float) -> ExtractionReport:
     """Everything that writes; called with the output lock held."""
-    from tqdm.auto import tqdm
-
     from dagan_gn.ingest.privacy import Pseudonymizer
 
     out, options = plan.out, plan.options
+    finished = out.exists() and not partial_path(out).exists()
+    if finished and not resume and not overwrite:
+        raise ExtractError(f"{printable_path(out)} already exists; pass --overwrite to replace it (it is kept until "
+                           "the new file is complete)")
     salt_bytes, salt_path = _resolve_salt(out, salt, salt_file, options.shard[1])
     fingerprint = salt_fingerprint(salt_bytes)
     report = ExtractionReport(output=printable_path(out), files_found=plan.files_found,
                               files_in_shard=len(plan.tasks) + len(plan.unreadable), parameters=plan.parameters,
                               max_pixels=options.max_pixels,
                               salt_file=printable_path(salt_path) if salt_path else None)
-    partial = partial_path(out)
-    if out.exists() and not partial.exists():
-        if not resume and not overwrite:
-            raise ExtractError(f"{printable_path(out)} already exists; pass --overwrite to replace it (it is kept "
-                               "until the new file is complete)")
-        if resume:
-            # Finished already (e.g. a requeued job array task): nothing to do.
-            try:
-                with PatchFile(out) as pf:
-                    same_salt = pf.attrs.get("salt_fingerprint") == fingerprint
-                    report.patches_total = len(pf)
-            except StoreError as exc:
-                raise ExtractError(f"--resume: {exc}") from exc
-            if not same_salt:
-                raise ExtractError(f"{printable_path(out)} was written with another salt; resume needs the same "
-                                   "--salt/--salt-file")
-            report.files_already_done = len(plan.tasks) + len(plan.unreadable)
-            report.resumed = True
-            log.info("%s is already complete; nothing to resume", printable_path(out))
-            atomic_write_text(report_path(out), report.to_json())
-            return report
+    if finished and resume:
+        _report_finished(plan, report, fingerprint)
+        atomic_write_text(report_path(out), report.to_json())
+        return report
 
     writer = _open_writer(plan, plan.table, fingerprint, resume)
     pseudo = Pseudonymizer(salt_bytes)
@@ -778,27 +804,9 @@ def _run(plan: ExtractionPlan, *, salt: str | None, salt_file: str | os.PathLike
         report.skip(path, reason)
 
     config = _WorkerConfig(options=options, salt=salt_bytes, labels=plan.table, chunk_encoding=writer.chunk_encoding)
-    results: Iterable[_FileResult] = (
-        _results_inline(todo, config) if options.workers == 1 else _results_pool(todo, config, options.workers))
-    bar = tqdm(total=len(todo), unit="file", desc="extract", disable=not progress, dynamic_ncols=True)
+    results = _results_inline(todo, config) if options.workers == 1 else _results_pool(todo, config, options.workers)
     writing = _Writing(writer, report, done_key, dict(todo), on_file_written)
-    try:
-        with writer:
-            for n_done, res in enumerate(results, start=1):
-                writing.take(n_done, res)
-                bar.update(1)
-                bar.set_postfix(patches=writing.written, skipped=report.files_skipped, refresh=False)
-    except (StoreError, OSError) as exc:
-        # A full disk, a lost share, a failed flush: what was committed before stays in the .partial file.
-        raise ExtractError(
-            f"writing {printable_path(partial)} failed ({exc}); every file committed before is kept: fix the cause "
-            "(e.g. free disk space) and run the same command with --resume"
-        ) from exc
-    finally:
-        bar.close()
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()
+    _write_all(writing, results, len(todo), progress)
     _summarise(report, out, started, len(todo), writing.written)
     atomic_write_text(report_path(out), report.to_json())
     log.info("wrote %d patches (%d files used, %d skipped) to %s", report.patches_total, report.files_used,
