@@ -50,11 +50,11 @@ def _child(mode: str, folder: str, workers: int, patch_size: int, per_image: int
         for f in files:
             _ = pydicom.dcmread(f).pixel_array
     else:
-        from dagan_gn.jobs.extract_patches import extract_patches
+        from dagan_gn.jobs.extract_patches import ExtractionOptions, extract_patches
 
         out = Path(folder).parent / f"out_w{workers}.h5"
-        report = extract_patches([folder], out, patch_size=patch_size, per_image=per_image, workers=workers,
-                                 salt="bench", progress=False)
+        options = ExtractionOptions(patch_size=patch_size, per_image=per_image, workers=workers)
+        report = extract_patches([folder], out, options, salt="bench", progress=False)
         patches = report.patches_total
         if report.files_skipped:
             raise SystemExit(f"benchmark files were skipped: {report.skipped[:3]}")

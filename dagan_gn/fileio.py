@@ -9,7 +9,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_text", "sha256_file"]
+__all__ = ["atomic_path", "atomic_write_text", "printable_path", "sha256_file"]
 
 
 @contextlib.contextmanager
@@ -42,3 +42,10 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: fh.read(chunk_size), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def printable_path(path: str | os.PathLike) -> str:
+    """``path`` as text that can always be printed or written to JSON: bytes of a name that are not valid UTF-8
+    (e.g. a Latin-1 ``caf\\xe9.dcm`` from an old export) are shown as ``\\xe9`` escapes instead of making the
+    output stream raise ``UnicodeEncodeError``. Valid UTF-8 names come back unchanged."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")

@@ -2,7 +2,7 @@
 
     cli  →  jobs  →  libraries (ingest, store, datasets, phantom, training, metrics)  →  nets  →  modules
 
-with ``config``, ``errors``, ``fileio``, ``runtime`` and the lazy top-level ``dagan_gn`` at the bottom, importable
+with ``config``, ``errors``, ``fileio``, ``locks``, ``runtime`` and the lazy top-level ``dagan_gn`` at the bottom, importable
 by all. No module imports a higher layer; the libraries may import each other, but the package graph has no cycle.
 Also: ``import dagan_gn`` does not import torch, and its public names resolve lazily (docs/architecture.md).
 """
@@ -26,7 +26,7 @@ LAYERS = {
     "ingest": 3, "store": 3, "datasets": 3, "phantom": 3, "training": 3, "metrics": 3,
     "nets": 2,
     "modules": 1,
-    "config": 0, "errors": 0, "fileio": 0, "runtime": 0, "": 0,  # "": the package root (dagan_gn/__init__.py)
+    "config": 0, "errors": 0, "fileio": 0, "locks": 0, "runtime": 0, "": 0,  # "": the package root (dagan_gn/__init__.py)
 }
 
 

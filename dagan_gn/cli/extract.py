@@ -1,7 +1,9 @@
 """CLI commands ``dagan extract-patches`` and ``dagan merge-patches`` (see ``docs/extract.md``).
 
 Exit codes: 0 = every input file was used; 3 = finished, but some files were skipped (listed in the log and in
-``<out>.report.json``); 2 = fatal (bad options, unreadable labels CSV, resume mismatch; nothing written as final).
+``<out>.report.json``); 2 = fatal (bad options, unreadable labels CSV, a refused or locked output, resume mismatch, a
+failed write; nothing written as final, a ``.partial`` file stays resumable); 130 = interrupted (``--resume``
+continues).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import List, Optional
 
 import typer
 
-from dagan_gn.cli.app import app, fail, reported_errors
+from dagan_gn.cli.app import app, reported_errors
+from dagan_gn.fileio import printable_path
 
 
 def _parse_shard(text: str) -> tuple[int, int]:
@@ -58,6 +61,11 @@ def extract_patches_cmd(
                                              "OUT.salt, created once). Keep it secret; never share it with the "
                                              "HDF5. Shards of one archive must share it."),
     resume: bool = typer.Option(False, "--resume", help="Continue OUT.partial left by a killed run (same options)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (kept until the new file is "
+                                   "complete). Never allowed for an input file or a path inside an input folder."),
+    max_pixels: int = typer.Option(100_000_000, "--max-pixels", min=1, help="Skip, before decoding, images whose "
+                                   "header declares more pixels (rows x columns x samples x frames); a 4.5k x 2.7k "
+                                   "film is 12 M."),
     shard: Optional[str] = typer.Option(None, "--shard", help="i/n: process only the i-th of n deterministic parts "
                                                               "of the archive (job arrays); join with merge-patches."),
     allow_modality: List[str] = typer.Option([], "--allow-modality", help="Also accept this DICOM modality "
@@ -68,7 +76,7 @@ def extract_patches_cmd(
 
     Exit code 0: all files used; 3: some files were skipped (see OUT.report.json); 2: fatal error."""
     _setup_logging(quiet)
-    from dagan_gn.jobs.extract_patches import extract_patches
+    from dagan_gn.jobs.extract_patches import ExtractionOptions, extract_patches
 
     try:
         from dagan_gn.ingest.privacy import parse_split_fractions
@@ -78,23 +86,27 @@ def extract_patches_cmd(
         raise typer.BadParameter(str(exc), param_hint="--split") from None
     shard_tuple = _parse_shard(shard) if shard else (0, 1)
     modalities = ("MG", *[m.upper() for m in allow_modality])
-    with reported_errors(interrupted=f"interrupted; run the same command with --resume to finish {out}"):
-        report = extract_patches(
-            inputs, out, labels_csv=labels, patch_size=patch_size, per_image=per_image, per_lesion=per_lesion,
-            min_tissue=min_tissue, stride=stride, target_spacing_mm=target_spacing, split=fractions,
-            workers=workers, seed=seed, salt=salt, salt_file=salt_file, resume=resume, shard=shard_tuple,
-            allow_modalities=modalities, progress=not quiet,
+    shown = printable_path(out)
+    with reported_errors(interrupted=f"interrupted; run the same command with --resume to continue {shown}"):
+        options = ExtractionOptions(
+            patch_size=patch_size, per_image=per_image, per_lesion=per_lesion, min_tissue=min_tissue, stride=stride,
+            target_spacing_mm=target_spacing, split=fractions, workers=workers, seed=seed, shard=shard_tuple,
+            allow_modalities=modalities, max_pixels=max_pixels,
         )
+        report = extract_patches(inputs, out, options, labels_csv=labels, salt=salt, salt_file=salt_file,
+                                 resume=resume, overwrite=overwrite, progress=not quiet)
+    duplicates = f", {report.files_duplicate} duplicate(s) written once" if report.files_duplicate else ""
     typer.echo(
-        f"{out}: {report.patches_total} patches ({report.patches_written} new) from {report.files_used} files; "
-        f"{report.files_skipped} skipped, {report.files_already_done} already done; report {out}.report.json"
+        f"{shown}: {report.patches_total} patches ({report.patches_written} new) from {report.files_used} files; "
+        f"{report.files_skipped} skipped{duplicates}, {report.files_already_done} already done; "
+        f"report {shown}.report.json"
     )
     if report.exit_code and report.patches_total == 0:
         # Nothing usable at all: say so plainly (the empty file stays, so shards of a --shard run still merge).
-        typer.echo(f"error: none of the {report.files_skipped} input file(s) gave patches, so {out} holds none; "
-                   f"the reason for each file is in {out}.report.json", err=True)
+        typer.echo(f"error: none of the {report.files_skipped} input file(s) gave patches, so {shown} holds none; "
+                   f"the reason for each file is in {shown}.report.json", err=True)
     elif report.exit_code:
-        typer.echo(f"warning: {report.files_skipped} file(s) skipped; reasons in {out}.report.json", err=True)
+        typer.echo(f"warning: {report.files_skipped} file(s) skipped; reasons in {shown}.report.json", err=True)
     raise typer.Exit(report.exit_code)
 
 
@@ -102,13 +114,13 @@ def extract_patches_cmd(
 def merge_patches_cmd(
     inputs: List[Path] = typer.Argument(..., help="Patch files to join (e.g. the shards of extract-patches --shard)."),
     out: Path = typer.Option(..., "--out", "-o", help="Merged HDF5 patch file (written atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (never one of the inputs)."),
 ) -> None:
     """Join patch files (same patch size, format and salt) into one; class tables are unified."""
     from dagan_gn.store.patch_file import PatchFile, merge_patch_files
 
-    if out.resolve() in {p.resolve() for p in inputs}:
-        fail(f"--out {out} is also an input")
-    with reported_errors():
-        merged = merge_patch_files(inputs, out)
-    with PatchFile(merged) as pf:
-        typer.echo(f"{merged}: {len(pf)} patches from {len(inputs)} files, classes {pf.class_names}")
+    with reported_errors(interrupted=f"interrupted; {printable_path(out)} was not written"):
+        merged = merge_patch_files(inputs, out, overwrite=overwrite)
+        with PatchFile(merged) as pf:
+            typer.echo(f"{printable_path(merged)}: {len(pf)} patches from {len(inputs)} files, "
+                       f"classes {pf.class_names}")

@@ -11,6 +11,11 @@ Supported forms of ``path`` (a clear :class:`Cifar10FormatError` naming the path
   by ``test`` (or vice versa) is used for the other split. A folder holding such zips works too.
 
 Images come back as ``uint8 [N, 32, 32, 3]`` (HWC, RGB), labels as ``int64 [N]`` and the class names.
+
+The python form is a set of pickles, and a pickle can name any function to call while it loads. The batches are read
+with a restricted unpickler that admits only what CIFAR-10 batches hold (dicts, lists, tuples, bytes, str, numbers
+and numpy arrays of plain dtypes); a batch that asks for anything else (``os.system``, ``builtins.eval``, a class of
+some package) is refused with a :class:`Cifar10FormatError` naming the file and the refused name, before it can run.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -87,11 +92,82 @@ class _Selection:
 # --------------------------------------------------------------------------------------------- python (pickle) form
 
 
+class _RefusedGlobal(pickle.UnpicklingError):
+    """A pickle asked for a name outside :data:`_ALLOWED_GLOBALS`."""
+
+
+def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
+    # Python 3 writes bytes into protocol-2 pickles as _codecs.encode(text, "latin1"): allow that and nothing else.
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() != "latin1":
+        raise _RefusedGlobal(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def _numpy_core(name: str) -> Any:
+    core = getattr(np, "_core", None) or np.core  # numpy >= 2 renamed numpy.core to numpy._core
+    module, _, attr = name.rpartition(".")
+    return getattr(getattr(core, module), attr)
+
+
+#: (module, name) → object: every global a CIFAR-10 python batch can need. numpy arrays are rebuilt from raw bytes
+#: (``_reconstruct`` + ``ndarray.__setstate__``, or ``_frombuffer`` under protocol 5) and numpy scalars from a dtype
+#: and bytes; none of these runs code named by the file. Batches pickled by Python 2 (the published archive) name
+#: ``numpy.core``, recent numpy ``numpy._core``.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): _latin1_encode,
+}
+for _prefix in ("numpy.core", "numpy._core"):
+    for _name in ("multiarray._reconstruct", "multiarray.scalar", "numeric._frombuffer"):
+        _module, _, _attr = _name.rpartition(".")
+        _ALLOWED_GLOBALS[(f"{_prefix}.{_module}", _attr)] = _numpy_core(_name)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only containers, bytes, str, numbers and numpy arrays; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise _RefusedGlobal(f"{module}.{name}") from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise _RefusedGlobal("a persistent id")
+
+
+def _only_plain_values(value: Any, depth: int = 0) -> bool:
+    """True when ``value`` holds only containers, bytes, str, numbers and numpy arrays of non-object dtype."""
+    if depth > 8:
+        return False
+    if isinstance(value, (np.ndarray, np.generic)):
+        return not value.dtype.hasobject
+    if value is None or isinstance(value, (bytes, str, int, float)):
+        return True
+    if isinstance(value, dict):
+        return all(_only_plain_values(k, depth + 1) and _only_plain_values(v, depth + 1) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_only_plain_values(v, depth + 1) for v in value)
+    return False
+
+
 def _unpickle(fh: io.BufferedIOBase, where: str) -> dict:
     try:
-        return pickle.load(fh, encoding="bytes")
+        batch = _BatchUnpickler(fh, encoding="bytes").load()
+    except _RefusedGlobal as exc:
+        raise Cifar10FormatError(
+            f"{where}: refused to unpickle: the file asks for {exc}, which a CIFAR-10 batch never holds (only "
+            "containers, bytes, str, numbers and numpy arrays are read); it may be a malicious file"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - any unpickling failure means the file is not a CIFAR batch
-        raise Cifar10FormatError(f"{where}: not a readable CIFAR-10 python batch ({exc})") from exc
+        raise Cifar10FormatError(
+            f"{where}: not a readable CIFAR-10 python batch ({type(exc).__name__}: {exc})"
+        ) from None
+    if not isinstance(batch, dict) or not _only_plain_values(batch):
+        raise Cifar10FormatError(f"{where}: not a CIFAR-10 python batch (expected a dict of arrays, lists and bytes, "
+                                 f"got {type(batch).__name__})")
+    return batch
 
 
 def _batch_to_arrays(batch: dict, where: str) -> tuple[np.ndarray, np.ndarray]:

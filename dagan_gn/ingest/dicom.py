@@ -16,8 +16,11 @@ applied to the image, as one float32 multiply-add when it is a clipped straight 
 window).
 
 Every failure (not DICOM, empty, corrupt, truncated, wrong modality, colour, multi-frame, no pixel data, missing
-decoder) raises :class:`DicomReadError` with the path and one line saying what is wrong, so a batch job can log it
-and go on.
+decoder, more pixels than ``max_pixels``) raises :class:`DicomReadError` with the path and one line saying what is
+wrong, so a batch job can log it and go on. The pixel count is checked from the header before anything is decoded, so
+a small compressed file that declares a huge image cannot exhaust memory. pydicom's own warnings and log records
+(which quote element values, i.e. identifiers, and print decoder tracebacks) never reach the console: they are
+re-logged at DEBUG level under this module's logger, with the file name.
 
 Identifiers (patient name and ID, UIDs, accession number, dates) are read into :class:`ImageMeta` only so that
 :mod:`dagan_gn.ingest.privacy` can pseudonymise them; nothing in this package writes them out.
@@ -26,10 +29,12 @@ Identifiers (patient name and ID, UIDs, accession number, dates) are read into :
 from __future__ import annotations
 
 import contextlib
+import errno
+import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -41,6 +46,7 @@ from pydicom.pixels import apply_modality_lut, apply_voi, apply_voi_lut, apply_w
 from pydicom.tag import Tag
 
 from dagan_gn.errors import DaganError
+from dagan_gn.fileio import printable_path
 
 __all__ = [
     "DicomReadError",
@@ -53,6 +59,9 @@ __all__ = [
     "resample_to_spacing",
     "spacing_scales",
     "list_dicom_files",
+    "find_dicom_files",
+    "DicomSearch",
+    "DEFAULT_MAX_PIXELS",
     "parse_laterality_view",
     "canonical_patient_id",
     "DEFAULT_MODALITIES",
@@ -63,6 +72,11 @@ __all__ = [
 DEFAULT_MODALITIES: tuple[str, ...] = ("MG",)
 #: Put this in ``allow_modalities`` to accept every modality (and files without a Modality tag).
 ANY_MODALITY = "*"
+#: Largest image decoded unless the caller allows more (Rows x Columns x SamplesPerPixel x frames): a 4.5k x 2.7k
+#: film is 12 M pixels; 100 M bounds one decode to about 0.2 GB of uint16 plus the float32 display copy.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+log = logging.getLogger(__name__)
 
 _PIXEL_TAGS = {Tag(0x7FE0, 0x0010), Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009)}  # Pixel, Float, Double Float Pixel Data
 _DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
@@ -106,7 +120,7 @@ class DicomReadError(DaganError):
         super().__init__(f"{self.path}: {reason}")
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.reason}"
+        return f"{printable_path(self.path)}: {self.reason}"
 
     def __reduce__(self):  # picklable across multiprocessing workers
         return (type(self), (self.path, self.reason))
@@ -278,7 +292,9 @@ def _normalise_modalities(allow_modalities: Iterable[str] | None) -> tuple[str, 
     return allowed
 
 
-def _check_header(path: Path, ds: Dataset, meta: ImageMeta, allow_modalities, has_pixels: bool) -> None:
+def _check_header(
+    path: Path, ds: Dataset, meta: ImageMeta, allow_modalities, has_pixels: bool, max_pixels: int | None
+) -> None:
     if not any(keyword in ds for keyword in ("SOPClassUID", "Modality", "Rows", "PixelData")):
         raise DicomReadError(path, "corrupt or not an image: no SOP Class, Modality, image size or pixel data")
     allowed = _normalise_modalities(allow_modalities)
@@ -299,9 +315,21 @@ def _check_header(path: Path, ds: Dataset, meta: ImageMeta, allow_modalities, ha
             raise DicomReadError(path, f"no pixel data: the {sop_name or 'image'} header ends before it (truncated?)")
         raise DicomReadError(path, f"no pixel data: not an image{f' ({sop_name})' if sop_name else ''}")
     frames = _int(ds, "NumberOfFrames", 1)
+    samples = _int(ds, "SamplesPerPixel", 1)
+    if max_pixels is not None:
+        declared = max(meta.rows, 0) * max(meta.cols, 0) * max(samples, 1) * max(frames, 1)
+        if declared > max_pixels:
+            raise DicomReadError(
+                path,
+                f"the header declares {meta.rows}x{meta.cols}"
+                f"{f'x{samples} samples' if samples > 1 else ''}{f'x{frames} frames' if frames > 1 else ''} = "
+                f"{declared:,} pixels, more than the limit of {max_pixels:,}; not decoded "
+                "(raise the limit with --max-pixels if the image is genuine)",
+            )
     if frames > 1:
         raise DicomReadError(path, f"multi-frame image ({frames} frames, e.g. tomosynthesis) is not supported")
-    samples = _int(ds, "SamplesPerPixel", 1)
+    if samples == 1 and not meta.photometric:
+        raise DicomReadError(path, "no PhotometricInterpretation: mammograms are MONOCHROME1 or MONOCHROME2")
     if samples != 1 or meta.photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise DicomReadError(
             path,
@@ -334,12 +362,40 @@ def _open_checks(path: Path) -> None:
         raise DicomReadError(path, "empty file (0 bytes)")
 
 
+class _RecordCollector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _pydicom_logs_kept_from_console(path: Path):
+    """Hold back pydicom's log records while ``path`` is read: pydicom logs invalid element values (identifiers) and
+    full decoder tracebacks, without the file name. The one-line reason of a failure says what matters; the records
+    go to this module's logger at DEBUG, prefixed with the file."""
+    logger = logging.getLogger("pydicom")
+    collector = _RecordCollector()
+    propagate = logger.propagate
+    logger.addHandler(collector)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(collector)
+        logger.propagate = propagate
+        for message in collector.messages:
+            log.debug("%s: pydicom: %s", printable_path(path), message.splitlines()[0] if message else "")
+
+
 @contextlib.contextmanager
 def _as_read_error(path: Path):
     """Any failure on a file becomes a DicomReadError naming it (odd values in a header can raise anything). pydicom's
-    warnings are silenced: they quote element values, i.e. identifiers, into logs."""
+    warnings are silenced and its log records kept from the console: they quote element values, i.e. identifiers."""
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pydicom_logs_kept_from_console(path):
             warnings.simplefilter("ignore")
             yield
     except DicomReadError:
@@ -428,22 +484,26 @@ def _read_dataset(path: Path, header_only: bool) -> tuple[Dataset, bool]:
 
 
 def read_dicom_meta(
-    path: str | os.PathLike, allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES
+    path: str | os.PathLike,
+    allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> ImageMeta:
     """Read the header of one DICOM image without its pixels (fast) and check it is a usable mammogram.
 
     Args:
         path: the DICOM file (with or without ``.dcm``).
         allow_modalities: accepted Modality values; ``None`` or ``("*",)`` accepts all.
+        max_pixels: refuse images declaring more pixels (Rows x Columns x samples x frames); None: no limit.
 
     Raises:
-        DicomReadError: not DICOM, empty, corrupt header, wrong modality, no pixel data, colour or multi-frame.
+        DicomReadError: not DICOM, empty, corrupt header, wrong modality, no pixel data, colour, multi-frame or
+            above ``max_pixels``.
     """
     path = Path(path)
     with _as_read_error(path):
         ds, has_pixels = _read_dataset(path, header_only=True)
         meta = _meta_from_dataset(ds)
-        _check_header(path, ds, meta, allow_modalities, has_pixels)
+        _check_header(path, ds, meta, allow_modalities, has_pixels, max_pixels)
     return meta
 
 
@@ -699,10 +759,10 @@ class RawDicomImage:
         return DicomImage(pixels=self.display(self.values), meta=self.meta)
 
 
-def _read_stored(path: Path, allow_modalities) -> tuple[Dataset, ImageMeta, np.ndarray]:
+def _read_stored(path: Path, allow_modalities, max_pixels: int | None) -> tuple[Dataset, ImageMeta, np.ndarray]:
     ds, has_pixels = _read_dataset(path, header_only=False)
     meta = _meta_from_dataset(ds)
-    _check_header(path, ds, meta, allow_modalities, has_pixels)
+    _check_header(path, ds, meta, allow_modalities, has_pixels, max_pixels)
     stored = _decode(path, ds)
     if stored.shape != (meta.rows, meta.cols):
         raise DicomReadError(path, f"decoded shape {stored.shape} differs from Rows x Columns {meta.rows}x{meta.cols}")
@@ -710,7 +770,9 @@ def _read_stored(path: Path, allow_modalities) -> tuple[Dataset, ImageMeta, np.n
 
 
 def read_dicom_raw(
-    path: str | os.PathLike, allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES
+    path: str | os.PathLike,
+    allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
 ) -> RawDicomImage:
     """Like :func:`read_dicom`, but leaves the display conversion to the caller (``raw.display(part)``), so it can be
     applied to patches only; ``raw.to_image()`` is what :func:`read_dicom` returns.
@@ -720,25 +782,31 @@ def read_dicom_raw(
     """
     path = Path(path)
     with _as_read_error(path):
-        ds, meta, stored = _read_stored(path, allow_modalities)
+        ds, meta, stored = _read_stored(path, allow_modalities, max_pixels)
         values, display = _display_function(path, ds, stored)
     return RawDicomImage(values=values, display=display, meta=meta)
 
 
-def read_dicom(path: str | os.PathLike, allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES) -> DicomImage:
+def read_dicom(
+    path: str | os.PathLike,
+    allow_modalities: Sequence[str] | None = DEFAULT_MODALITIES,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> DicomImage:
     """Decode one DICOM mammogram into float32 [H, W] in [0, 1] with tissue bright (see the module docstring for the
     pipeline).
 
     Args:
         path: the DICOM file.
         allow_modalities: accepted Modality values; ``None`` or ``("*",)`` accepts all.
+        max_pixels: refuse, before decoding, images declaring more pixels (Rows x Columns x samples x frames); None:
+            no limit.
 
     Raises:
         DicomReadError: for any file that cannot be used (never another exception for bad input).
     """
     path = Path(path)
     with _as_read_error(path):
-        ds, meta, stored = _read_stored(path, allow_modalities)
+        ds, meta, stored = _read_stored(path, allow_modalities, max_pixels)
         pixels = _display_pixels(path, ds, stored)
     return DicomImage(pixels=pixels, meta=meta)
 
@@ -794,32 +862,122 @@ def _looks_like_dicom(path: Path) -> bool:
         return False
 
 
-def list_dicom_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
-    """All DICOM files under ``inputs`` (directories searched recursively, files taken as given), sorted.
+@dataclass
+class DicomSearch:
+    """What :func:`find_dicom_files` found under the inputs.
 
-    A file counts when its name ends in ``.dcm``/``.dicom``/``.dic`` (kept even when broken, so the extraction job can
-    report it) or when it carries the DICOM "DICM" preamble whatever its name. Hidden files and folders (leading dot)
-    and DICOMDIR indexes are skipped. Files named explicitly in ``inputs`` are always kept.
+    ``files``: the DICOM files, sorted by path, each real file once. ``unreadable``: ``(path, reason)`` of entries named
+    like DICOM (or without a suffix) that cannot be opened at all: broken (dangling) or looping symbolic links; a job
+    reports each as a skipped file. ``notes``: ``(path, note)`` of what was deliberately not taken twice: a file
+    reached again through a symbolic or hard link, a folder link that leads back into a folder already searched.
+    """
+
+    files: list[Path] = field(default_factory=list)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    notes: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return (st.st_dev, st.st_ino)
+
+
+def _link_problem(path: Path) -> str | None:
+    """Why a symbolic link cannot be followed (dangling or looping), or None when it can."""
+    try:
+        os.stat(path)
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "symbolic link loop (the link leads back to itself); nothing to read"
+        try:
+            target = printable_path(os.readlink(path))
+        except OSError:
+            target = "?"
+        return f"broken symbolic link: its target {target} does not exist"
+
+
+def find_dicom_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> DicomSearch:
+    """The DICOM files under ``inputs``, and the entries that could not be taken (see :class:`DicomSearch`).
+
+    Folders are searched recursively, following symbolic links to folders (each folder is searched once, so a link
+    that loops back is noted and not followed again); files given in ``inputs`` are always kept. A file counts when
+    its name ends in ``.dcm``/``.dicom``/``.dic`` (kept even when broken, so the extraction job can report it) or when
+    it carries the DICOM "DICM" preamble whatever its name. Hidden files and folders (leading dot) and DICOMDIR
+    indexes are skipped. The same file reached by two paths (links) is listed once, under its path without links
+    when it has one, else the first in sorted order.
 
     Raises:
         FileNotFoundError: an input path does not exist.
     """
     if isinstance(inputs, (str, os.PathLike)):
         inputs = [inputs]
-    found: set[Path] = set()
+    search = DicomSearch()
+    candidates: dict[Path, tuple[int, int]] = {}
+    unreadable: dict[Path, str] = {}
+    searched: set[tuple[int, int]] = set()
     for item in inputs:
         root = Path(item)
         if root.is_file():
-            found.add(root)
+            candidates[root] = _identity(root.stat())
             continue
         if not root.is_dir():
-            raise FileNotFoundError(f"input not found: {root}")
-        for dirpath, dirnames, filenames in os.walk(root):
-            dirnames[:] = [d for d in dirnames if not _is_hidden(d)]
+            raise FileNotFoundError(f"input not found: {printable_path(root)}")
+        if _identity(root.stat()) in searched:
+            continue
+        searched.add(_identity(root.stat()))
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+            kept = []
+            for d in sorted(dirnames):
+                if _is_hidden(d):
+                    continue
+                sub = Path(dirpath) / d
+                try:
+                    ident = _identity(sub.stat())
+                except OSError:
+                    continue  # vanished while searching
+                if ident in searched:
+                    search.notes.append(
+                        (sub, "folder link leads into a folder already searched (a loop or a second path); "
+                              "not searched again"))
+                    continue
+                searched.add(ident)
+                kept.append(d)
+            dirnames[:] = kept
             for name in filenames:
                 if _is_hidden(name):
                     continue
                 candidate = Path(dirpath) / name
+                if candidate.is_symlink():
+                    problem = _link_problem(candidate)
+                    if problem is not None:
+                        suffix = candidate.suffix.lower()
+                        if (suffix in _DICOM_SUFFIXES or not suffix) and name not in _SKIP_NAMES:
+                            unreadable[candidate] = problem
+                        continue
                 if candidate.is_file() and _looks_like_dicom(candidate):
-                    found.add(candidate)
-    return sorted(found, key=lambda p: p.as_posix())
+                    candidates[candidate] = _identity(candidate.stat())
+    first_path: dict[tuple[int, int], Path] = {}
+    # Of several paths to one file, keep the one without links (then the first in sorted order): deterministic, and
+    # the key of a file does not change when someone adds a link to it.
+    for path in sorted(candidates, key=lambda p: (os.path.realpath(p) != os.path.abspath(p), p.as_posix())):
+        ident = candidates[path]
+        if ident in first_path:
+            search.notes.append((path, f"same file as {printable_path(first_path[ident])} (reached through a link); "
+                                       "read once"))
+            continue
+        first_path[ident] = path
+        search.files.append(path)
+    search.files.sort(key=lambda p: p.as_posix())
+    search.unreadable = sorted(unreadable.items(), key=lambda kv: kv[0].as_posix())
+    search.notes.sort(key=lambda kv: kv[0].as_posix())
+    return search
+
+
+def list_dicom_files(inputs: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """The DICOM files under ``inputs``, sorted: :attr:`DicomSearch.files` of :func:`find_dicom_files` (which also
+    says what could not be taken).
+
+    Raises:
+        FileNotFoundError: an input path does not exist.
+    """
+    return find_dicom_files(inputs).files

@@ -25,6 +25,7 @@ __all__ = [
     "assign_split",
     "parse_split_fractions",
     "split_uniform",
+    "text_bytes",
 ]
 
 SPLIT_NAMES: tuple[str, str, str] = ("train", "val", "test")
@@ -91,15 +92,28 @@ class Pseudonymizer:
     def __repr__(self) -> str:  # never show the salt
         return "Pseudonymizer(salt=<hidden>)"
 
-    def pseudonym(self, kind: str, value: str) -> str:
+    def pseudonym(self, kind: str, value: str | bytes) -> str:
         """``"<prefix>-" + 16 hex`` digits of HMAC-SHA256(salt, kind + NUL + value); prefix P (patient), I (image),
-        S (study), E (series), A (accession), else the first letter of ``kind`` in upper case."""
+        S (study), E (series), A (accession), else the first letter of ``kind`` in upper case.
+
+        ``value`` is hashed as its UTF-8 bytes; a file name that is not valid UTF-8 (a Latin-1 export: Python holds
+        its odd bytes as surrogate escapes) is hashed as its bytes on disk, i.e. ``os.fsencode(name)``."""
         kind = kind.strip().lower()
         if not kind:
             raise ValueError("pseudonym kind must not be empty")
-        message = f"{kind}\x00{str(value).strip()}".encode("utf-8")
+        value = value.strip() if isinstance(value, (bytes, bytearray)) else str(value).strip()  # DICOM pads
+        message = kind.encode("utf-8") + b"\x00" + text_bytes(value)
         digest = hmac.new(self._salt, message, hashlib.sha256).hexdigest()[:_HEX_DIGITS]
         return f"{_PREFIXES.get(kind, kind[0].upper())}-{digest}"
+
+
+def text_bytes(value: str | bytes | object) -> bytes:
+    """The bytes to hash for ``value``: bytes as given, anything else as UTF-8 of ``str(value)`` with surrogate
+    escapes turned back into the bytes they stand for, so a non-UTF-8 file name hashes as ``os.fsencode(name)`` and
+    never raises (UTF-8 text gives exactly its UTF-8 encoding)."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return str(value).encode("utf-8", "surrogateescape")
 
 
 def split_uniform(patient_pseudonym: str, seed: int = 0) -> float:

@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from dagan_gn.errors import DaganError
+from dagan_gn.locks import locks_output
 
 __all__ = [
     "AugmentError",
@@ -236,6 +237,7 @@ def write_contact_sheet(
 
 
 # ---------------------------------------------------------------------------------------------------- the job
+@locks_output("out_path", what="augment")  # a second run on the same --out stops with the holder's pid
 def augment(
     in_path: str | os.PathLike,
     checkpoint: str | os.PathLike,

@@ -46,7 +46,7 @@ def run_demo(
     """
     from dagan_gn.jobs.augment import augment
     from dagan_gn.config import load_config
-    from dagan_gn.jobs.extract_patches import extract_patches
+    from dagan_gn.jobs.extract_patches import ExtractionOptions, extract_patches
     from dagan_gn.phantom.mammogram import make_demo_archive
     from dagan_gn.nets.dagan import dagan_preset
     from dagan_gn.jobs.train import train
@@ -61,8 +61,8 @@ def run_demo(
     patches = out_dir / "patches.h5"
     log(f"[2/4] extracting {patch_size}x{patch_size} patches to {patches}")
     extraction = extract_patches(
-        [dicom_dir], patches, labels_csv=labels_csv, patch_size=patch_size, per_image=6, min_tissue=0.8,
-        seed=seed, workers=1, progress=progress,
+        [dicom_dir], patches, ExtractionOptions(patch_size=patch_size, per_image=6, min_tissue=0.8, seed=seed),
+        labels_csv=labels_csv, progress=progress,
     )
 
     overrides = [f"model.{k}={_yaml_value(v)}" for k, v in dagan_preset("tiny").items()]

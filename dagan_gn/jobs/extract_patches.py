@@ -1,46 +1,76 @@
 """The ``extract-patches`` job: a DICOM archive → one HDF5 patch file (``dagan_gn.store.patch_file`` layout).
 
+It reads plan → run → report:
+
+* **plan** (:func:`plan_extraction`, writes nothing): check the :class:`ExtractionOptions`, read the labels CSV, find
+  the DICOM files (:func:`dagan_gn.ingest.dicom.find_dicom_files`), take this shard's part, and refuse an ``out`` that
+  is a folder, an input file or inside an input folder;
+* **run** (under :func:`dagan_gn.locks.output_lock` on ``out``, so a second run on the same output stops with the
+  holder's pid): refuse an existing ``out`` unless ``overwrite``, resolve the salt, open (or resume) the writer, and
+  stream the files through the decoders into it;
+* **report**: count what was written into the :class:`ExtractionReport`, also saved as ``<out>.report.json``.
+
 Streaming: files are decoded in ``workers`` processes (at most ``2 * workers`` images in flight, results consumed in
 order), one writer in the main process appends each image's patches and commits it, so memory is flat whatever the
-archive size. Per-file problems (corrupt, truncated, zero-size, non-MG, unsupported syntax, bad ROI mask) become one
-line in the log and in ``<out>.report.json`` and the run goes on. ``resume=True`` continues the ``<out>.partial``
-file of a killed run (files committed before the kill are not redone; a half-written one is dropped and redone).
-``shard=(i, n)`` takes a deterministic, balanced 1/n of the archive (hash of each file's path relative to the inputs)
-so a job array can spread the work; ``dagan merge-patches`` joins the shards.
+archive size. Per-file problems (corrupt, truncated, zero-size, non-MG, unsupported syntax, bad ROI mask, too many
+pixels, smaller than a patch, a broken symbolic link, a decoding process that died on it) become one line in the log
+and in ``<out>.report.json`` and the run goes on. A worker killed while decoding (the OOM killer, a crashing decoder)
+is detected: the files it may have held are decoded again one at a time in a fresh process, the one that kills it
+is reported as skipped, and the pool is restarted. ``resume=True`` continues the ``<out>.partial`` file of a killed
+run (files committed before the kill are not redone; a half-written one is dropped and redone). ``shard=(i, n)``
+takes a deterministic, balanced 1/n of the archive (hash of each file's path relative to the inputs) so a job array
+can spread the work; ``dagan merge-patches`` joins the shards.
 
 Privacy: the HDF5 holds salted pseudonyms only (patient, image, source keys), never paths, names, dates or UIDs. The
 salt comes from ``salt`` or from ``salt_file`` (default ``<out>.salt``, created once: keep it secret and never share
 it with the HDF5). The split is a function of the patient pseudonym and the seed, so shards agree without talking.
+File names that are not valid UTF-8 are keyed by their bytes on disk (``os.fsencode``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
+import signal
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from dagan_gn.errors import DaganError
+from dagan_gn.fileio import atomic_write_text, printable_path, sha256_file
+from dagan_gn.ingest.dicom import DEFAULT_MAX_PIXELS, DEFAULT_MODALITIES
 from dagan_gn.ingest.labels import LabelsError, LabelTable, load_labels
+from dagan_gn.ingest.privacy import text_bytes
 from dagan_gn.ingest.sampling import cut_patch, lesion_centres, normal_centres
+from dagan_gn.locks import output_lock
 from dagan_gn.store.patch_file import (
     EXTRACTION_PROVENANCE,
     PatchFile,
     PatchWriter,
     StoreError,
     encode_patch_chunks,
+    partial_path,
     to_uint16,
 )
-from dagan_gn.fileio import atomic_write_text, sha256_file
 
-__all__ = ["ExtractError", "ExtractionReport", "extract_patches", "shard_of", "salt_fingerprint", "report_path"]
+__all__ = [
+    "ExtractError",
+    "ExtractionOptions",
+    "ExtractionPlan",
+    "ExtractionReport",
+    "extract_patches",
+    "plan_extraction",
+    "shard_of",
+    "salt_fingerprint",
+    "report_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +79,99 @@ EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 2, 3
 
 
 class ExtractError(DaganError, ValueError):
-    """A fatal problem with the job itself (bad parameters, unreadable labels, no inputs, resume mismatch)."""
+    """A fatal problem with the job itself (bad parameters, unreadable labels, no inputs, a refused output, resume
+    mismatch, a write that failed)."""
+
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """What to cut from every image, and how to run. Checked on construction (:class:`ExtractError` on a bad value).
+
+    Args:
+        patch_size: S of the S×S patches (after resampling).
+        per_image: normal-tissue patches per image (random mode).
+        per_lesion: lesion-centred patches per lesion (each with its own jitter).
+        min_tissue: minimum fraction of a normal patch covered by the breast mask.
+        stride: grid mode: every qualifying centre of a grid with this step (``per_image`` ignored).
+        target_spacing_mm: downsample every image to this pixel spacing first (images with no spacing are skipped).
+        split: train/val/test fractions, assigned per patient.
+        seed: sampling and split seed.
+        shard: ``(i, n)``: process only the i-th of n deterministic parts of the archive.
+        allow_modalities: DICOM modalities accepted (``"*"`` for any).
+        lesion_jitter: lesion patch shift, at most this fraction of S per axis (the lesion stays inside).
+        lesion_margin: normal patches keep this many pixels from any lesion (default S // 4).
+        compression: ``"gzip"``, ``"lzf"`` or None.
+        workers: decoding processes (1 = decode in this process).
+        max_pixels: images declaring more pixels (Rows × Columns × samples × frames) are skipped before decoding.
+
+    The first twelve decide the patches and are stored in the file (a resume must repeat them); ``compression``,
+    ``workers`` and ``max_pixels`` only decide how the run goes.
+    """
+
+    patch_size: int = 256
+    per_image: int = 8
+    per_lesion: int = 1
+    min_tissue: float = 0.9
+    stride: int | None = None
+    target_spacing_mm: float | None = None
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    allow_modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    lesion_jitter: float = 0.25
+    lesion_margin: int | None = None
+    compression: str | None = "gzip"
+    workers: int = 1
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        normal = object.__setattr__  # frozen: normalise once here (callers pass lists, numpy numbers, strings)
+        normal(self, "split", tuple(float(f) for f in self.split))
+        normal(self, "shard", (int(self.shard[0]), int(self.shard[1])))
+        normal(self, "allow_modalities", tuple(str(m) for m in self.allow_modalities))
+        if self.patch_size < 8:
+            raise ExtractError(f"patch size must be at least 8, got {self.patch_size}")
+        if self.per_image < 0 or self.per_lesion < 0:
+            raise ExtractError("per-image and per-lesion counts must not be negative")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ExtractError(f"min-tissue must be in [0, 1], got {self.min_tissue}")
+        if self.stride is not None and self.stride <= 0:
+            raise ExtractError(f"stride must be positive, got {self.stride}")
+        if self.target_spacing_mm is not None and self.target_spacing_mm <= 0:
+            raise ExtractError(f"target spacing must be positive, got {self.target_spacing_mm}")
+        if self.workers < 1:
+            raise ExtractError(f"workers must be at least 1, got {self.workers}")
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise ExtractError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1.0) > 1e-6:
+            raise ExtractError(f"split must be three non-negative fractions summing to 1, got {self.split}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ExtractError(f"max-pixels must be positive, got {self.max_pixels}")
+
+    @property
+    def margin(self) -> int:
+        """Distance in pixels kept between normal patches and lesions."""
+        return self.patch_size // 4 if self.lesion_margin is None else int(self.lesion_margin)
+
+    def stored_parameters(self, labels_sha256: str | None) -> dict[str, Any]:
+        """The ``parameters`` attribute of the patch file: everything that decides the patches (a resume must match)."""
+        return {
+            "patch_size": int(self.patch_size),
+            "per_image": int(self.per_image),
+            "per_lesion": int(self.per_lesion),
+            "min_tissue": float(self.min_tissue),
+            "stride": None if self.stride is None else int(self.stride),
+            "target_spacing_mm": None if self.target_spacing_mm is None else float(self.target_spacing_mm),
+            "split": list(self.split),
+            "seed": int(self.seed),
+            "shard": list(self.shard),
+            "allow_modalities": sorted(m.upper() for m in self.allow_modalities),
+            "labels_sha256": labels_sha256,
+            "lesion_jitter": float(self.lesion_jitter),
+            "lesion_margin": self.margin,
+            "intensity": "uint16 v -> v / 65535 in [0, 1], tissue bright",
+        }
 
 
 @dataclass
@@ -63,6 +185,7 @@ class ExtractionReport:
     files_used: int = 0
     files_without_patches: int = 0
     files_skipped: int = 0
+    files_duplicate: int = 0
     patches_written: int = 0
     patches_total: int = 0
     patches_by_class: dict[str, int] = field(default_factory=dict)
@@ -72,6 +195,7 @@ class ExtractionReport:
     skipped: list[dict[str, str]] = field(default_factory=list)
     warnings: list[dict[str, str]] = field(default_factory=list)
     parameters: dict[str, Any] = field(default_factory=dict)
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
     resumed: bool = False
     salt_file: str | None = None
     elapsed_s: float = 0.0
@@ -80,11 +204,22 @@ class ExtractionReport:
 
     @property
     def exit_code(self) -> int:
-        """0 when every file was used, 3 when some were skipped (see ``skipped``)."""
+        """0 when every file was used (duplicates once), 3 when some were skipped (see ``skipped``)."""
         return EXIT_SKIPPED if self.files_skipped else EXIT_OK
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    def skip(self, path: str | os.PathLike, reason: str) -> None:
+        """Record (and log) a file that gave nothing."""
+        self.files_skipped += 1
+        self.skipped.append({"file": printable_path(path), "reason": reason})
+        log.warning("skipped %s: %s", printable_path(path), reason)
+
+    def warn(self, path: str | os.PathLike, warning: str) -> None:
+        """Record (and log) something odd about a file that was used."""
+        self.warnings.append({"file": printable_path(path), "warning": warning})
+        log.warning("%s: %s", printable_path(path), warning)
 
 
 def report_path(out: str | os.PathLike) -> Path:
@@ -93,7 +228,7 @@ def report_path(out: str | os.PathLike) -> Path:
 
 def shard_of(key: str, num_shards: int) -> int:
     """The shard (0..n-1) of a file, from a hash of its relative path: balanced and stable across machines."""
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") % num_shards
+    return int.from_bytes(hashlib.sha256(text_bytes(key)).digest()[:8], "big") % num_shards
 
 
 def salt_fingerprint(salt: bytes) -> str:
@@ -118,380 +253,468 @@ def _relative_keys(files: Sequence[Path], inputs: Sequence[str | os.PathLike]) -
 # 6.67 MB at level 1 vs 6.64 MB at level 4, +0.3 %), while level 1 deflates ~1.8x faster in the workers.
 _GZIP_LEVEL = 1
 
+
+@dataclass(frozen=True)
+class _WorkerConfig:
+    """Everything a decoding process needs (inherited by forked workers, picklable for spawned ones)."""
+
+    options: ExtractionOptions
+    salt: bytes
+    labels: LabelTable
+    chunk_encoding: tuple[str | None, int] | None
+
+
+@dataclass
+class _ImagePatches:
+    """One usable image: its patches (raw or already compressed) and pseudonymous provenance."""
+
+    key: str
+    n: int
+    patches: np.ndarray | None
+    encoded: list[bytes] | None
+    labels: np.ndarray
+    centers: np.ndarray
+    lesion_index: np.ndarray
+    patient: str
+    image: str
+    split: str
+    laterality: str
+    view: str
+    spacing: float
+    lesions: int
+    warnings: list[str]
+
+
+@dataclass
+class _FileSkipped:
+    """A file that gave nothing, and why (one line)."""
+
+    key: str
+    path: str
+    reason: str
+
+
+_FileResult = _ImagePatches | _FileSkipped
+
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(config: dict[str, Any]) -> None:
+def _exit_with_parent() -> None:
+    """Make this decoding process end when the job's process does (``kill -9``, the OOM killer): an orphaned worker
+    would otherwise wait on its task queue forever, holding memory and the job's stdout open."""
+    parent = os.getppid()
+    try:  # Linux: the kernel kills us the moment the parent dies
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+            return
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:  # elsewhere: look every half second
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    import threading
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _init_worker(config: _WorkerConfig, in_pool: bool = True) -> None:
     from dagan_gn.ingest.privacy import Pseudonymizer
 
+    if in_pool:
+        _exit_with_parent()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _WORKER.clear()
-    _WORKER.update(config)
-    _WORKER["pseudonymizer"] = Pseudonymizer(config["salt"])
+    _WORKER["config"] = config
+    _WORKER["pseudonymizer"] = Pseudonymizer(config.salt)
 
 
 def _key_seed(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return int.from_bytes(hashlib.sha256(text_bytes(key)).digest()[:8], "big")
 
 
-def _process_file(key: str, path: str) -> dict[str, Any]:
+def _process_file(key: str, path: str) -> _FileResult:
     """Decode, mask, sample and cut one file; returns patches + pseudonymous provenance, or the skip reason."""
+    try:
+        return _cut_image(key, path, _WORKER["config"], _WORKER["pseudonymizer"])
+    except DaganError as exc:  # DicomReadError carries the bare reason; LabelsError names the CSV line
+        return _FileSkipped(key, path, getattr(exc, "reason", None) or str(exc))
+    except MemoryError:
+        return _FileSkipped(key, path, "out of memory while decoding")
+    except Exception as exc:  # one bad file must never stop an archive-sized run
+        return _FileSkipped(key, path, f"unexpected {type(exc).__name__}: {exc}")
+
+
+def _cut_image(key: str, path: str, cfg: _WorkerConfig, pseudo: Any) -> _FileResult:
     from dagan_gn.ingest.dicom import DicomReadError, read_dicom_raw, resample_to_spacing
     from dagan_gn.ingest.mask import breast_mask
     from dagan_gn.ingest.privacy import assign_split
 
-    cfg = _WORKER
-    try:
-        raw = read_dicom_raw(path, allow_modalities=cfg["allow_modalities"])
-        meta = raw.meta
-        table: LabelTable = cfg["labels"]
-        lesions = [les.resolve((meta.rows, meta.cols)) for les in table.lookup(path, meta)]
-        target = cfg["target_spacing_mm"]
-        if target is not None and meta.pixel_spacing_mm is None:
-            raise DicomReadError(path, "no PixelSpacing/ImagerPixelSpacing, cannot resample to --target-spacing")
-        if target is None:
-            # Stay on the stored grey levels: the mask maps only block means to display values, and only the cut
-            # patches are converted (the display map is elementwise, so they equal patches of the display image).
-            pixels, display = raw.values, raw.display
-        else:
-            pixels, _ = resample_to_spacing(raw.to_image().pixels, meta.pixel_spacing_mm, target)
-            display = None
-        del raw
-        sy, sx = pixels.shape[0] / meta.rows, pixels.shape[1] / meta.cols
-        spacing = (meta.pixel_spacing_mm[0] / sy) if meta.pixel_spacing_mm else float("nan")
-        # Sampling needs only window coverages: keep the mask at block resolution.
-        mask = breast_mask(pixels, meta.laterality, full_resolution=False, display=display)
-        S = cfg["patch_size"]
-        warnings = []
-        scaled = []
-        for les in lesions:
-            cy, cx = les.center_yx
-            if not (0 <= cy < meta.rows and 0 <= cx < meta.cols):
-                warnings.append(f"{les.source}: lesion centre (x={cx:g}, y={cy:g}) is outside the "
-                                f"{meta.cols}x{meta.rows} image; ignored")
-                continue
-            scaled.append((les.class_name, (cy * sy, cx * sx, les.radius * min(sy, sx))))
-        geometry = [g for _, g in scaled]
-        rng = np.random.default_rng([cfg["seed"], _key_seed(key)])
-        lesion_pos = lesion_centres(geometry, pixels.shape, S, rng, per_lesion=cfg["per_lesion"],
-                                    jitter=cfg["lesion_jitter"])
-        normal_pos = normal_centres(mask, S, cfg["per_image"], rng, min_tissue=cfg["min_tissue"], lesions=geometry,
-                                    margin=cfg["lesion_margin"], stride=cfg["stride"])
-        centres = [(y, x) for y, x, _ in lesion_pos] + list(normal_pos)
-        lesion_index = [i for _, _, i in lesion_pos] + [-1] * len(normal_pos)
-        class_names = table.class_names
-        labels = [class_names.index(scaled[i][0]) for _, _, i in lesion_pos] + [0] * len(normal_pos)
-        if centres:
-            cut = np.stack([cut_patch(pixels, c, S) for c in centres])
-            patches = to_uint16(cut if display is None else display(cut))[:, None]
-        else:
-            patches = np.zeros((0, 1, S, S), np.uint16)
-        pseudo = cfg["pseudonymizer"]
-        # Patient key: the patient part of PatientID; without one, fall back to other identifiers so images are
-        # never pooled under an empty key (each such image is its own "patient").
-        patient_key = meta.patient_id or meta.patient_name or meta.study_uid or f"file:{key}"
-        patient = pseudo.pseudonym("patient", patient_key)
-        if not meta.patient_id:
-            warnings.append("no PatientID; the image was given its own patient pseudonym")
-        image_id = pseudo.pseudonym("image", meta.sop_instance_uid or f"file:{key}")
-        encoding = cfg["chunk_encoding"]
-        # Compress here, in the worker, so the single writer only copies bytes into the file.
-        encoded = encode_patch_chunks(patches, *encoding) if encoding is not None else None
-        return {
-            "ok": True,
-            "key": key,
-            "n": int(patches.shape[0]),
-            "patches": patches if encoded is None else None,
-            "encoded": encoded,
-            "labels": np.asarray(labels, dtype=np.int32),
-            "centers": np.asarray(centres, dtype=np.int32).reshape(-1, 2),
-            "lesion_index": np.asarray(lesion_index, dtype=np.int32),
-            "patient": patient,
-            "image": image_id,
-            "split": assign_split(patient, cfg["split"], cfg["seed"]),
-            "laterality": meta.laterality,
-            "view": meta.view,
-            "spacing": spacing,
-            "lesions": len(scaled),
-            "warnings": warnings,
-        }
-    except DicomReadError as exc:
-        return {"ok": False, "key": key, "path": path, "reason": exc.reason}
-    except LabelsError as exc:
-        return {"ok": False, "key": key, "path": path, "reason": str(exc)}
-    except MemoryError:
-        return {"ok": False, "key": key, "path": path, "reason": "out of memory while decoding"}
-    except Exception as exc:  # one bad file must never stop an archive-sized run
-        return {"ok": False, "key": key, "path": path, "reason": f"unexpected {type(exc).__name__}: {exc}"}
+    opt = cfg.options
+    raw = read_dicom_raw(path, allow_modalities=opt.allow_modalities, max_pixels=opt.max_pixels)
+    meta = raw.meta
+    lesions = [les.resolve((meta.rows, meta.cols)) for les in cfg.labels.lookup(path, meta)]
+    target = opt.target_spacing_mm
+    if target is not None and meta.pixel_spacing_mm is None:
+        raise DicomReadError(path, "no PixelSpacing/ImagerPixelSpacing, cannot resample to --target-spacing")
+    if target is None:
+        # Stay on the stored grey levels: the mask maps only block means to display values, and only the cut
+        # patches are converted (the display map is elementwise, so they equal patches of the display image).
+        pixels, display = raw.values, raw.display
+    else:
+        pixels, _ = resample_to_spacing(raw.to_image().pixels, meta.pixel_spacing_mm, target)
+        display = None
+    del raw
+    S = opt.patch_size
+    if pixels.shape[0] < S or pixels.shape[1] < S:
+        resampled = " after resampling" if target is not None else ""
+        return _FileSkipped(key, path, f"image is {pixels.shape[1]}x{pixels.shape[0]} pixels{resampled}, smaller "
+                                       f"than one {S}x{S} patch")
+    sy, sx = pixels.shape[0] / meta.rows, pixels.shape[1] / meta.cols
+    spacing = (meta.pixel_spacing_mm[0] / sy) if meta.pixel_spacing_mm else float("nan")
+    # Sampling needs only window coverages: keep the mask at block resolution.
+    mask = breast_mask(pixels, meta.laterality, full_resolution=False, display=display)
+    warnings = []
+    scaled = []
+    for les in lesions:
+        cy, cx = les.center_yx
+        if not (0 <= cy < meta.rows and 0 <= cx < meta.cols):
+            warnings.append(f"{les.source}: lesion centre (x={cx:g}, y={cy:g}) is outside the "
+                            f"{meta.cols}x{meta.rows} image; ignored")
+            continue
+        scaled.append((les.class_name, (cy * sy, cx * sx, les.radius * min(sy, sx))))
+    geometry = [g for _, g in scaled]
+    rng = np.random.default_rng([opt.seed, _key_seed(key)])
+    lesion_pos = lesion_centres(geometry, pixels.shape, S, rng, per_lesion=opt.per_lesion, jitter=opt.lesion_jitter)
+    normal_pos = normal_centres(mask, S, opt.per_image, rng, min_tissue=opt.min_tissue, lesions=geometry,
+                                margin=opt.margin, stride=opt.stride)
+    centres = [(y, x) for y, x, _ in lesion_pos] + list(normal_pos)
+    lesion_index = [i for _, _, i in lesion_pos] + [-1] * len(normal_pos)
+    class_names = cfg.labels.class_names
+    labels = [class_names.index(scaled[i][0]) for _, _, i in lesion_pos] + [0] * len(normal_pos)
+    if centres:
+        cut = np.stack([cut_patch(pixels, c, S) for c in centres])
+        patches = to_uint16(cut if display is None else display(cut))[:, None]
+    else:
+        patches = np.zeros((0, 1, S, S), np.uint16)
+        if opt.per_image or (geometry and opt.per_lesion):
+            warnings.append(f"no patch: no {S}x{S} window is covered by breast tissue to --min-tissue "
+                            f"{opt.min_tissue:g} and no labelled lesion is inside the image")
+    # Patient key: the patient part of PatientID; without one, fall back to other identifiers so images are
+    # never pooled under an empty key (each such image is its own "patient").
+    patient_key = meta.patient_id or meta.patient_name or meta.study_uid or f"file:{key}"
+    patient = pseudo.pseudonym("patient", patient_key)
+    if not meta.patient_id:
+        warnings.append("no PatientID; the image was given its own patient pseudonym")
+    image_id = pseudo.pseudonym("image", meta.sop_instance_uid or f"file:{key}")
+    # Compress here, in the worker, so the single writer only copies bytes into the file.
+    encoded = encode_patch_chunks(patches, *cfg.chunk_encoding) if cfg.chunk_encoding is not None else None
+    return _ImagePatches(
+        key=key,
+        n=int(patches.shape[0]),
+        patches=patches if encoded is None else None,
+        encoded=encoded,
+        labels=np.asarray(labels, dtype=np.int32),
+        centers=np.asarray(centres, dtype=np.int32).reshape(-1, 2),
+        lesion_index=np.asarray(lesion_index, dtype=np.int32),
+        patient=patient,
+        image=image_id,
+        split=assign_split(patient, opt.split, opt.seed),
+        laterality=meta.laterality,
+        view=meta.view,
+        spacing=spacing,
+        lesions=len(scaled),
+        warnings=warnings,
+    )
 
 
-def _results_inline(tasks, config):
-    _init_worker(config)
+def _results_inline(tasks: Sequence[tuple[str, str]], config: _WorkerConfig) -> Iterator[_FileResult]:
+    _init_worker(config, in_pool=False)
     for key, path in tasks:
         yield _process_file(key, path)
 
 
-def _results_pool(tasks, config, workers: int):
-    """Ordered results with at most ``2 * workers`` images in flight, so memory stays flat even when the writer is
-    slower than the decoders (``Pool.imap`` would buffer every finished result)."""
+def _fork_context():
     import multiprocessing as mp
+
+    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+
+
+def _quarantine_main(conn, config: _WorkerConfig, key: str, path: str) -> None:
+    _init_worker(config)
+    conn.send(_process_file(key, path))
+    conn.close()
+
+
+def _death_reason(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        cause = "; out of memory? see --max-pixels" if -exitcode == signal.SIGKILL else ""
+        return f"the decoding process died on this file (killed by {name}{cause})"
+    return f"the decoding process died on this file (exit code {exitcode})"
+
+
+def _process_alone(key: str, path: str, config: _WorkerConfig) -> _FileResult:
+    """Decode one file in a process of its own: its result, or its death reported as a skipped file."""
+    ctx = _fork_context()
+    receive, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_quarantine_main, args=(send, config, key, path), daemon=True)
+    proc.start()
+    send.close()
+    try:
+        result = receive.recv()
+    except EOFError:  # the process died before it could answer
+        result = None
+    finally:
+        receive.close()
+        proc.join()
+    return result if result is not None else _FileSkipped(key, path, _death_reason(proc.exitcode))
+
+
+def _results_pool(tasks: Sequence[tuple[str, str]], config: _WorkerConfig, workers: int) -> Iterator[_FileResult]:
+    """Ordered results with at most ``2 * workers`` images in flight, so memory stays flat even when the writer is
+    slower than the decoders. A dead worker breaks the pool (``BrokenProcessPool``) and fails every file in flight;
+    those are decoded again one at a time in processes of their own, so the file that kills its process is named and
+    skipped and the others are kept, then a new pool goes on with the rest."""
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     # Import the decoding stack once here so forked workers inherit it instead of each importing it again.
     import dagan_gn.ingest.dicom  # noqa: F401
     import dagan_gn.ingest.mask  # noqa: F401
 
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(workers, initializer=_init_worker, initargs=(config,)) as pool:
-        pending: deque = deque()
-        it = iter(tasks)
-        for key, path in it:
-            pending.append(pool.apply_async(_process_file, (key, path)))
-            if len(pending) >= 2 * workers:
-                break
-        while pending:
-            result = pending.popleft().get()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.apply_async(_process_file, nxt))
+    def new_pool() -> ProcessPoolExecutor:
+        try:
+            return ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_init_worker,
+                                       initargs=(config,))
+        except OSError as exc:
+            raise ExtractError(f"cannot start {workers} decoding processes ({exc})") from exc
+
+    waiting = deque(tasks)
+    in_flight: deque = deque()
+    pool = new_pool()
+    try:
+        while waiting or in_flight:
+            try:
+                while waiting and len(in_flight) < 2 * workers:
+                    in_flight.append((waiting[0], pool.submit(_process_file, *waiting[0])))
+                    waiting.popleft()
+                result = in_flight[0][1].result()
+            except BrokenProcessPool:  # from result(), or from submit() when the death was noticed first
+                suspects = list(in_flight)
+                in_flight.clear()
+                pool.shutdown(wait=True, cancel_futures=True)
+                log.warning("a decoding process died; decoding the %d file(s) it may have held one at a time",
+                            len(suspects))
+                for (key, path), done in suspects:
+                    finished = done.done() and not done.cancelled() and done.exception() is None
+                    yield done.result() if finished else _process_alone(key, path, config)
+                pool = new_pool()
+                continue
+            in_flight.popleft()
             yield result
+    finally:
+        # Wait for the workers to exit: forked after the writer opened the HDF5 file, they share its descriptor and
+        # with it HDF5's file lock, which must be gone before the finished file is opened for the report.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Main side
+# Plan
 
 
-def _resolve_salt(out: Path, salt: str | None, salt_file: str | os.PathLike | None, shard: tuple[int, int]):
+@dataclass
+class ExtractionPlan:
+    """What a run will do, worked out before anything is written (see :func:`plan_extraction`)."""
+
+    inputs: list[Path]
+    out: Path
+    options: ExtractionOptions
+    labels_csv: Path | None
+    table: LabelTable
+    #: ``(key, path)`` of this shard's files, sorted by key (the key is the path relative to the inputs).
+    tasks: list[tuple[str, str]]
+    #: ``(path, reason)`` of this shard's entries that cannot be opened (broken or looping symbolic links).
+    unreadable: list[tuple[Path, str]]
+    #: ``(path, note)`` of links not followed twice, from the file search.
+    notes: list[tuple[Path, str]]
+    files_found: int
+    parameters: dict[str, Any]
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _check_output_place(out: Path, inputs: Sequence[Path], labels_csv: Path | None) -> None:
+    """Refuse an ``out`` that is a folder, an input or inside an input folder (before anything is written)."""
+    if out.is_dir():
+        raise ExtractError(f"--out {printable_path(out)} is a folder; give the path of the .h5 file to write")
+    real_out = Path(os.path.realpath(out))
+    for item in inputs:
+        real = Path(os.path.realpath(item))
+        if item.is_dir() and _inside(real_out, real):
+            raise ExtractError(
+                f"--out {printable_path(out)} is inside the input folder {printable_path(item)}; write the patch "
+                "file outside the archive (later runs would search it, and a wrong name could replace a DICOM)"
+            )
+        if real_out == real:
+            raise ExtractError(f"--out {printable_path(out)} is one of the input files; choose another path")
+    if labels_csv is not None and real_out == Path(os.path.realpath(labels_csv)):
+        raise ExtractError(f"--out {printable_path(out)} is the labels CSV; choose another path")
+
+
+def plan_extraction(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    out: str | os.PathLike,
+    options: ExtractionOptions,
+    *,
+    labels_csv: str | os.PathLike | None = None,
+) -> ExtractionPlan:
+    """Check the inputs and the output place, read the labels, find the files of this shard. Writes nothing.
+
+    Raises:
+        ExtractError: no inputs, a missing input, an unreadable labels CSV, an ``out`` that is a folder, an input or
+            inside an input folder.
+    """
+    from dagan_gn.ingest.dicom import find_dicom_files
+
+    out = Path(out)
+    if isinstance(inputs, (str, os.PathLike)):
+        inputs = [inputs]
+    inputs = [Path(p) for p in inputs]
+    if not inputs:
+        raise ExtractError("no inputs given")
+    labels = Path(labels_csv) if labels_csv is not None else None
+    try:
+        table = load_labels(labels)
+    except LabelsError as exc:
+        raise ExtractError(str(exc)) from exc
+    try:
+        found = find_dicom_files(inputs)
+    except FileNotFoundError as exc:
+        raise ExtractError(str(exc)) from exc
+    _check_output_place(out, inputs, labels)
+    keys = _relative_keys(found.files, inputs)
+    tasks = sorted(zip(keys, (str(f) for f in found.files)))
+    unreadable = list(zip(_relative_keys([p for p, _ in found.unreadable], inputs), found.unreadable))
+    index, count = options.shard
+    if count > 1:
+        tasks = [t for t in tasks if shard_of(t[0], count) == index]
+        unreadable = [u for u in unreadable if shard_of(u[0], count) == index]
+    return ExtractionPlan(
+        inputs=inputs, out=out, options=options, labels_csv=labels, table=table, tasks=tasks,
+        unreadable=[entry for _, entry in unreadable], notes=list(found.notes),
+        files_found=len(found.files) + len(found.unreadable),
+        parameters=options.stored_parameters(sha256_file(labels) if labels is not None else None),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Run
+
+
+def _resolve_salt(out: Path, salt: str | None, salt_file: str | os.PathLike | None, num_shards: int):
     from dagan_gn.ingest.privacy import load_or_create_salt
 
     if salt is not None:
         return load_or_create_salt(None, salt), None
     if salt_file is None:
-        if shard[1] > 1:
+        if num_shards > 1:
             raise ExtractError(
                 "with --shard, give every shard the same --salt or --salt-file (a per-shard salt would give one "
                 "patient several pseudonyms and could put it in several splits)"
             )
         salt_file = Path(str(out) + ".salt")
-    return load_or_create_salt(Path(salt_file), None), Path(salt_file)
-
-
-def extract_patches(
-    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
-    out: str | os.PathLike,
-    *,
-    labels_csv: str | os.PathLike | None = None,
-    patch_size: int = 256,
-    per_image: int = 8,
-    per_lesion: int = 1,
-    min_tissue: float = 0.9,
-    stride: int | None = None,
-    target_spacing_mm: float | None = None,
-    split: Sequence[float] = (0.8, 0.1, 0.1),
-    workers: int = 1,
-    seed: int = 0,
-    salt: str | None = None,
-    salt_file: str | os.PathLike | None = None,
-    resume: bool = False,
-    shard: tuple[int, int] = (0, 1),
-    allow_modalities: Sequence[str] = ("MG",),
-    lesion_jitter: float = 0.25,
-    lesion_margin: int | None = None,
-    compression: str | None = "gzip",
-    progress: bool = True,
-    _on_file_written: Callable[[int], None] | None = None,
-) -> ExtractionReport:
-    """Extract patches from DICOM mammograms into the HDF5 patch file ``out``.
-
-    Args:
-        inputs: DICOM files and/or folders (searched recursively).
-        out: output ``.h5`` path (written as ``<out>.partial`` and renamed when complete).
-        labels_csv: lesion labels (``docs/labels-csv.md``); without it every patch is class ``tissue``.
-        patch_size: S of the S×S patches (after resampling).
-        per_image: normal-tissue patches per image (random mode).
-        per_lesion: lesion-centred patches per lesion (each with its own jitter).
-        min_tissue: minimum fraction of a normal patch covered by the breast mask.
-        stride: grid mode: every qualifying centre of a grid with this step (``per_image`` ignored).
-        target_spacing_mm: downsample every image to this pixel spacing first (images with no spacing are skipped).
-        split: train/val/test fractions, assigned per patient.
-        workers: decoding processes (1 = decode in this process).
-        seed: sampling and split seed.
-        salt, salt_file: the pseudonym salt or the file holding it (default ``<out>.salt``, created once).
-        resume: continue ``<out>.partial`` left by a killed run.
-        shard: ``(i, n)``: process only the i-th of n deterministic parts of the archive.
-        allow_modalities: DICOM modalities accepted (``"*"`` for any).
-        lesion_jitter: lesion patch shift, at most this fraction of S per axis (the lesion stays inside).
-        lesion_margin: normal patches keep this many pixels from any lesion (default S // 4).
-        compression: ``"gzip"``, ``"lzf"`` or None.
-        progress: show a tqdm bar (files/s, patches so far).
-
-    Returns:
-        The :class:`ExtractionReport` (also written to ``<out>.report.json``); ``report.exit_code`` is 0 or 3.
-
-    Raises:
-        ExtractError: bad parameters, missing inputs, unreadable labels CSV, a resume that does not match.
-    """
-    from tqdm.auto import tqdm
-
-    started = time.perf_counter()
-    out = Path(out)
-    if isinstance(inputs, (str, os.PathLike)):
-        inputs = [inputs]
-    inputs = list(inputs)
-    if patch_size < 8:
-        raise ExtractError(f"patch size must be at least 8, got {patch_size}")
-    if per_image < 0 or per_lesion < 0:
-        raise ExtractError("per-image and per-lesion counts must not be negative")
-    if not 0.0 <= min_tissue <= 1.0:
-        raise ExtractError(f"min-tissue must be in [0, 1], got {min_tissue}")
-    if stride is not None and stride <= 0:
-        raise ExtractError(f"stride must be positive, got {stride}")
-    if target_spacing_mm is not None and target_spacing_mm <= 0:
-        raise ExtractError(f"target spacing must be positive, got {target_spacing_mm}")
-    if workers < 1:
-        raise ExtractError(f"workers must be at least 1, got {workers}")
-    shard_index, num_shards = int(shard[0]), int(shard[1])
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise ExtractError(f"shard must be i/n with 0 <= i < n, got {shard_index}/{num_shards}")
-    split = tuple(float(f) for f in split)
-    if len(split) != 3 or min(split) < 0 or abs(sum(split) - 1.0) > 1e-6:
-        raise ExtractError(f"split must be three non-negative fractions summing to 1, got {split}")
-    if not inputs:
-        raise ExtractError("no inputs given")
     try:
-        table = load_labels(labels_csv)
-    except LabelsError as exc:
-        raise ExtractError(str(exc)) from exc
+        return load_or_create_salt(Path(salt_file), None), Path(salt_file)
+    except (ValueError, OSError) as exc:
+        raise ExtractError(f"salt file {printable_path(salt_file)}: {getattr(exc, 'strerror', None) or exc}") from exc
 
-    from dagan_gn.ingest.dicom import list_dicom_files
 
+def _open_writer(plan: ExtractionPlan, table: LabelTable, fingerprint: str, resume: bool) -> PatchWriter:
     try:
-        files = list_dicom_files(inputs)
-    except FileNotFoundError as exc:
+        writer = PatchWriter(plan.out, patch_size=plan.options.patch_size, class_names=table.class_names,
+                             provenance=EXTRACTION_PROVENANCE, parameters=plan.parameters,
+                             attrs={"salt_fingerprint": fingerprint}, synthetic=False,
+                             compression=plan.options.compression, compression_level=_GZIP_LEVEL, resume=resume)
+    except (StoreError, OSError) as exc:
         raise ExtractError(str(exc)) from exc
-    keys = _relative_keys(files, inputs)
-    tasks = sorted(zip(keys, (str(f) for f in files)))
-    shard_tasks = [t for t in tasks if shard_of(t[0], num_shards) == shard_index] if num_shards > 1 else tasks
-
-    salt_bytes, salt_path = _resolve_salt(out, salt, salt_file, (shard_index, num_shards))
-    fingerprint = salt_fingerprint(salt_bytes)
-    from dagan_gn.ingest.privacy import Pseudonymizer
-
-    pseudo = Pseudonymizer(salt_bytes)
-    margin = patch_size // 4 if lesion_margin is None else int(lesion_margin)
-    parameters = {
-        "patch_size": int(patch_size),
-        "per_image": int(per_image),
-        "per_lesion": int(per_lesion),
-        "min_tissue": float(min_tissue),
-        "stride": None if stride is None else int(stride),
-        "target_spacing_mm": None if target_spacing_mm is None else float(target_spacing_mm),
-        "split": list(split),
-        "seed": int(seed),
-        "shard": [shard_index, num_shards],
-        "allow_modalities": sorted(str(m).upper() for m in allow_modalities),
-        "labels_sha256": sha256_file(labels_csv) if labels_csv is not None else None,
-        "lesion_jitter": float(lesion_jitter),
-        "lesion_margin": margin,
-        "intensity": "uint16 v -> v / 65535 in [0, 1], tissue bright",
-    }
-    report = ExtractionReport(output=str(out), files_found=len(tasks), files_in_shard=len(shard_tasks),
-                              parameters=parameters, salt_file=str(salt_path) if salt_path else None)
-
-    if resume and out.exists() and not Path(str(out) + ".partial").exists():
-        # Finished already (e.g. a requeued job array task): nothing to do.
-        with PatchFile(out) as pf:
-            if pf.attrs.get("salt_fingerprint") != fingerprint:
-                raise ExtractError(f"{out} was written with another salt; resume needs the same --salt/--salt-file")
-            report.patches_total = len(pf)
-            report.files_already_done = len(shard_tasks)
-            report.resumed = True
-        log.info("%s is already complete; nothing to resume", out)
-        atomic_write_text(report_path(out), report.to_json())
-        return report
-
-    try:
-        writer = PatchWriter(out, patch_size=patch_size, class_names=table.class_names,
-                             provenance=EXTRACTION_PROVENANCE, parameters=parameters,
-                             attrs={"salt_fingerprint": fingerprint}, synthetic=False, compression=compression,
-                             compression_level=_GZIP_LEVEL, resume=resume)
-    except StoreError as exc:
-        raise ExtractError(str(exc)) from exc
-    done: set[str] = set()
     if writer.resumed:
         on_disk = writer.parameters
-        changed = {k: (on_disk.get(k), v) for k, v in parameters.items() if on_disk.get(k) != v}
+        changed = {k: (on_disk.get(k), v) for k, v in plan.parameters.items() if on_disk.get(k) != v}
         stored_fp = writer._file.attrs.get("salt_fingerprint")
         if changed or stored_fp != fingerprint:
             writer.close()
             what = ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in changed.items()) or "the salt"
             raise ExtractError(f"cannot resume {writer.partial}: parameters differ from the interrupted run ({what})")
-        done = writer.done_sources
-        report.resumed = True
-    done_key = {key: pseudo.pseudonym("source", key) for key, _ in shard_tasks}
-    todo = [t for t in shard_tasks if done_key[t[0]] not in done]
-    report.files_already_done = len(shard_tasks) - len(todo)
+    return writer
 
-    config = {
-        "salt": salt_bytes,
-        "labels": table,
-        "patch_size": int(patch_size),
-        "per_image": int(per_image),
-        "per_lesion": int(per_lesion),
-        "min_tissue": float(min_tissue),
-        "stride": stride,
-        "target_spacing_mm": target_spacing_mm,
-        "split": split,
-        "seed": int(seed),
-        "allow_modalities": tuple(allow_modalities),
-        "lesion_jitter": float(lesion_jitter),
-        "lesion_margin": margin,
-        "chunk_encoding": writer.chunk_encoding,
-    }
-    paths = dict(todo)
-    results = _results_inline(todo, config) if workers == 1 else _results_pool(todo, config, workers)
-    bar = tqdm(total=len(todo), unit="file", desc="extract", disable=not progress, dynamic_ncols=True)
-    written = 0
-    try:
-        with writer:
-            for n_done, res in enumerate(results, start=1):
-                if res["ok"]:
-                    n = res["n"]
-                    if n:
-                        src = writer.add_sources([res["image"]])[0]
-                        writer.append(res["patches"], res["labels"], [res["split"]] * n, encoded=res["encoded"],
-                                      provenance={
-                            "patient_pseudonym": [res["patient"]] * n,
-                            "image_pseudonym": [res["image"]] * n,
-                            "laterality": [res["laterality"]] * n,
-                            "view": [res["view"]] * n,
-                            "center_yx": res["centers"],
-                            "pixel_spacing_mm": np.full(n, res["spacing"], dtype=np.float32),
-                            "source_index": np.full(n, src, dtype=np.int32),
-                            "lesion_index": res["lesion_index"],
-                        })
-                    else:
-                        report.files_without_patches += 1
-                    report.files_used += 1
-                    report.lesions_used += int(res["lesions"])
-                    written += n
-                    for w in res["warnings"]:
-                        report.warnings.append({"file": paths[res["key"]], "warning": w})
-                        log.warning("%s: %s", paths[res["key"]], w)
-                    if _on_file_written is not None:
-                        _on_file_written(n_done)  # test hook: simulates a kill after the append, before the commit
-                    writer.commit(done_key[res["key"]])
-                else:
-                    report.files_skipped += 1
-                    report.skipped.append({"file": res["path"], "reason": res["reason"]})
-                    log.warning("skipped %s: %s", res["path"], res["reason"])
-                bar.update(1)
-                bar.set_postfix(patches=written, skipped=report.files_skipped, refresh=False)
-    finally:
-        bar.close()
-        close = getattr(results, "close", None)
-        if close is not None:
-            close()
 
+class _Writing:
+    """The main-process side of a run: takes each file's result in order, appends and commits it."""
+
+    def __init__(self, writer: PatchWriter, report: ExtractionReport, done_key: dict[str, str],
+                 paths: dict[str, str], on_file_written: Callable[[int], None] | None) -> None:
+        self.writer = writer
+        self.report = report
+        self.done_key = done_key
+        self.paths = paths
+        self.on_file_written = on_file_written
+        self.written = 0
+        # Image pseudonym (from the SOPInstanceUID) -> file that gave it: the same image reached twice (a copy, a
+        # second export) is written once. A resumed run knows the images already in the file.
+        self.first_file: dict[str, str] = {}
+        if writer.resumed:  # (PatchWriter has no public reader of its source table)
+            self.first_file = dict.fromkeys(writer._file["sources"].asstr()[:], "an image already in the file")
+
+    def take(self, n_done: int, res: _FileResult) -> None:
+        report = self.report
+        if isinstance(res, _FileSkipped):
+            report.skip(res.path, res.reason)  # not committed: a resume tries it again
+            return
+        path = self.paths[res.key]
+        if res.image in self.first_file:
+            report.files_duplicate += 1
+            report.warn(path, f"same image (SOPInstanceUID) as {self.first_file[res.image]}; not written twice")
+            self.writer.commit(self.done_key[res.key])
+            return
+        self.first_file[res.image] = printable_path(path)
+        n = res.n
+        if n:
+            src = self.writer.add_sources([res.image])[0]
+            self.writer.append(res.patches, res.labels, [res.split] * n, encoded=res.encoded, provenance={
+                "patient_pseudonym": [res.patient] * n,
+                "image_pseudonym": [res.image] * n,
+                "laterality": [res.laterality] * n,
+                "view": [res.view] * n,
+                "center_yx": res.centers,
+                "pixel_spacing_mm": np.full(n, res.spacing, dtype=np.float32),
+                "source_index": np.full(n, src, dtype=np.int32),
+                "lesion_index": res.lesion_index,
+            })
+        else:
+            report.files_without_patches += 1
+        report.files_used += 1
+        report.lesions_used += int(res.lesions)
+        self.written += n
+        for w in res.warnings:
+            report.warn(path, w)
+        if self.on_file_written is not None:
+            self.on_file_written(n_done)  # test hook: simulates a kill after the append, before the commit
+        self.writer.commit(self.done_key[res.key])
+
+
+def _summarise(report: ExtractionReport, out: Path, started: float, n_todo: int, written: int) -> None:
     report.patches_written = written
     with PatchFile(out) as pf:
         report.patches_total = len(pf)
@@ -501,10 +724,146 @@ def extract_patches(
         report.patients_by_split = {
             s: int(len(set(patients[pf.split == i]))) for i, s in enumerate(pf.split_names)}
     report.elapsed_s = round(time.perf_counter() - started, 3)
-    report.files_per_s = round(len(todo) / report.elapsed_s, 3) if report.elapsed_s > 0 else 0.0
+    report.files_per_s = round(n_todo / report.elapsed_s, 3) if report.elapsed_s > 0 else 0.0
     report.patches_per_s = round(written / report.elapsed_s, 3) if report.elapsed_s > 0 else 0.0
+
+
+def _report_finished(plan: ExtractionPlan, report: ExtractionReport, fingerprint: str) -> None:
+    """``--resume`` on a finished output (a requeued job array task): nothing to do but check its salt and count."""
+    try:
+        with PatchFile(plan.out) as pf:
+            same_salt = pf.attrs.get("salt_fingerprint") == fingerprint
+            report.patches_total = len(pf)
+    except StoreError as exc:
+        raise ExtractError(f"--resume: {exc}") from exc
+    if not same_salt:
+        raise ExtractError(f"{printable_path(plan.out)} was written with another salt; resume needs the same "
+                           "--salt/--salt-file")
+    report.files_already_done = len(plan.tasks) + len(plan.unreadable)
+    report.resumed = True
+    log.info("%s is already complete; nothing to resume", printable_path(plan.out))
+
+
+def _write_all(writing: _Writing, results: Iterable[_FileResult], n_todo: int, progress: bool) -> None:
+    """Stream every result into the writer (finalized at the end); a failed write becomes one ExtractError."""
+    from tqdm.auto import tqdm
+
+    writer, report = writing.writer, writing.report
+    bar = tqdm(total=n_todo, unit="file", desc="extract", disable=not progress, dynamic_ncols=True)
+    try:
+        with writer:
+            for n_done, res in enumerate(results, start=1):
+                writing.take(n_done, res)
+                bar.update(1)
+                bar.set_postfix(patches=writing.written, skipped=report.files_skipped, refresh=False)
+    except (StoreError, OSError) as exc:
+        # A full disk, a lost share, a failed flush: what was committed before stays in the .partial file.
+        raise ExtractError(
+            f"writing {printable_path(writer.partial)} failed ({exc}); every file committed before is kept: fix the "
+            "cause (e.g. free disk space) and run the same command with --resume"
+        ) from exc
+    finally:
+        bar.close()
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
+def _run(plan: ExtractionPlan, *, salt: str | None, salt_file: str | os.PathLike | None, resume: bool,
+         overwrite: bool, progress: bool, on_file_written: Callable[[int], None] | None,
+         started: float) -> ExtractionReport:
+    """Everything that writes; called with the output lock held."""
+    from dagan_gn.ingest.privacy import Pseudonymizer
+
+    out, options = plan.out, plan.options
+    finished = out.exists() and not partial_path(out).exists()
+    if finished and not resume and not overwrite:
+        raise ExtractError(f"{printable_path(out)} already exists; pass --overwrite to replace it (it is kept until "
+                           "the new file is complete)")
+    salt_bytes, salt_path = _resolve_salt(out, salt, salt_file, options.shard[1])
+    fingerprint = salt_fingerprint(salt_bytes)
+    report = ExtractionReport(output=printable_path(out), files_found=plan.files_found,
+                              files_in_shard=len(plan.tasks) + len(plan.unreadable), parameters=plan.parameters,
+                              max_pixels=options.max_pixels,
+                              salt_file=printable_path(salt_path) if salt_path else None)
+    if finished and resume:
+        _report_finished(plan, report, fingerprint)
+        atomic_write_text(report_path(out), report.to_json())
+        return report
+
+    writer = _open_writer(plan, plan.table, fingerprint, resume)
+    pseudo = Pseudonymizer(salt_bytes)
+    done_key = {key: pseudo.pseudonym("source", key) for key, _ in plan.tasks}
+    done = writer.done_sources if writer.resumed else set()
+    todo = [t for t in plan.tasks if done_key[t[0]] not in done]
+    report.resumed = writer.resumed
+    report.files_already_done = len(plan.tasks) - len(todo)
+    for path, note in plan.notes:
+        report.warn(path, note)
+    for path, reason in plan.unreadable:  # nothing to decode: reported on every run
+        report.skip(path, reason)
+
+    config = _WorkerConfig(options=options, salt=salt_bytes, labels=plan.table, chunk_encoding=writer.chunk_encoding)
+    results = _results_inline(todo, config) if options.workers == 1 else _results_pool(todo, config, options.workers)
+    writing = _Writing(writer, report, done_key, dict(todo), on_file_written)
+    _write_all(writing, results, len(todo), progress)
+    _summarise(report, out, started, len(todo), writing.written)
     atomic_write_text(report_path(out), report.to_json())
     log.info("wrote %d patches (%d files used, %d skipped) to %s", report.patches_total, report.files_used,
-             report.files_skipped, out)
+             report.files_skipped, printable_path(out))
     return report
 
+
+def _options_with(options: ExtractionOptions | None, overrides: dict[str, Any]) -> ExtractionOptions:
+    options = options or ExtractionOptions()
+    if not overrides:
+        return options
+    names = {f.name for f in dataclasses.fields(ExtractionOptions)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise TypeError(f"extract_patches() got unknown option(s) {unknown}; ExtractionOptions has {sorted(names)}")
+    return dataclasses.replace(options, **overrides)
+
+
+def extract_patches(
+    inputs: Sequence[str | os.PathLike] | str | os.PathLike,
+    out: str | os.PathLike,
+    options: ExtractionOptions | None = None,
+    *,
+    labels_csv: str | os.PathLike | None = None,
+    salt: str | None = None,
+    salt_file: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    _on_file_written: Callable[[int], None] | None = None,
+    **option_values: Any,
+) -> ExtractionReport:
+    """Extract patches from DICOM mammograms into the HDF5 patch file ``out``.
+
+    Args:
+        inputs: DICOM files and/or folders (searched recursively, following folder links).
+        out: output ``.h5`` path (written as ``<out>.partial`` and renamed when complete; never an input, never
+            inside an input folder).
+        options: what to cut and how to run (:class:`ExtractionOptions`); any of its fields may also be given as a
+            keyword (``extract_patches(dirs, out, patch_size=64)``), replacing the value in ``options``.
+        labels_csv: lesion labels (``docs/labels-csv.md``); without it every patch is class ``tissue``.
+        salt, salt_file: the pseudonym salt or the file holding it (default ``<out>.salt``, created once).
+        resume: continue ``<out>.partial`` left by a killed run (a finished ``out`` is left as it is).
+        overwrite: replace an existing ``out`` (it stays until the new file is complete).
+        progress: show a tqdm bar (files/s, patches so far).
+
+    Returns:
+        The :class:`ExtractionReport` (also written to ``<out>.report.json``); ``report.exit_code`` is 0 or 3.
+
+    Raises:
+        ExtractError: bad options, missing inputs, unreadable labels CSV, a refused output, a resume that does not
+            match, a write that failed (the ``.partial`` file stays resumable).
+        OutputLockError: another live run holds ``out`` (the message names its pid), or ``out`` cannot be created.
+    """
+    started = time.perf_counter()
+    options = _options_with(options, option_values)
+    plan = plan_extraction(inputs, out, options, labels_csv=labels_csv)
+    with output_lock(plan.out, what="extract-patches"):
+        return _run(plan, salt=salt, salt_file=salt_file, resume=resume, overwrite=overwrite, progress=progress,
+                    on_file_written=_on_file_written, started=started)

@@ -649,8 +649,12 @@ def merge_patch_files(
     batch_size: int = 256,
     compression: str | None = "gzip",
     compression_level: int | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Concatenate patch files (e.g. the shards of ``extract-patches --shard i/n``) into ``out``.
+
+    ``out`` must not be one of the inputs, and an existing ``out`` is replaced only with ``overwrite`` (it stays until
+    the merged file is complete). The output is locked (:func:`dagan_gn.locks.output_lock`) while it is written.
 
     Checks that every input has the same format version, patch size, channels, split names, synthetic flag and
     provenance columns, that they were pseudonymised with the same salt (``salt_fingerprint`` attribute, when
@@ -660,8 +664,23 @@ def merge_patch_files(
     ``compression_level`` None keeps the first input's gzip level (4 when it has none). Patches whose input has the
     output's filters (the usual case: shards of one extraction) are copied as compressed chunks, neither decoded nor
     re-encoded; others are decoded and compressed again."""
+    from dagan_gn.fileio import printable_path
+    from dagan_gn.locks import output_lock
+
     if not inputs:
         raise StoreError("merge needs at least one input file")
+    real_out = os.path.realpath(out)
+    if real_out in {os.path.realpath(p) for p in inputs}:
+        raise StoreError(f"--out {printable_path(out)} is also an input; choose another path")
+    if Path(out).is_dir():
+        raise StoreError(f"--out {printable_path(out)} is a folder; give the path of the .h5 file to write")
+    with output_lock(out, what="merge-patches"):
+        if Path(out).exists() and not overwrite:
+            raise StoreError(f"{printable_path(out)} already exists; pass --overwrite to replace it")
+        return _merge_locked(inputs, out, batch_size, compression, compression_level)
+
+
+def _merge_locked(inputs, out, batch_size, compression, compression_level) -> Path:
     files = [PatchFile(p) for p in inputs]
     try:
         first = files[0]

@@ -31,9 +31,29 @@ def test_help_documents_every_option():
     assert result.exit_code == 0
     for opt in ["--out", "--labels", "--patch-size", "--per-image", "--stride", "--min-tissue", "--target-spacing",
                 "--split", "--workers", "--seed", "--salt", "--salt-file", "--resume", "--shard", "--allow-modality",
-                "--quiet"]:
+                "--quiet", "--overwrite", "--max-pixels"]:
         assert opt in result.output
-    assert runner.invoke(app, ["merge-patches", "--help"]).exit_code == 0
+    merge = runner.invoke(app, ["merge-patches", "--help"])
+    assert merge.exit_code == 0 and "--overwrite" in merge.output
+
+
+def test_max_pixels_default_is_the_readers_default():
+    import inspect
+
+    from dagan_gn.cli.extract import extract_patches_cmd
+    from dagan_gn.ingest.dicom import DEFAULT_MAX_PIXELS
+
+    assert inspect.signature(extract_patches_cmd).parameters["max_pixels"].default.default == DEFAULT_MAX_PIXELS
+
+
+def test_max_pixels_skips_large_images_by_name(archive, tmp_path):
+    dicom_dir, _ = archive
+    result, out = _invoke(["extract-patches", str(dicom_dir), "--out", str(tmp_path / "o.h5"), "--patch-size", "64",
+                           "--quiet", "--salt", "k", "--max-pixels", "1000"])
+    assert result.exit_code == 3, out
+    report = json.loads((tmp_path / "o.h5.report.json").read_text())
+    assert report["files_skipped"] == 8 and report["max_pixels"] == 1000
+    assert all("more than the limit of 1,000" in s["reason"] for s in report["skipped"])
 
 
 def test_extract_and_merge(archive, tmp_path):

@@ -14,10 +14,12 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import JPEG2000, JPEGLSLossless, RLELossless
 
 from dagan_gn.ingest.dicom import (
+    DEFAULT_MAX_PIXELS,
     DicomImage,
     DicomReadError,
     ImageMeta,
     canonical_patient_id,
+    find_dicom_files,
     list_dicom_files,
     parse_laterality_view,
     read_dicom,
@@ -460,3 +462,95 @@ def test_reading_never_quotes_header_values_in_warnings(tmp_path):
         read_dicom(tmp_path / "odd.dcm")
     assert meta.study_uid == "1.2.ZQSECRET"
     assert not [w for w in caught if "ZQSECRET" in str(w.message)]
+
+
+def test_find_dicom_files_follows_folder_links_once_and_reports_broken_and_looping_links(tmp_path):
+    root = tmp_path / "archive"
+    good = synth(root, "good.dcm")
+    outside = synth(tmp_path / "elsewhere", "linked.dcm", seed=1)
+    (root / "linked_folder").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "broken.dcm").symlink_to(root / "gone.dcm")
+    (root / "noext").symlink_to(root / "gone")  # no suffix: could be DICOM, so reported too
+    (root / "notes.txt").symlink_to(root / "gone.txt")  # not DICOM by name: ignored
+    (root / "loop_a.dcm").symlink_to(root / "loop_b.dcm")
+    (root / "loop_b.dcm").symlink_to(root / "loop_a.dcm")
+    (root / "again.dcm").symlink_to(good)
+    (root / "sub").mkdir()
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)  # a folder loop
+    found = find_dicom_files(root)
+    assert [str(p) for p in found.files] == [good, str(root / "linked_folder" / "linked.dcm")]
+    assert os.path.samefile(found.files[1], outside)
+    reasons = {p.name: r for p, r in found.unreadable}
+    assert set(reasons) == {"broken.dcm", "noext", "loop_a.dcm", "loop_b.dcm"}
+    assert "broken symbolic link" in reasons["broken.dcm"] and "gone.dcm" in reasons["broken.dcm"]
+    assert "symbolic link loop" in reasons["loop_a.dcm"]
+    notes = {p.name: n for p, n in found.notes}
+    assert set(notes) == {"again.dcm", "up"}
+    assert "same file as" in notes["again.dcm"] and "good.dcm" in notes["again.dcm"]
+    assert "already searched" in notes["up"]
+    assert list_dicom_files(root) == found.files
+
+
+def _declaring(tmp_path, name, rows, cols, **extra):
+    """A real mammogram file whose header is edited to declare another image size (the pixel data stays small)."""
+    ds = pydicom.dcmread(synth(tmp_path, f"src_{name}"))
+    ds.Rows, ds.Columns = rows, cols
+    for keyword, value in extra.items():
+        setattr(ds, keyword, value)
+    ds.save_as(tmp_path / name, enforce_file_format=False)
+    return tmp_path / name
+
+
+def test_pixel_limit_is_checked_from_the_header_before_decoding(tmp_path):
+    bomb = _declaring(tmp_path, "bomb.dcm", 16384, 16384)
+    for read in (read_dicom, read_dicom_raw, read_dicom_meta):
+        with pytest.raises(DicomReadError, match=r"declares 16384x16384 = 268,435,456 pixels, more than the limit of "
+                                                 r"100,000,000; not decoded \(raise the limit with --max-pixels"):
+            read(bomb)
+    with pytest.raises(DicomReadError, match="pixel data truncated"):  # without a limit it gets as far as decoding
+        read_dicom(bomb, max_pixels=None)
+    small = synth(tmp_path, "small.dcm")  # 192 x 128 = 24,576 pixels
+    assert read_dicom(small, max_pixels=24_576).pixels.shape == SIZE
+    with pytest.raises(DicomReadError, match="24,576 pixels, more than the limit of 24,575"):
+        read_dicom(small, max_pixels=24_575)
+    assert DEFAULT_MAX_PIXELS == 100_000_000
+
+
+def test_missing_photometric_interpretation_is_named(tmp_path):
+    ds = pydicom.dcmread(synth(tmp_path))
+    del ds.PhotometricInterpretation
+    ds.save_as(tmp_path / "nophoto.dcm", enforce_file_format=False)
+    with pytest.raises(DicomReadError, match="no PhotometricInterpretation"):
+        read_dicom(tmp_path / "nophoto.dcm")
+
+
+def test_pydicom_log_records_and_tracebacks_stay_off_the_console(tmp_path, caplog, capfd):
+    """pydicom logs decoder tracebacks at ERROR (and invalid values at WARNING), without the file name."""
+    import logging
+
+    ds = pydicom.dcmread(synth(tmp_path))
+    ds.file_meta.TransferSyntaxUID = RLELossless
+    ds.PixelData = pydicom.encaps.encapsulate([ds.PixelData[:4000]])  # garbage where RLE segments should be
+    ds.save_as(tmp_path / "bad_rle.dcm", enforce_file_format=False)
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(DicomReadError, match="cannot decode RLE Lossless pixel data"):
+            read_dicom(tmp_path / "bad_rle.dcm")
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")]
+    held_back = [r.getMessage() for r in caplog.records if r.name == "dagan_gn.ingest.dicom"]
+    assert held_back and all(m.startswith(f"{tmp_path / 'bad_rle.dcm'}: pydicom: ") for m in held_back)
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == "dagan_gn.ingest.dicom")
+    assert "Traceback" not in capfd.readouterr().err
+    assert logging.getLogger("pydicom").propagate  # restored
+
+
+def test_a_non_utf8_file_name_is_read_and_named_printably(tmp_path):
+    name = os.fsdecode(b"caf\xe9_latin1.dcm")
+    path = tmp_path / name
+    path.write_bytes(open(synth(tmp_path), "rb").read())
+    assert read_dicom(path).pixels.shape == SIZE
+    assert [p.name for p in find_dicom_files(tmp_path).files] == ["caf\udce9_latin1.dcm", "img.dcm"]
+    (tmp_path / os.fsdecode(b"bad\xe9.dcm")).write_bytes(b"")
+    with pytest.raises(DicomReadError) as err:
+        read_dicom(tmp_path / os.fsdecode(b"bad\xe9.dcm"))
+    assert str(err.value).endswith("bad\\xe9.dcm: empty file (0 bytes)")
+    str(err.value).encode("utf-8")  # printable: no lone surrogates left

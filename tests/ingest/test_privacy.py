@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import re
 import stat
 from collections import Counter
@@ -128,3 +131,14 @@ def test_parse_split_fractions():
         with pytest.raises(ValueError, match=words) as info:
             parse_split_fractions(text)
         assert repr(text) in str(info.value)
+
+
+def test_a_non_utf8_file_name_is_pseudonymised_by_its_bytes():
+    """A Latin-1 export's file name (Python holds the odd byte as a surrogate escape) must not raise, and hashes as
+    the bytes on disk; UTF-8 text hashes exactly as before."""
+    p = Pseudonymizer(b"salt")
+    name = os.fsdecode(b"dicom/caf\xe9.dcm")
+    expected = hmac.new(b"salt", b"source\x00dicom/caf\xe9.dcm", hashlib.sha256).hexdigest()[:16]
+    assert p.pseudonym("source", name) == f"S-{expected}" == p.pseudonym("source", os.fsencode(name))
+    utf8 = hmac.new(b"salt", "patient\x00Müller".encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+    assert p.pseudonym("patient", " Müller ") == f"P-{utf8}" == p.pseudonym("patient", "Müller".encode("utf-8"))

@@ -20,6 +20,7 @@ from dagan_gn.store.patch_file import PatchFile, merge_patch_files, partial_path
 
 S = 64
 SIZE = (512, 384)
+ROOT = Path(__file__).resolve().parents[2]  # subprocesses import this checkout's dagan_gn
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +233,7 @@ def test_resume_after_sigkill_of_a_subprocess(archive, straight_run, tmp_path):
                         per_image=3, salt="test-salt", progress=False, workers=2, _on_file_written=hook)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert not out.exists() and partial_path(out).exists()
     report = _run(archive, out, resume=True, workers=2)
@@ -337,3 +338,92 @@ def test_no_identifier_reaches_the_output(tmp_path):
         names = []
         f.visit(names.append)
     assert all("ZQ" not in n for n in names)
+
+
+def test_options_are_one_checked_record_and_keywords_override_it(archive, tmp_path):
+    from dagan_gn.jobs.extract_patches import ExtractionOptions
+
+    options = ExtractionOptions(patch_size=S, per_image=3, split=[0.5, 0.25, 0.25], shard=("0", "1"))
+    assert options.split == (0.5, 0.25, 0.25) and options.shard == (0, 1) and options.margin == S // 4
+    with pytest.raises(ExtractError, match="max-pixels must be positive"):
+        ExtractionOptions(max_pixels=0)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['patchsize'\]"):
+        extract_patches([archive[0]], tmp_path / "t.h5", salt="s", patchsize=S)
+    a = _run(archive, tmp_path / "kw.h5", labels_csv=None, seed=3)
+    b = extract_patches([archive[0]], tmp_path / "opt.h5", ExtractionOptions(patch_size=S, per_image=7, seed=3),
+                        per_image=3, salt="test-salt", progress=False)  # the keyword wins over the record
+    assert a.parameters == b.parameters and a.parameters["per_image"] == 3
+    assert set(a.parameters) == {  # the stored parameters (checked on --resume) did not change with the refactor
+        "patch_size", "per_image", "per_lesion", "min_tissue", "stride", "target_spacing_mm", "split", "seed", "shard",
+        "allow_modalities", "labels_sha256", "lesion_jitter", "lesion_margin", "intensity"}
+    np.testing.assert_array_equal(_all_arrays(tmp_path / "kw.h5")[0], _all_arrays(tmp_path / "opt.h5")[0])
+
+
+def test_an_existing_output_is_refused_unless_overwrite(archive, straight_run, tmp_path):
+    out = tmp_path / "o.h5"
+    out.write_text("an unrelated file the operator cares about")
+    with pytest.raises(ExtractError, match=r"o\.h5 already exists; pass --overwrite to replace it"):
+        _run(archive, out)
+    assert out.read_text() == "an unrelated file the operator cares about" and not partial_path(out).exists()
+    report = _run(archive, out, overwrite=True)
+    assert report.exit_code == 0
+    np.testing.assert_array_equal(_all_arrays(out)[0], _all_arrays(straight_run[0])[0])
+    with pytest.raises(ExtractError, match="already exists"):  # a finished patch file too
+        _run(archive, out)
+
+
+def test_an_output_inside_the_inputs_or_equal_to_one_is_refused_even_with_overwrite(archive, tmp_path):
+    dicom_dir, _ = archive
+    with pytest.raises(ExtractError, match=r"is inside the input folder .*dicom; write the patch file outside"):
+        _run(archive, dicom_dir / "sub" / "p.h5", overwrite=True)
+    assert not list(dicom_dir.rglob("*.h5*")) and not (dicom_dir / "sub").exists()
+    one = sorted(p for p in dicom_dir.rglob("*") if p.is_file())[0]
+    before = one.read_bytes()
+    with pytest.raises(ExtractError, match="is one of the input files"):
+        extract_patches([one], one, salt="s", patch_size=S, overwrite=True, progress=False)
+    assert one.read_bytes() == before
+    with pytest.raises(ExtractError, match=r"is a folder; give the path of the \.h5 file"):
+        _run(archive, tmp_path)
+    labels = tmp_path / "labels.csv"
+    shutil.copy(archive[1], labels)
+    with pytest.raises(ExtractError, match="is the labels CSV"):
+        _run(archive, labels, labels_csv=labels, overwrite=True)
+
+
+def test_images_smaller_than_a_patch_are_skipped_by_name(tmp_path):
+    import pydicom
+
+    from dagan_gn.phantom.mammogram import write_synthetic_mammogram
+
+    src = write_synthetic_mammogram(tmp_path / "src" / "a.dcm", size=SIZE)
+    work = tmp_path / "in"
+    work.mkdir()
+    for rows, cols in ((1, 1), (16, 16), (S - 1, 300)):
+        ds = pydicom.dcmread(src)
+        ds.Rows, ds.Columns = rows, cols
+        ds.PixelData = np.full((rows, cols), 900, np.uint16).tobytes()
+        ds.SOPInstanceUID = f"1.2.3.{rows}"
+        ds.save_as(work / f"{rows}x{cols}.dcm")
+    report = extract_patches([work], tmp_path / "o.h5", salt="s", patch_size=S, progress=False)
+    assert report.exit_code == 3 and report.files_skipped == 3 and report.files_used == 0
+    reasons = {Path(s["file"]).name: s["reason"] for s in report.skipped}
+    assert reasons == {"1x1.dcm": "image is 1x1 pixels, smaller than one 64x64 patch",
+                       "16x16.dcm": "image is 16x16 pixels, smaller than one 64x64 patch",
+                       "63x300.dcm": "image is 300x63 pixels, smaller than one 64x64 patch"}
+
+
+def test_the_same_image_twice_is_written_once_with_a_warning(archive, straight_run, tmp_path):
+    dicom_dir, labels_csv = archive
+    work = tmp_path / "in"
+    shutil.copytree(dicom_dir, work / "dicom")
+    first = sorted(p for p in (work / "dicom").rglob("*") if p.is_file())[0]
+    shutil.copy(first, work / "dicom" / "zz_second_export.dcm")  # same SOPInstanceUID, another file
+    (work / "dicom" / "zz_link.dcm").symlink_to(first)  # the very same file through a link
+    shutil.copy(labels_csv, work / "labels.csv")
+    report = extract_patches([work / "dicom"], tmp_path / "o.h5", labels_csv=work / "labels.csv", salt="test-salt",
+                             patch_size=S, per_image=3, progress=False)
+    assert report.exit_code == 0 and report.files_used == 8 and report.files_duplicate == 1
+    warnings = {Path(w["file"]).name: w["warning"] for w in report.warnings}
+    assert warnings["zz_second_export.dcm"] == f"same image (SOPInstanceUID) as {first}; not written twice"
+    assert warnings["zz_link.dcm"] == f"same file as {first} (reached through a link); read once"
+    assert _rows_as_set(tmp_path / "o.h5") == _rows_as_set(straight_run[0])
