@@ -121,7 +121,7 @@ def gradient_penalty(
     center: float = 1.0,
     one_sided: bool = False,
     *,
-    grad_scale: float = 1.0,
+    grad_scale: float | torch.Tensor = 1.0,
     alpha: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """WGAN-GP penalty ``E[(||∇D(x̂)||₂ - center)²]`` at random points between real and fake samples.
@@ -136,9 +136,10 @@ def gradient_penalty(
             same-class partner of ``x``?) and keeps the penalty on the direction the generator can change.
         center: target gradient norm: 1 (Gulrajani et al.) or 0 (zero-centred penalty, Mescheder et al.).
         one_sided: penalise only norms above ``center`` (``max(0, ||g|| - center)²``).
-        grad_scale: the fp16 GradScaler's current scale (1 otherwise). The critic output is multiplied by it before
-            differentiating so fp16 gradients do not underflow, and the gradients are divided by it again in fp32
-            (the recipe of the torch.amp docs' "gradient penalty" example).
+        grad_scale: the fp16 GradScaler's current scale (1 otherwise), a float or a 0-d tensor on the device (the
+            trainer passes the tensor so reading it does not wait for the GPU). The critic output is multiplied by it
+            before differentiating so fp16 gradients do not underflow, and the gradients are divided by it again in
+            fp32 (the recipe of the torch.amp docs' "gradient penalty" example).
         alpha: optional interpolation weights ``[B]``; drawn uniformly per sample when omitted.
 
     Returns:
@@ -185,7 +186,7 @@ def gradient_penalty(
         outputs=scores.sum() * grad_scale, inputs=interpolated, create_graph=True
     )
     flat = torch.cat([g.float().reshape(batch, -1) for g in grads], dim=1)
-    if grad_scale != 1.0:
+    if isinstance(grad_scale, torch.Tensor) or grad_scale != 1.0:
         flat = flat / grad_scale
     norm = flat.norm(2, dim=1)
     gap = norm - center

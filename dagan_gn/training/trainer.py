@@ -273,6 +273,15 @@ def _is_oom(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
 
 
+def _current_scale(scaler: torch.amp.GradScaler) -> float | torch.Tensor:
+    """A GradScaler's scale as a device tensor (reading it as a float would wait for the GPU at every step); its
+    initial float before the first ``scale()`` call creates the tensor; 1 when the scaler is disabled."""
+    if not scaler.is_enabled():
+        return 1.0
+    scale = scaler._get_scale_async()
+    return scaler.get_scale() if scale is None else scale
+
+
 def _amp_dtype(name: str, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:
     name = (name or "none").lower()
     if name in ("none", "fp32", "no", "off", "false"):
@@ -529,15 +538,14 @@ class Trainer:
 
     def _critic_update(self, batch: dict[str, Any], want_norm: bool) -> tuple[dict[str, torch.Tensor], float]:
         self.opt_d.zero_grad(set_to_none=True)
-        scale = float(self.scaler_d.get_scale()) if self.scaler_d.is_enabled() else 1.0
+        scale = _current_scale(self.scaler_d)
         loss, logs = self.model.critic_step(batch, grad_scale=scale)
         self.scaler_d.scale(loss).backward()
         norm = 0.0
         if want_norm:
             self.scaler_d.unscale_(self.opt_d)
             norm = _grad_norm(self.d_bare.parameters())
-        self.scaler_d.step(self.opt_d)
-        self.scaler_d.update()
+        self._scaled_step(self.scaler_d, self.opt_d, logs, "critic")
         if self.model.loss.clips_weights:
             c = self.cfg.loss.clip_value
             with torch.no_grad():
@@ -557,9 +565,24 @@ class Trainer:
         if want_norm:
             self.scaler_g.unscale_(self.opt_g)
             norm = _grad_norm(self.g_bare.parameters())
-        self.scaler_g.step(self.opt_g)
-        self.scaler_g.update()
+        self._scaled_step(self.scaler_g, self.opt_g, logs, "generator")
         return logs, norm
+
+    @staticmethod
+    def _scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, logs: dict[str, Any],
+                     which: str) -> None:
+        """``scaler.step`` + ``update``; with fp16, log whether the scaler skipped the step (its gradients
+        overflowed, so it halved the scale) and the scale — as device tensors, read only on logging steps."""
+        if not scaler.is_enabled():
+            scaler.step(optimizer)
+            scaler.update()
+            return
+        before = torch.as_tensor(_current_scale(scaler)).clone()
+        scaler.step(optimizer)
+        scaler.update()
+        after = scaler._get_scale_async()
+        logs[f"amp/{which}_step_skipped"] = (after < before).float()
+        logs[f"amp/{which}_scale"] = after.detach().clone()
 
     def train_step(self, want_norms: bool = False) -> dict[str, torch.Tensor | float]:
         """One generator step: ``optim.n_critic`` critic updates on fresh batches, then the generator update on the
@@ -579,9 +602,16 @@ class Trainer:
 
     def _finite_scalars(self, logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
         """``logs`` as floats; a non-finite loss stops the run. Gradient norms are not checked: an fp16 step whose
-        gradients overflow is legitimately inf there, and the GradScaler skips it."""
+        gradients overflow is legitimately inf there, and the GradScaler skips it. For the same reason, with fp16 a
+        non-finite loss of a step the GradScaler skipped is expected (the scaled penalty overflowed; the scaler halves
+        its scale and the weights are untouched) — unless the scale has collapsed below 1, which means every step
+        overflows and the run has diverged."""
         scalars = {k: float(v) for k, v in logs.items()}
         bad = [k for k, v in scalars.items() if not math.isfinite(v) and not k.startswith("grad_norm/")]
+        skipped = scalars.get("amp/critic_step_skipped", 0.0) > 0 or scalars.get("amp/generator_step_skipped", 0.0) > 0
+        scales = [v for k, v in scalars.items() if k.startswith("amp/") and k.endswith("_scale")]
+        if bad and skipped and min(scales, default=0.0) >= 1.0:
+            return scalars
         if bad:
             raise TrainingError(
                 f"non-finite {', '.join(bad)} at step {self.step}; lower the learning rates or "

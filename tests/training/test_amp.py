@@ -3,6 +3,7 @@ penalty, fp16 with per-optimizer GradScalers (state checkpointed, resume bit-for
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -74,4 +75,38 @@ def test_amp_is_ignored_on_cpu_unless_asked(tmp_path):
     trainer = Trainer(make_cfg("train.steps=1", "train.amp=bf16"), tmp_path, dataset=TinyPairs(), log=said.append)
     assert trainer.amp_dtype is None and not trainer.scaler_d.is_enabled()
     assert any("train.amp=bf16 ignored on cpu" in m and "amp_on_cpu" in m for m in said)
+    trainer.close()
+
+
+def test_fp16_overflowed_steps_are_skipped_not_fatal_when_logged(tmp_path):
+    # fp16's first critic updates overflow (the scaled penalty is inf/NaN): the GradScaler skips them and halves its
+    # scale. Logging every step must not turn those skipped steps into a "non-finite loss" failure.
+    cfg = make_cfg("train.steps=3", "train.amp=fp16", "train.amp_on_cpu=true", "train.log_every=1")
+    trainer = Trainer(cfg, tmp_path, dataset=TinyPairs(), log=lambda m: None)
+    start_scale = trainer.scaler_d.get_scale()
+    trainer.fit()
+    trainer.close()
+    assert trainer.step == 3
+    rows = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "amp/critic_scale" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    # The scaler did skip overflowing steps (it halved its scale) and the run went on; the weights stayed finite.
+    assert rows[-1]["amp/critic_scale"] < start_scale
+    assert all(r["amp/critic_step_skipped"] in (0.0, 1.0) for r in rows)
+    assert all(torch.isfinite(p).all() for p in trainer.d_bare.parameters())
+
+
+def test_fp16_non_finite_loss_still_stops_a_run_whose_scale_collapsed(tmp_path):
+    from dagan_gn.training.trainer import TrainingError
+
+    trainer = Trainer(make_cfg("train.steps=1", "train.amp=fp16", "train.amp_on_cpu=true"), tmp_path,
+                      dataset=TinyPairs(), log=lambda m: None)
+    logs = {"loss/critic": torch.tensor(float("nan")), "amp/critic_step_skipped": torch.tensor(1.0),
+            "amp/critic_scale": torch.tensor(0.5), "amp/generator_scale": torch.tensor(2.0)}
+    with pytest.raises(TrainingError, match="non-finite loss/critic"):
+        trainer._finite_scalars(logs)
+    logs["amp/critic_scale"] = torch.tensor(1024.0)
+    assert not math.isfinite(trainer._finite_scalars(logs)["loss/critic"])  # a skipped step: tolerated
+    logs["amp/critic_step_skipped"] = torch.tensor(0.0)
+    with pytest.raises(TrainingError):
+        trainer._finite_scalars(logs)  # not skipped: a real divergence
     trainer.close()
