@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from torch.utils.data import Dataset
 
 from dagan_gn.config import ConfigError, ModelConfig
 from dagan_gn.training.models import DAGANModel, GANModel, UnconditionalGANModel, truncated_noise
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dagan_gn.training.handlers import GridMetric
 
 __all__ = [
     "ModelFamily",
@@ -84,6 +87,8 @@ class SampleGrid:
     generated: torch.Tensor
     sources: torch.Tensor | None = None
     variants_per_source: int | None = None
+    #: Image-to-image families: the class of each source (whether or not the generator is class-conditional).
+    source_labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -96,6 +101,7 @@ class FixedGrid:
     #: Image-to-image families: the distinct source images (``inputs.sources`` repeats each one per variant).
     sources: torch.Tensor | None = None
     variants_per_source: int | None = None
+    source_labels: torch.Tensor | None = None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -222,6 +228,10 @@ class ModelFamily:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ the periodic grid
+    def grid_metrics(self, dataset: Dataset, seed: int) -> dict[str, "GridMetric"]:
+        """Scalars of the periodic sample grid that the trainer logs as ``samples/<name>`` (none by default)."""
+        return {}
+
     def fixed_grid(self, generator: nn.Module, dataset: Dataset, seed: int, *, num_classes: int = 0,
                    truncation: float = 0.0) -> FixedGrid:
         """The inputs of a run's sample grids, drawn once from ``seed`` (a private generator)."""
@@ -265,14 +275,39 @@ class ImageToImageFamily(ModelFamily):
         s = sources.shape[0]
         inputs = SampleInputs(noise.repeat(s, 1), sources.repeat_interleave(variants, dim=0),
                               labels.repeat_interleave(variants, dim=0) if num_classes > 0 else None)
-        return FixedGrid(inputs, variants + 1, sources, variants)
+        return FixedGrid(inputs, variants + 1, sources, variants, labels)
 
     def sample_grid(self, generator, fixed, **generate_kwargs):
         """Rows: a source followed by its variants, one per fixed noise vector."""
         sources, v = fixed.sources, int(fixed.variants_per_source)
         fakes = self.generate(generator, fixed.inputs, **generate_kwargs)
         rows = torch.cat([sources.unsqueeze(1), fakes.view(sources.shape[0], v, *sources.shape[1:])], dim=1)
-        return SampleGrid(rows.reshape(-1, *sources.shape[1:]), fixed.nrow, fakes, sources, v)
+        return SampleGrid(rows.reshape(-1, *sources.shape[1:]), fixed.nrow, fakes, sources, v, fixed.source_labels)
+
+    def grid_metrics(self, dataset: Dataset, seed: int, *, max_real: int = 512) -> dict[str, "GridMetric"]:
+        """``pixel_diversity_ratio``: the mean over the grid's sources of the pixel-L1 distance between a source's
+        variants over that of random real same-class pairs (:func:`dagan_gn.metrics.diversity.diversity_ratios`;
+        1 = as varied as real data, ~0 = the noise is ignored), so a run whose variants collapse shows it in
+        TensorBoard while it trains. The real-pair scale is computed once, from up to ``max_real`` images of
+        ``dataset`` chosen by ``seed``."""
+        from dagan_gn.datasets.mixing import dataset_labels
+        from dagan_gn.metrics.diversity import diversity_ratios, pixel_l1, same_class_real_pairs
+
+        g = torch.Generator().manual_seed(seed + 54321)
+        rows = torch.randperm(len(dataset), generator=g)[:max_real].tolist()
+        all_labels = dataset_labels(dataset)
+        labels = torch.as_tensor([int(all_labels[i]) for i in rows])
+        images = torch.stack([dataset[i]["image"] for i in rows])
+        reference = same_class_real_pairs(images, labels, pixel_l1, n_pairs=1000, seed=seed)
+
+        def pixel_diversity_ratio(grid: SampleGrid) -> float:
+            v = int(grid.variants_per_source)
+            variants = grid.generated.view(grid.sources.shape[0], v, *grid.sources.shape[1:])
+            ratios = diversity_ratios(variants, grid.source_labels, None, None, reference=reference)
+            finite = ratios[torch.isfinite(ratios)]
+            return float(finite.mean()) if len(finite) else float("nan")
+
+        return {"pixel_diversity_ratio": pixel_diversity_ratio}
 
 
 class NoiseToImageFamily(ModelFamily):

@@ -354,8 +354,10 @@ class Trainer:
                 raise
             except ValueError as exc:  # an unknown metrics.metrics entry or metrics.feature_extractor
                 raise TrainingError(f"metrics: {exc}") from exc
+        grid_metrics = (self.family.grid_metrics(self.dataset, cfg.train.seed)
+                        if self.is_main and cfg.train.sample_every > 0 else {})
         self.handlers: list[Handler] = [
-            SampleGridHandler(cfg.train.sample_every),
+            SampleGridHandler(cfg.train.sample_every, metrics=grid_metrics),
             EvaluationHandler(cfg.metrics.eval_every),
             *handlers,
             CheckpointHandler(cfg.train.checkpoint_every),

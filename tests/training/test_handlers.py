@@ -104,3 +104,38 @@ def test_steps_without_state_refuse_a_checkpoint_with_state(tmp_path):
     with pytest.raises(CheckpointError, match=r"training-step state \['ada_p'\] that DAGANModel does not keep"):
         trainer.model.load_state_dict({"ada_p": 0.1})
     trainer.close()
+
+
+def test_dagan_runs_log_the_pixel_diversity_ratio_of_the_sample_grid(tmp_path):
+    from dagan_gn.metrics.diversity import diversity_ratios, pixel_l1, same_class_real_pairs
+
+    cfg = make_cfg("train.steps=2", "train.sample_every=1", "optim.n_critic=1")
+    data = TinyPairs()
+    trainer = Trainer(cfg, tmp_path, dataset=data, log=lambda m: None)
+    metric = trainer.handlers[0].metrics["pixel_diversity_ratio"]
+    grid = trainer.sample_grid()
+    assert grid.source_labels is not None and len(grid.source_labels) == grid.sources.shape[0]
+    # the logged value is diversity_ratios of the grid's variants on the real same-class pair scale
+    reference = same_class_real_pairs(data.images, data.labels, pixel_l1, seed=cfg.train.seed)
+    v = grid.variants_per_source
+    expected = diversity_ratios(grid.generated.view(-1, v, *grid.sources.shape[1:]), grid.source_labels, None, None,
+                                reference=reference).mean()
+    assert metric(grid) == pytest.approx(float(expected), rel=1e-5)
+    # copies of the sources score 0
+    copies = type(grid)(grid.images, grid.nrow, grid.sources.repeat_interleave(v, dim=0), grid.sources, v,
+                        grid.source_labels)
+    assert metric(copies) == pytest.approx(0.0, abs=1e-7)
+    trainer.fit()
+    trainer.close()
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    values = [r["samples/pixel_diversity_ratio"] for r in logged if "samples/pixel_diversity_ratio" in r]
+    assert len(values) == 3 and all(v >= 0 for v in values)  # steps 0, 1, 2
+
+
+def test_noise_to_image_runs_have_no_grid_metric(tmp_path):
+    from training_testutils import CIFAR_TINY, TinyImages
+
+    trainer = Trainer(make_cfg("train.steps=1", "train.sample_every=1", model=CIFAR_TINY), tmp_path,
+                      dataset=TinyImages(channels=3), log=lambda m: None)
+    assert trainer.handlers[0].metrics == {}
+    trainer.close()
