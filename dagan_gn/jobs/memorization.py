@@ -17,7 +17,8 @@ __all__ = ["check_memorization_files", "write_memorization_report"]
 
 
 def write_memorization_report(report: MemorizationReport, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``memorization.md`` and ``memorization.json`` (atomically) into ``out_dir``; returns their paths."""
+    """Write ``memorization.md`` and ``memorization.json`` (atomically) into ``out_dir``; returns their paths. They
+    name input files by base name only, so they can leave the hospital."""
     from dagan_gn.fileio import atomic_write_text
 
     out_dir = Path(out_dir)
@@ -60,9 +61,12 @@ def check_memorization_files(
     large files; the sources of the checked synthetic patches are always kept in the training set.
     Writes ``memorization.md`` / ``memorization.json`` to ``out_dir`` when given.
     """
+    from dagan_gn.fileio import check_writable
     from dagan_gn.store.patch_file import PatchFile
     from dagan_gn.runtime import resolve_device
 
+    if out_dir is not None:  # fail before the distances are computed, not after
+        check_writable(Path(out_dir) / "memorization.json", "--out")
     with PatchFile(real_path) as real, PatchFile(synthetic_path) as syn:
         if not syn.synthetic:
             raise ValueError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")

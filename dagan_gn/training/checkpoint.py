@@ -242,7 +242,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise CheckpointError(
                 f"{path} holds objects other than tensors and plain values; refused (loading it could run code)"
             ) from exc
-        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint (unreadable pickle data)") from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a torch checkpoint (unreadable pickle data)"
+        ) from exc
     except Exception as exc:  # truncated or corrupt file, or not a torch file at all
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {_first_line(exc)} "
                               "(truncated or not a torch checkpoint)") from exc

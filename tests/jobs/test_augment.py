@@ -127,7 +127,7 @@ def test_resume_after_kill(patch_file, run_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(augment_mod, "generate_variants", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        augment(patch_file, run_dir, out, n=2, batch_size=2, device="cpu", seed=3, progress=False)
+        augment(patch_file, run_dir, out, n=2, batch_size=2, device="cpu", seed=3, progress=False, commit_seconds=0)
     assert not out.exists() and partial_path(out).exists()
     # half-written rows of an uncommitted batch in the partial file must not survive the resume
     with h5py.File(partial_path(out), "r") as f:
