@@ -213,9 +213,10 @@ def save_checkpoint(
 
 
 def _first_line(exc: BaseException, limit: int = 200) -> str:
-    """The first line of an exception's message (torch's are paragraphs), at most ``limit`` characters."""
+    """The first sentence of an exception's message (torch's are paragraphs), at most ``limit`` characters."""
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else exc.__class__.__name__)[:limit]
+    first = text.splitlines()[0] if text else exc.__class__.__name__
+    return first.split(". ")[0].rstrip(".:")[:limit]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
