@@ -570,39 +570,6 @@ def write_contact_sheet(
     return path
 
 
-def _to_uint8_grid(images: torch.Tensor) -> np.ndarray:
-    return np.clip(np.rint((images.numpy() + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
-def write_contact_sheet(
-    sources: torch.Tensor, variants: torch.Tensor, path: str | os.PathLike, *, padding: int = 2
-) -> Path:
-    """PNG grid: one row per source, the source first then its variants.
-
-    Args:
-        sources: ``[R, C, S, S]`` in [-1, 1].
-        variants: ``[R, K, C, S, S]`` in [-1, 1].
-        path: output PNG (written atomically).
-    """
-    from PIL import Image  # Pillow ships with matplotlib
-
-    from dagan_gn.fileio import atomic_path
-
-    rows = torch.cat([sources[:, None], variants], dim=1)  # [R, 1 + K, C, S, S]
-    r, k, c, h, w = rows.shape
-    tiles = _to_uint8_grid(rows)  # uint8 [R, K, C, S, S]
-    grid = np.full((c, padding + r * (h + padding), padding + k * (w + padding)), 255, dtype=np.uint8)
-    for i in range(r):
-        for j in range(k):
-            y0, x0 = padding + i * (h + padding), padding + j * (w + padding)
-            grid[:, y0 : y0 + h, x0 : x0 + w] = tiles[i, j]
-    img = Image.fromarray(grid[0] if c == 1 else grid[:3].transpose(1, 2, 0))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path
-
-
 def _contact_sheet(plan: AugmentPlan, pf: Any) -> Path:
     """The contact sheet of a finished output: the first ``contact_sheet_rows`` sources and up to 10 variants."""
     from dagan_gn.store.patch_file import PatchFile, uint16_to_signed

@@ -26,6 +26,7 @@ the metadata HDF5 rewrites), typically well under a megabyte per commit.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import os
 import struct
@@ -66,7 +67,8 @@ class JournaledFile:
         create: start an empty file (removing any journal); otherwise recover an existing one from its journal.
 
     Raises:
-        JournalError: ``create=False`` and the file has no journal (it was never committed) or a damaged one.
+        JournalError: another process is writing the file (``EBUSY``); ``create=False`` and the file has no journal
+            (it was never committed: ``ENOENT``) or a damaged one (``EIO``).
         OSError: the file cannot be opened.
     """
 
@@ -76,18 +78,29 @@ class JournaledFile:
         self.error: OSError | None = None
         self._pages: dict[int, bytearray] = {}
         self._pos = 0
-        if create:
-            self.journal.unlink(missing_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            committed = 0
-        else:
-            self._fd = os.open(self.path, os.O_RDWR)
-            try:
+        self._fd = os.open(self.path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        try:
+            self._lock()
+            if create:  # emptied only once it is ours: another writer's file is never cut under it
+                os.ftruncate(self._fd, 0)
+                self.journal.unlink(missing_ok=True)
+                committed = 0
+            else:
                 committed = self._recover()
-            except BaseException:
-                os.close(self._fd)
-                raise
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._set_committed(committed)
+
+    def _lock(self) -> None:
+        """One writer per file, as HDF5's own file locking would ensure (h5py's fileobj driver has none)."""
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise JournalError(errno.EBUSY, "being written by another process", str(self.path)) from exc
+        except OSError as exc:  # a filesystem without locks (some network mounts): carry on, as HDF5 can be told to
+            if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
 
     # ------------------------------------------------------------------ commit / recovery
     def _set_committed(self, length: int) -> None:

@@ -342,9 +342,10 @@ class PatchWriter:
             raise self._failure from exc
 
     def _create(self, parameters, attrs, synthetic, compression, level) -> None:
-        self.partial.unlink(missing_ok=True)
         try:
             self._storage = JournaledFile(self.partial, create=True)
+        except JournalError as exc:
+            raise StoreError(f"{self.partial} is {exc.strerror}; wait for it or stop it first") from exc
         except OSError as exc:
             raise _io_failure(self.path, self.partial, exc, "creating the file") from exc
         try:
@@ -356,9 +357,9 @@ class PatchWriter:
                 self._commit_counts()
         except BaseException:
             # Nothing of value was written yet: leave no partial file that a later resume would have to judge.
-            self._abandon()
             self.partial.unlink(missing_ok=True)
             journal_path(self.partial).unlink(missing_ok=True)
+            self._abandon()
             raise
 
     def _create_layout(self, parameters, attrs, synthetic, compression, level) -> None:
@@ -398,6 +399,8 @@ class PatchWriter:
         try:
             self._storage = JournaledFile(self.partial, create=False)
         except JournalError as exc:
+            if exc.errno == errno.EBUSY:
+                raise StoreError(f"{self.partial} is {exc.strerror}; wait for it or stop it first") from exc
             if exc.errno == errno.ENOENT:
                 self.recovery_note = (f"{self.partial} had never been committed (killed while it was being "
                                       "created, or written by an older dagan-gn); started afresh")
@@ -870,8 +873,10 @@ def merge_patch_files(
     re-encoded; others are decoded and compressed again."""
     if not inputs:
         raise StoreError("merge needs at least one input file")
-    files = [PatchFile(p) for p in inputs]
+    files: list[PatchFile] = []
     try:
+        for p in inputs:  # inside the try: a malformed input closes the ones opened before it
+            files.append(PatchFile(p))
         first = files[0]
         specs = first.provenance_specs()
         fingerprint = first.attrs.get("salt_fingerprint")

@@ -140,13 +140,20 @@ def test_kill9_right_after_a_commit_hook(tmp_path, straight):
     assert_same_patch_file(out, straight)
 
 
-def test_damaged_committed_row_is_detected_not_trusted(tmp_path):
-    out = tmp_path / "p.h5"
+def _open_writer_with(out, batches: int, committed: int) -> PatchWriter:
+    """A writer that appended ``batches`` inputs and committed the first ``committed`` of them."""
     w = PatchWriter(out, patch_size=S, class_names=["a", "b"], provenance=COLUMNS)
-    for i in range(3):
+    for i in range(batches):
         patches, labels, split, prov = _batch(i)
         w.append(patches, labels, [split] * 4, prov)
-        w.commit(f"in-{i}")
+        if i < committed:
+            w.commit(f"in-{i}")
+    return w
+
+
+def test_damaged_committed_row_is_detected_not_trusted(tmp_path):
+    out = tmp_path / "p.h5"
+    w = _open_writer_with(out, 3, committed=3)
     offset = w._file["patches"].id.get_chunk_info_by_coord((5, 0, 0, 0)).byte_offset
     w.close()
     with open(partial_path(out), "r+b") as fh:  # bit rot in a committed chunk
@@ -160,13 +167,7 @@ def test_damaged_committed_row_is_detected_not_trusted(tmp_path):
 
 def test_uncommitted_rows_are_dropped_and_never_committed_partial_restarts(tmp_path):
     out = tmp_path / "p.h5"
-    w = PatchWriter(out, patch_size=S, class_names=["a", "b"], provenance=COLUMNS)
-    for i in range(2):
-        patches, labels, split, prov = _batch(i)
-        w.append(patches, labels, [split] * 4, prov)
-        if i == 0:
-            w.commit("in-0")  # the second input is never committed
-    w.close()
+    _open_writer_with(out, 2, committed=1).close()  # the second input is never committed
     w2 = PatchWriter(out, patch_size=S, class_names=["a", "b"], provenance=COLUMNS, resume=True)
     assert w2.resumed and w2.num_patches == 4 and w2.done_sources == {"in-0"}
     w2.close()
@@ -219,3 +220,18 @@ def test_reader_sees_a_finished_file_only(tmp_path):
         assert len(pf) == 8 and pf.labels.tolist() == [0] * 4 + [1] * 4
     assert not partial_path(out).exists() and not journal_path(partial_path(out)).exists()
     assert to_uint16(np.ones(1))[0] == 65535
+
+
+def test_a_second_writer_of_the_same_file_is_refused(tmp_path):
+    """h5py's fileobj driver has no file locking; the journaled storage takes an exclusive lock instead, so two runs
+    writing the same output can never interleave (nor can the second one delete the first one's work)."""
+    out = tmp_path / "p.h5"
+    first = _open_writer_with(out, 1, committed=1)
+    for resume in (False, True):
+        with pytest.raises(StoreError, match="being written by another process"):
+            PatchWriter(out, patch_size=S, class_names=["a", "b"], provenance=COLUMNS, resume=resume,
+                        overwrite_partial=True)
+    assert first.num_patches == 4
+    first.finalize()
+    with PatchFile(out) as pf:
+        assert len(pf) == 4
