@@ -242,9 +242,9 @@ def _io_failure(path: Path, partial: Path, exc: OSError, doing: str) -> "StoreEr
     """The one-line error for a failed write: what failed, where, and that a re-run continues from the last commit."""
     reason = (exc.strerror or str(exc)).rstrip(".").lower()
     if exc.errno == errno.ENOSPC:
-        hint = "free some space and run the same command again: it continues from the last commit"
+        hint = "free some space, then resume: the .partial file keeps everything up to the last commit"
     else:
-        hint = "nothing committed is lost; fix the storage and run the same command again to continue"
+        hint = "nothing committed is lost; fix the storage, then resume from the last commit"
     return StoreError(f"{path}: {reason} while {doing} ({partial.name}); {hint}")
 
 

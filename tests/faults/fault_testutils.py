@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -192,12 +191,3 @@ def run_cli(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess:
                MPLBACKEND="Agg")
     return subprocess.run([sys.executable, "-m", "dagan_gn.cli", *args], capture_output=True, text=True, env=env,
                           timeout=timeout, cwd=REPO)
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()

@@ -13,7 +13,7 @@ import pytest
 
 import dagan_gn.store.journal as journal_mod
 from dagan_gn.store.journal import JournaledFile, JournalError, journal_path
-from dagan_gn.store.patch_file import PatchFile, PatchWriter, StoreError, partial_path, to_uint16
+from dagan_gn.store.patch_file import PatchFile, PatchWriter, StoreError, partial_path
 
 from fault_testutils import assert_same_patch_file, black_rows, inject, kill_until_done, small_disk  # noqa: F401
 
@@ -75,7 +75,7 @@ def test_injected_eio_in_hdf5_calls(tmp_path, monkeypatch, straight, target):
     out = tmp_path / "p.h5"
     owner, name = (h5py.File, "flush") if target == "flush" else (h5py.Dataset, "__setitem__")
     failing = inject(monkeypatch, owner, name, 9, errno.EIO)
-    with pytest.raises(StoreError, match="input/output error while .* run the same command again"):
+    with pytest.raises(StoreError, match="input/output error while .* then resume from the last commit"):
         write_batches(out)
     failing.armed = False
     write_batches(out, resume=True)
@@ -219,7 +219,6 @@ def test_reader_sees_a_finished_file_only(tmp_path):
     with PatchFile(out) as pf:
         assert len(pf) == 8 and pf.labels.tolist() == [0] * 4 + [1] * 4
     assert not partial_path(out).exists() and not journal_path(partial_path(out)).exists()
-    assert to_uint16(np.ones(1))[0] == 65535
 
 
 def test_a_second_writer_of_the_same_file_is_refused(tmp_path):
