@@ -31,13 +31,17 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from dagan_gn.errors import DaganError
+
+if TYPE_CHECKING:  # imported lazily at run time: `dagan augment -h` stays fast
+    from dagan_gn.config import ExperimentConfig
+    from dagan_gn.store.patch_file import PatchFile, PatchWriter
 
 __all__ = [
     "AugmentError",
@@ -53,6 +57,7 @@ __all__ = [
     "plan_augment",
     "run_augment",
     "sample_noise",
+    "select_sources",
     "write_contact_sheet",
 ]
 
@@ -138,7 +143,7 @@ class AugmentPlan:
     request: AugmentRequest
     sources: SourceSelection
     generator: nn.Module
-    generator_config: Any
+    generator_config: ExperimentConfig
     device: torch.device
     checkpoint: Path
     checkpoint_sha256: str
@@ -275,7 +280,7 @@ def _generator_labels(cfg: Any, class_names: list[str], wanted: list[int], in_pa
     return {i: i for i in wanted}
 
 
-def select_sources(request: AugmentRequest, pf: Any) -> SourceSelection:
+def select_sources(request: AugmentRequest, pf: PatchFile) -> SourceSelection:
     """The rows of ``request.split`` (and ``request.classes``) of the open input file ``pf``.
 
     Raises:
@@ -309,7 +314,7 @@ def select_sources(request: AugmentRequest, pf: Any) -> SourceSelection:
                            split_code=pf.split_names.index(split), carried=carried)
 
 
-def _output_parameters(request: AugmentRequest, pf: Any, ckpt_sha: str, n_sources: int) -> dict[str, Any]:
+def _output_parameters(request: AugmentRequest, pf: PatchFile, ckpt_sha: str, n_sources: int) -> dict[str, Any]:
     """The arguments that determine the output (not batch size or device): a resumed run must match them, and a
     finished output with the same ones is complete. Base names only: the output may leave the hospital."""
     return {
@@ -356,7 +361,7 @@ def _finished_output(request: AugmentRequest, parameters: dict[str, Any], expect
     return True
 
 
-def plan_augment(request: AugmentRequest, pf: Any) -> AugmentPlan:
+def plan_augment(request: AugmentRequest, pf: PatchFile) -> AugmentPlan:
     """Resolve a request against the open input file: select the sources, load the checkpoint (once) and build the
     generator, check that it fits the input, and find out whether an identical output is already finished.
 
@@ -412,7 +417,7 @@ def _done_positions(keys: set[str]) -> set[int]:
     return done
 
 
-def _open_writer(plan: AugmentPlan, pf: Any) -> Any:
+def _open_writer(plan: AugmentPlan, pf: PatchFile) -> PatchWriter:
     """The output writer: a fresh ``.partial`` file, or the interrupted one of the same arguments, resumed.
 
     Raises:
@@ -452,7 +457,7 @@ def _open_writer(plan: AugmentPlan, pf: Any) -> Any:
     return writer
 
 
-def _write_batch(plan: AugmentPlan, pf: Any, writer: Any, positions: list[int]) -> int:
+def _write_batch(plan: AugmentPlan, pf: PatchFile, writer: PatchWriter, positions: list[int]) -> int:
     """Generate and append the variants of the sources at ``positions`` (consecutive); returns the rows written."""
     from dagan_gn.store.patch_file import to_uint16, uint16_to_signed
 
@@ -480,7 +485,7 @@ def _write_batch(plan: AugmentPlan, pf: Any, writer: Any, positions: list[int]) 
     return len(rows_rep)
 
 
-def run_augment(plan: AugmentPlan, pf: Any) -> int:
+def run_augment(plan: AugmentPlan, pf: PatchFile) -> int:
     """Write the output of a plan (continuing an interrupted ``.partial`` run of the same arguments) and rename it
     into place; returns how many sources an interrupted run had already done.
 
@@ -570,7 +575,7 @@ def write_contact_sheet(
     return path
 
 
-def _contact_sheet(plan: AugmentPlan, pf: Any) -> Path:
+def _contact_sheet(plan: AugmentPlan, pf: PatchFile) -> Path:
     """The contact sheet of a finished output: the first ``contact_sheet_rows`` sources and up to 10 variants."""
     from dagan_gn.store.patch_file import PatchFile, uint16_to_signed
 
@@ -585,7 +590,7 @@ def _contact_sheet(plan: AugmentPlan, pf: Any) -> Path:
     return write_contact_sheet(src, torch.from_numpy(uint16_to_signed(variants)), request.contact_sheet)
 
 
-def _report(plan: AugmentPlan, pf: Any, n_resumed: int) -> AugmentReport:
+def _report(plan: AugmentPlan, pf: PatchFile, n_resumed: int) -> AugmentReport:
     sources, request = plan.sources, plan.request
     counts = np.bincount(pf.labels[sources.rows], minlength=len(sources.class_names)) * request.n
     return AugmentReport(
