@@ -38,6 +38,8 @@ __all__ = [
     "config_from_dict",
     "save_config",
     "resume_mismatches",
+    "PATH_KEYS",
+    "config_without_paths",
 ]
 
 
@@ -209,6 +211,49 @@ def config_to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+#: Config keys that hold paths of the operator's files. A path may name a patient (``/data/Jane_Doe/patches.h5``),
+#: so files meant to leave the hospital (checkpoints, synthetic patch files, reports) keep only the base name.
+PATH_KEYS: tuple[str, ...] = ("data.path", "metrics.inception_weights")
+
+
+def config_without_paths(cfg: ExperimentConfig | dict[str, Any]) -> dict[str, Any]:
+    """A config as a plain nested dict with every :data:`PATH_KEYS` value reduced to its base name."""
+    import copy
+
+    data = copy.deepcopy(cfg) if isinstance(cfg, dict) else config_to_dict(cfg)
+    for key in PATH_KEYS:
+        section, name = key.split(".")
+        value = (data.get(section) or {}).get(name)
+        if value:
+            data[section][name] = Path(str(value)).name
+    return data
+
+
+#: Inclusive lower bounds of integer keys; a value below is refused with a message naming the key.
+_MINIMUM: dict[str, int] = {
+    "data.batch_size": 1,
+    "data.num_workers": 0,
+    "data.limit_per_class": 0,
+    "train.steps": 1,
+    "train.log_every": 0,
+    "train.sample_every": 0,
+    "train.checkpoint_every": 0,
+    "train.keep_checkpoints": 0,
+    "model.image_size": 1,
+    "model.channels": 1,
+    "model.z_dim": 1,
+    "model.num_classes": 0,
+}
+
+
+def _check_ranges(cfg: ExperimentConfig) -> None:
+    for key, low in _MINIMUM.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value < low:
+            raise ConfigError(f"config key '{key}' must be at least {low}, got {value}")
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check/convert ``value`` against a dataclass field annotation (as a string, since we use postponed
     evaluation); ``Any`` fields (norm specs) accept anything."""
@@ -268,7 +313,14 @@ def _section_from_dict(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def config_from_dict(data: dict[str, Any] | None) -> ExperimentConfig:
-    """Build an :class:`ExperimentConfig` from a nested dict; missing keys take their defaults."""
+    """Build an :class:`ExperimentConfig` from a nested dict; missing keys take their defaults.
+
+    Raises:
+        ConfigError: not a mapping, an unknown section or key, a value of the wrong type, or out of range
+            (``data.batch_size`` >= 1, ``data.num_workers`` >= 0, ``train.steps`` >= 1, ...).
+    """
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections (model:, data:, ...), got a {type(data).__name__}")
     data = dict(data or {})
     sections = {f.name: f for f in dataclasses.fields(ExperimentConfig)}
     unknown = sorted(set(data) - set(sections))
@@ -278,7 +330,9 @@ def config_from_dict(data: dict[str, Any] | None) -> ExperimentConfig:
     for name, f in sections.items():
         section_cls = typing.get_type_hints(ExperimentConfig)[name]
         kwargs[name] = _section_from_dict(section_cls, data.get(name) or {}, name)
-    return ExperimentConfig(**kwargs)
+    cfg = ExperimentConfig(**kwargs)
+    _check_ranges(cfg)
+    return cfg
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
@@ -320,7 +374,13 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         try:
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(exc)}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {p} cannot be read: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(
+                f"config file {p} must be a mapping of sections (model:, data:, ...), got a YAML {type(data).__name__}"
+            )
         try:
             cfg = config_from_dict(data)
         except ConfigError as exc:
@@ -328,6 +388,15 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     else:
         cfg = ExperimentConfig()
     return apply_overrides(cfg, overrides)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What a YAML parser error says, with its line and column, on one line."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def save_config(cfg: ExperimentConfig, path: str | os.PathLike) -> None:

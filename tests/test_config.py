@@ -92,3 +92,27 @@ def test_save_config_is_atomic_and_leaves_nothing_behind_on_error(tmp_path):
     with pytest.raises(OSError):
         save_config(cfg, blocked)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocked.yaml", "cfg.yaml"]  # no temp file left
+@pytest.mark.parametrize("text, fragment", [
+    ("- model\n- data\n", "must be a mapping of sections.*got a YAML list"),
+    ("model:\n\tname: dagan\n", r"not valid YAML: found character '\\t'.*line 2"),
+    ("data: {batch_size: 0}\n", "'data.batch_size' must be at least 1, got 0"),
+    ("data: {num_workers: -1}\n", "'data.num_workers' must be at least 0"),
+    ("train: {steps: 0}\n", "'train.steps' must be at least 1"),
+])
+def test_bad_config_files_name_the_file_and_the_problem(tmp_path, text, fragment):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=fragment) as info:
+        load_config(bad)
+    assert "bad.yaml" in str(info.value)
+
+
+def test_ranges_apply_to_overrides_and_paths_are_reduced_for_sharing():
+    from dagan_gn.config import config_without_paths
+
+    with pytest.raises(ConfigError, match="'data.batch_size' must be at least 1"):
+        apply_overrides(ExperimentConfig(), ["data.batch_size=0"])
+    cfg = apply_overrides(ExperimentConfig(), ["data.path=/data/Doe_Jane/p.h5"])
+    shared = config_without_paths(cfg)
+    assert shared["data"]["path"] == "p.h5" and cfg.data.path == "/data/Doe_Jane/p.h5"
+    assert config_without_paths(ExperimentConfig())["data"]["path"] is None

@@ -32,3 +32,36 @@ def test_sha256_file_matches_hashlib(tmp_path):
     data = bytes(range(256)) * 5000
     (tmp_path / "f").write_bytes(data)
     assert sha256_file(tmp_path / "f", chunk_size=1000) == hashlib.sha256(data).hexdigest()
+
+
+def test_failed_write_names_the_file_keeps_the_old_one_and_leaves_no_temp(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from dagan_gn.fileio import OutputError
+
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OutputError, match=r"cannot write .*report.json: no space left on device") as info:
+        atomic_write_text(target, "new")
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert target.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]
+
+
+def test_check_writable(tmp_path):
+    from dagan_gn.fileio import OutputError, check_writable
+
+    assert check_writable(tmp_path / "new" / "out.json") == tmp_path / "new" / "out.json"
+    assert (tmp_path / "new").is_dir() and not list((tmp_path / "new").iterdir())
+    with pytest.raises(OutputError, match="is a folder"):
+        check_writable(tmp_path / "new", "--out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OutputError, match="cannot write --out .*file/out.json"):
+        check_writable(tmp_path / "file" / "out.json", "--out")

@@ -61,7 +61,8 @@ def augment_command(
 ) -> None:
     """Write N synthetic DAGAN variants of every patch of one split.
 
-    An interrupted run leaves OUT.partial; running the same command again finishes it without duplicates.
+    An interrupted run leaves OUT.partial; running the same command again finishes it without duplicates (and says
+    "already complete" when OUT is finished).
     """
     from dagan_gn.jobs.augment import augment
 
@@ -69,6 +70,8 @@ def augment_command(
         report = augment(in_path, checkpoint, out, n=n, split=split, classes=_names(classes), truncation=truncation,
                          batch_size=batch_size, device=device, seed=seed, contact_sheet=contact_sheet,
                          allow_eval_split=allow_eval_split, overwrite=overwrite, progress=not quiet)
+    for note in report.notes:
+        typer.echo(f"note: {note}", err=True)
     typer.echo(report.summary())
     if report.contact_sheet is not None:
         typer.echo(f"contact sheet: {report.contact_sheet}")

@@ -69,10 +69,13 @@ def evaluate_command(
 ) -> None:
     """Score a trained generator with FID/KID(/IS) through torch-fidelity, offline, and (CIFAR runs) the test-set
     reconstruction error. Prints the results as JSON; known errors are one line and exit code 2."""
-    from dagan_gn.fileio import atomic_write_text
+    from dagan_gn.fileio import atomic_write_text, check_writable
 
     with reported_errors():
         from dagan_gn.jobs.evaluate import evaluate_checkpoint
+
+        if out is not None:
+            check_writable(out, "--out")  # before the metrics are computed, so they are never lost
 
         result = evaluate_checkpoint(
             checkpoint, data, metrics=_split_list(metrics) or [], num_samples=num_samples,
@@ -81,9 +84,10 @@ def evaluate_command(
             batch_size=batch_size, use_ema=not no_ema,
         )
     text = json.dumps(result, indent=2, default=float)
+    typer.echo(text)  # first, so the numbers are on screen even if writing --out fails
     if out is not None:
-        atomic_write_text(out, text + "\n")
-    typer.echo(text)
+        with reported_errors():
+            atomic_write_text(out, text + "\n")
 
 
 @benchmark_app.command("cifar10")

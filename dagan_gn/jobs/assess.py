@@ -372,13 +372,9 @@ def _validate_and_select(real, syn, real_path: Path, syn_path: Path, *, real_spl
                    train_rows=train_rows, scale_rows=scale_rows, heldout_rows=held_rows, notes=notes)
 
 
-def _read(pf, rows: np.ndarray) -> torch.Tensor:
+def _signed(pf, rows: np.ndarray) -> torch.Tensor:
     """Rows (any order, repeats allowed) of a patch file as float32 ``[N, C, S, S]`` in [-1, 1]."""
-    from dagan_gn.jobs.memorization import _read_images
-
-    rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-    unique, inverse = np.unique(rows, return_inverse=True)
-    return _read_images(pf, unique)[torch.from_numpy(inverse)]
+    return torch.from_numpy(pf.read_patches(rows, signed=True))
 
 
 # --------------------------------------------------------------------------------------------- measuring
@@ -478,7 +474,7 @@ def _kid(real, train_rows: np.ndarray, variants: torch.Tensor, heldout: torch.Te
         notes.append(f"KID not computed: it needs at least 2 images in each set (variants {len(variants)}, "
                      f"{real_split} {n_floor}, held-out {len(heldout)})")
         return None
-    floor = _read(real, np.sort(rng.choice(train_rows, n_floor, replace=False)))
+    floor = _signed(real, np.sort(rng.choice(train_rows, n_floor, replace=False)))
     if k < kid_subset_size:
         notes.append(f"KID subset size {k} instead of {kid_subset_size}: the smallest of the variant "
                      f"({len(variants)}), floor ({n_floor}) and held-out ({len(heldout)}) sample sizes")
@@ -625,11 +621,11 @@ def assess(
                                    heldout_split=heldout_split, max_sources=max_sources,
                                    max_real_per_class=max_real_per_class, max_heldout=max_heldout, rng=rng)
         s, v = sel.variant_rows.shape
-        sources = _read(real, sel.source_rows)
-        variants = _read(syn, sel.variant_rows).view(s, v, *sources.shape[1:])
-        scale_images = _read(real, sel.scale_rows)
+        sources = _signed(real, sel.source_rows)
+        variants = _signed(syn, sel.variant_rows).view(s, v, *sources.shape[1:])
+        scale_images = _signed(real, sel.scale_rows)
         scale_labels = real.labels[sel.scale_rows]
-        heldout = _read(real, sel.heldout_rows)
+        heldout = _signed(real, sel.heldout_rows)
         heldout_labels = real.labels[sel.heldout_rows]
         train_labels = real.labels[sel.train_rows]
     notes, class_names = list(sel.notes), sel.class_names

@@ -4,18 +4,25 @@
 
     report = augment("patches.h5", "runs/exp1", "synthetic.h5", n=10, split="train", seed=0)
 
-- The generator is the run's EMA generator when the checkpoint has one (``load_generator``).
+The job is three steps with typed records: :func:`plan_augment` (an :class:`AugmentRequest` and the open input →
+an :class:`AugmentPlan`: the sources, the generator loaded once from its checkpoint, the output's parameters, and
+whether an identical finished output already exists), :func:`run_augment` (the plan → the output file, resumable)
+and the :class:`AugmentReport`.
+
+- The generator is the run's EMA generator when the checkpoint has one.
 - Variant ``k`` of the patch in row ``r`` of the input file gets the noise seed ``noise_seed(seed, r, k)``, so the
   output depends on neither the batch size nor where an interrupted run was resumed; the same arguments give the
   same image bytes.
-- The output has the input's layout and intensity scale (``data/store.py``), ``synthetic=True``, the attributes
-  ``checkpoint_sha256`` and ``generator_config``, and per-patch provenance: ``source_index`` (row of the source patch
-  in the input file), ``variant`` (k), ``noise_seed``, and the source's ``patient_pseudonym`` / ``image_pseudonym``
-  / ``laterality`` / ``view`` when the input has them. Labels are the source's labels (same class table).
+- The output has the input's layout and intensity scale (``store/patch_file.py``), ``synthetic=True``, the attributes
+  ``checkpoint_sha256`` and ``generator_config`` (the run's config with paths reduced to base names: the file is
+  meant to leave the hospital), and per-patch provenance: ``source_index`` (row of the source patch in the input
+  file), ``variant`` (k), ``noise_seed``, and the source's ``patient_pseudonym`` / ``image_pseudonym`` /
+  ``laterality`` / ``view`` when the input has them. Labels are the source's labels (same class table).
 - Only the chosen split is augmented (``train`` by default); ``val``/``test`` are refused unless
   ``allow_eval_split=True`` — synthetic copies of evaluation patches would leak into training.
-- The output is written to ``<out>.partial`` and renamed when complete. Progress is committed after every batch of
-  sources; a killed run started again with the same arguments continues where it stopped, without duplicates.
+- The output is written to ``<out>.partial`` and renamed when complete; progress is committed (durably) about every
+  ``commit_seconds``. Running the same arguments again continues an interrupted run without duplicates, and says
+  "already complete" (and writes a missing contact sheet) when the output is finished.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -33,15 +40,26 @@ from torch import nn
 from dagan_gn.errors import DaganError
 from dagan_gn.locks import locks_output
 
+if TYPE_CHECKING:  # imported lazily at run time: `dagan augment -h` stays fast
+    from dagan_gn.config import ExperimentConfig
+    from dagan_gn.store.patch_file import PatchFile, PatchWriter
+    from dagan_gn.training.families import ModelFamily
+
 __all__ = [
     "AugmentError",
+    "AugmentPlan",
     "AugmentReport",
+    "AugmentRequest",
     "CARRIED_COLUMNS",
     "EVAL_SPLITS",
+    "SourceSelection",
     "augment",
     "generate_variants",
     "noise_seed",
+    "plan_augment",
+    "run_augment",
     "sample_noise",
+    "select_sources",
     "write_contact_sheet",
 ]
 
@@ -53,6 +71,104 @@ EVAL_SPLITS: frozenset[str] = frozenset({"val", "test"})
 
 class AugmentError(DaganError, ValueError):
     """An augment request that cannot be carried out; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class AugmentRequest:
+    """The arguments of one augment job (see :func:`augment` for their meaning)."""
+
+    in_path: Path
+    checkpoint: Path
+    out_path: Path
+    n: int = 10
+    split: str = "train"
+    classes: tuple[str, ...] = ()
+    truncation: float = 0.0
+    batch_size: int = 32
+    device: str = "auto"
+    seed: int = 0
+    contact_sheet: Path | None = None
+    contact_sheet_rows: int = 8
+    allow_eval_split: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    commit_seconds: float = 1.0
+
+    def check(self) -> None:
+        """Refuse impossible arguments before any work: numbers out of range, an evaluation split, the input as
+        output, and outputs that cannot be written (so an unwritable ``--contact-sheet`` fails now, not at the end).
+
+        Raises:
+            AugmentError: the message names the option.
+        """
+        from dagan_gn.fileio import OutputError, check_writable
+
+        if self.n < 1:
+            raise AugmentError(f"--n must be at least 1, got {self.n}")
+        if self.batch_size < 1:
+            raise AugmentError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.truncation < 0:
+            raise AugmentError(f"--truncation must be >= 0, got {self.truncation}")
+        if self.split in EVAL_SPLITS and not self.allow_eval_split:
+            raise AugmentError(
+                f"refusing to augment the {self.split!r} split: synthetic variants of evaluation patches would leak "
+                "into training. Augment 'train' (the default), or pass --allow-eval-split if you really mean it"
+            )
+        if self.out_path.resolve() == self.in_path.resolve():
+            raise AugmentError(f"--out {self.out_path} is the input file; choose another output path")
+        try:
+            check_writable(self.out_path, "--out")
+            if self.contact_sheet is not None:
+                check_writable(self.contact_sheet, "--contact-sheet")
+        except OutputError as exc:
+            raise AugmentError(str(exc)) from exc
+
+
+@dataclass(frozen=True)
+class SourceSelection:
+    """The input rows to augment and what the output needs to know about them."""
+
+    #: Rows of the input file, in output order.
+    rows: np.ndarray
+    #: Label indices (into ``class_names``) that are augmented.
+    wanted: list[int]
+    class_names: list[str]
+    split_code: int
+    #: ``CARRIED_COLUMNS`` the input has.
+    carried: list[str]
+
+
+@dataclass
+class AugmentPlan:
+    """Everything :func:`run_augment` needs, resolved and checked (the checkpoint is loaded once, here)."""
+
+    request: AugmentRequest
+    sources: SourceSelection
+    generator: nn.Module
+    generator_config: ExperimentConfig
+    device: torch.device
+    checkpoint: Path
+    checkpoint_sha256: str
+    checkpoint_step: int
+    used_ema: bool
+    #: Input label → the generator's label (conditional generators), or None.
+    label_map: dict[int, int] | None
+    #: The ``parameters`` attribute of the output: what determines its content (not batch size or device).
+    parameters: dict[str, Any]
+    #: The output exists, complete, from these same parameters: nothing to generate.
+    complete: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> "ModelFamily":
+        """The generator's model family (its one generator forward)."""
+        from dagan_gn.training.families import get_family
+
+        return get_family(self.generator_config.model.name)
+
+    @property
+    def n_written(self) -> int:
+        return len(self.sources.rows) * self.request.n
 
 
 @dataclass
@@ -73,14 +189,21 @@ class AugmentReport:
     class_counts: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     contact_sheet: Path | None = None
+    #: The output was already finished by an identical earlier run; nothing was generated.
+    already_complete: bool = False
+    #: Lines for the user (e.g. an interrupted ``.partial`` file that had to be started afresh).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def patches_per_second(self) -> float:
         """Patches generated by this call per second of wall time."""
-        made = (self.n_sources - self.n_resumed_sources) * self.n_per_source
+        made = 0 if self.already_complete else (self.n_sources - self.n_resumed_sources) * self.n_per_source
         return made / self.seconds if self.seconds > 0 else float("nan")
 
     def summary(self) -> str:
+        if self.already_complete:
+            return (f"{self.out_path} is already complete: {self.n_written} synthetic patches from the same "
+                    "arguments; nothing to do")
         resumed = f" (resumed after {self.n_resumed_sources} sources)" if self.n_resumed_sources else ""
         return (
             f"wrote {self.n_written} synthetic patches ({self.n_per_source} per source × {self.n_sources} "
@@ -115,8 +238,10 @@ def generate_variants(
     truncation: float = 0.0,
     batch_size: int = 32,
     device: torch.device | str | None = None,
+    family: "ModelFamily | None" = None,
 ) -> torch.Tensor:
-    """Run a DAGAN generator on source images with per-sample noise seeds.
+    """Run a DAGAN generator on source images with per-sample noise seeds, through its model family's one
+    generator forward (:meth:`dagan_gn.training.families.ModelFamily.generate`).
 
     Args:
         generator: ``G(x, z, y=None)`` with a ``z_dim`` attribute, in eval mode.
@@ -126,23 +251,23 @@ def generate_variants(
         truncation: noise truncation bound (0: none).
         batch_size: rows per forward pass.
         device: where to run (default: the generator's device).
+        family: the image-to-image model family of the generator (default: the DAGAN's).
 
     Returns:
         ``[B, C, S, S]`` float32 in [-1, 1] on the CPU.
     """
+    from dagan_gn.training.families import SampleInputs, get_family
+
     if len(seeds) != len(x):
         raise ValueError(f"{len(seeds)} noise seeds for {len(x)} source images")
-    dev = torch.device(device) if device is not None else next(generator.parameters()).device
+    if len(x) == 0:
+        return torch.zeros_like(x, dtype=torch.float32)
+    family = family or get_family("dagan")
     z = sample_noise(seeds, int(generator.z_dim), truncation)
-    out = []
-    for s in range(0, len(x), batch_size):
-        xb = x[s : s + batch_size].to(dev, torch.float32)
-        yb = None if y is None else y[s : s + batch_size].to(dev)
-        out.append(generator(xb, z[s : s + batch_size].to(dev), yb).float().clamp(-1, 1).cpu())
-    return torch.cat(out) if out else torch.zeros_like(x, dtype=torch.float32)
+    return family.generate(generator, SampleInputs(z, x.float(), y), batch_size=batch_size, device=device)
 
 
-# ---------------------------------------------------------------------------------------------------- helpers
+# ---------------------------------------------------------------------------------------------------- plan
 def _generator_labels(cfg: Any, class_names: list[str], wanted: list[int], in_path: Path) -> dict[int, int] | None:
     """File label → the label index the (conditional) generator was trained with, or None if unconditional."""
     num_classes = int(cfg.model.num_classes)
@@ -166,6 +291,136 @@ def _generator_labels(cfg: Any, class_names: list[str], wanted: list[int], in_pa
     return {i: i for i in wanted}
 
 
+def select_sources(request: AugmentRequest, pf: PatchFile) -> SourceSelection:
+    """The rows of ``request.split`` (and ``request.classes``) of the open input file ``pf``.
+
+    Raises:
+        AugmentError: a synthetic input, an unknown split or class, or nothing to augment.
+    """
+    in_path, split = request.in_path, request.split
+    if pf.synthetic:
+        raise AugmentError(f"{in_path} is itself a synthetic file; augment the real patches it was made from")
+    if split not in pf.split_names:
+        raise AugmentError(f"{in_path} has no split {split!r}; its splits are {', '.join(pf.split_names)}")
+    rows = pf.split_indices(split)
+    if len(rows) == 0:
+        raise AugmentError(f"the {split!r} split of {in_path} is empty: nothing to augment")
+    class_names = list(pf.class_names)
+    if request.classes:
+        unknown = [c for c in request.classes if c not in class_names]
+        if unknown:
+            raise AugmentError(
+                f"unknown class(es) {', '.join(map(repr, unknown))} in {in_path}; known classes: "
+                f"{', '.join(class_names)}"
+            )
+        wanted = sorted(class_names.index(c) for c in dict.fromkeys(request.classes))
+        rows = rows[np.isin(pf.labels[rows], wanted)]
+        if len(rows) == 0:
+            raise AugmentError(
+                f"the {split!r} split of {in_path} has no patches of class(es) {', '.join(request.classes)}")
+    else:
+        wanted = sorted(set(pf.labels[rows].tolist()))
+    carried = [c for c in CARRIED_COLUMNS if c in pf.provenance_columns]
+    return SourceSelection(rows=rows, wanted=wanted, class_names=class_names,
+                           split_code=pf.split_names.index(split), carried=carried)
+
+
+def _output_parameters(request: AugmentRequest, pf: PatchFile, ckpt_sha: str, n_sources: int) -> dict[str, Any]:
+    """The arguments that determine the output (not batch size or device): a resumed run must match them, and a
+    finished output with the same ones is complete. Base names only: the output may leave the hospital."""
+    return {
+        "job": "augment",
+        "input": request.in_path.name,
+        "input_rows": len(pf),
+        "input_created": str(pf.attrs.get("created", "")),
+        "checkpoint_sha256": ckpt_sha,
+        "n_per_source": int(request.n),
+        "split": request.split,
+        "classes": list(request.classes),
+        "truncation": float(request.truncation),
+        "seed": int(request.seed),
+        "n_sources": int(n_sources),
+    }
+
+
+def _finished_output(request: AugmentRequest, parameters: dict[str, Any], expected_rows: int) -> bool:
+    """True when ``out_path`` is a finished output of these parameters; False when there is none (or it will be
+    overwritten).
+
+    Raises:
+        AugmentError: an output made otherwise (or unreadable) exists and ``overwrite`` is off.
+    """
+    from dagan_gn.store.patch_file import PatchFile, StoreError, partial_path
+    from dagan_gn.store.journal import journal_path
+
+    out = request.out_path
+    if not out.exists() or request.overwrite:
+        return False
+    try:
+        with PatchFile(out) as existing:
+            made_with, rows, synthetic = existing.parameters, len(existing), existing.synthetic
+    except StoreError as exc:
+        raise AugmentError(f"{out} already exists and is not a readable patch file ({exc}); pass --overwrite to "
+                           "replace it") from exc
+    diff = sorted(k for k in set(parameters) | set(made_with) if parameters.get(k) != made_with.get(k))
+    if diff or not synthetic or rows != expected_rows:
+        what = ", ".join(diff) if diff else "its content"
+        raise AugmentError(f"{out} already exists (made with other arguments: {what}); pass --overwrite to "
+                           "replace it")
+    if not partial_path(out).exists():
+        journal_path(partial_path(out)).unlink(missing_ok=True)  # a kill right after the final rename left it
+    return True
+
+
+def plan_augment(request: AugmentRequest, pf: PatchFile) -> AugmentPlan:
+    """Resolve a request against the open input file: select the sources, load the checkpoint (once) and build the
+    generator, check that it fits the input, and find out whether an identical output is already finished.
+
+    Raises:
+        AugmentError: see :func:`select_sources`; a missing/unreadable checkpoint, a non-DAGAN model, a patch-size,
+            channel or class mismatch, or an existing output made otherwise.
+    """
+    from dagan_gn.fileio import sha256_file
+    from dagan_gn.runtime import resolve_device
+    from dagan_gn.training.checkpoint import CheckpointError, generator_from_state, load_checkpoint, \
+        resolve_checkpoint
+
+    in_path = request.in_path
+    sources = select_sources(request, pf)
+    dev = resolve_device(request.device)
+    try:
+        ckpt_path = resolve_checkpoint(request.checkpoint)
+        state = load_checkpoint(ckpt_path)
+        generator, cfg = generator_from_state(state, ckpt_path, device=dev, use_ema=True)
+    except CheckpointError as exc:
+        raise AugmentError(str(exc)) from exc
+    used_ema, step = state.get("ema") is not None, int(state.get("step", -1))
+    del state
+    from dagan_gn.training.families import get_family
+
+    if not get_family(cfg.model.name).conditions_on_image:
+        raise AugmentError(f"{ckpt_path} is a {cfg.model.name!r} model; augment needs an image-to-image DAGAN")
+    if int(cfg.model.image_size) != pf.patch_size:
+        raise AugmentError(
+            f"patch-size mismatch: {ckpt_path} was trained on {cfg.model.image_size}px patches but {in_path} "
+            f"holds {pf.patch_size}px patches"
+        )
+    if int(cfg.model.channels) != pf.channels:
+        raise AugmentError(
+            f"channel mismatch: {ckpt_path} expects {cfg.model.channels}-channel images but {in_path} has "
+            f"{pf.channels}"
+        )
+    label_map = _generator_labels(cfg, sources.class_names, sources.wanted, in_path)
+    ckpt_sha = sha256_file(ckpt_path)
+    parameters = _output_parameters(request, pf, ckpt_sha, len(sources.rows))
+    plan = AugmentPlan(request=request, sources=sources, generator=generator, generator_config=cfg, device=dev,
+                       checkpoint=ckpt_path, checkpoint_sha256=ckpt_sha, checkpoint_step=step, used_ema=used_ema,
+                       label_map=label_map, parameters=parameters)
+    plan.complete = _finished_output(request, parameters, plan.n_written)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------- run
 def _done_positions(keys: set[str]) -> set[int]:
     """Positions in the source order recorded as done by commit keys ``"a-b"`` (half-open ranges)."""
     done: set[int] = set()
@@ -175,65 +430,165 @@ def _done_positions(keys: set[str]) -> set[int]:
     return done
 
 
-def _parameters(
-    in_path: Path, pf: Any, ckpt_sha: str, n: int, split: str, classes: list[str] | None, truncation: float,
-    seed: int, n_sources: int,
-) -> dict[str, Any]:
-    """The arguments that determine the output (not batch size or device): a resumed run must match them."""
-    return {
-        "job": "augment",
-        "input": in_path.name,
-        "input_rows": len(pf),
-        "input_created": str(pf.attrs.get("created", "")),
-        "checkpoint_sha256": ckpt_sha,
-        "n_per_source": int(n),
-        "split": split,
-        "classes": list(classes) if classes else [],
-        "truncation": float(truncation),
-        "seed": int(seed),
-        "n_sources": int(n_sources),
+def _open_writer(plan: AugmentPlan, pf: PatchFile) -> PatchWriter:
+    """The output writer: a fresh ``.partial`` file, or the interrupted one of the same arguments, resumed.
+
+    Raises:
+        AugmentError: the ``.partial`` file is from other arguments or cannot be resumed.
+    """
+    from dagan_gn.config import config_without_paths
+    from dagan_gn.store.patch_file import PatchWriter, StoreError, partial_path
+
+    out = plan.request.out_path
+    columns: dict[str, Any] = {"source_index": "int64", "variant": "int32", "noise_seed": "int64"}
+    columns.update({c: "str" for c in plan.sources.carried})
+    try:
+        writer = PatchWriter(
+            out, patch_size=pf.patch_size, class_names=plan.sources.class_names, provenance=columns,
+            parameters=plan.parameters, synthetic=True, channels=pf.channels, split_names=pf.split_names,
+            attrs={
+                "checkpoint_sha256": plan.checkpoint_sha256,
+                "generator_config": config_without_paths(plan.generator_config),
+                "source_file": plan.request.in_path.name,
+                "checkpoint_step": plan.checkpoint_step,
+                "used_ema": plan.used_ema,
+            },
+            resume=partial_path(out).exists(),
+        )
+    except StoreError as exc:
+        raise AugmentError(f"cannot resume {partial_path(out)}: {exc}") from exc
+    if writer.recovery_note:
+        plan.notes.append(writer.recovery_note)
+    if writer.resumed and writer.parameters != plan.parameters:
+        diff = sorted(k for k in set(plan.parameters) | set(writer.parameters)
+                      if plan.parameters.get(k) != writer.parameters.get(k))
+        writer.close()
+        raise AugmentError(
+            f"{partial_path(out)} is an interrupted augment run with different arguments ({', '.join(diff)}); run "
+            "with the same arguments to finish it, or delete it to start afresh"
+        )
+    return writer
+
+
+def _write_batch(plan: AugmentPlan, pf: PatchFile, writer: PatchWriter, positions: list[int]) -> int:
+    """Generate and append the variants of the sources at ``positions`` (consecutive); returns the rows written."""
+    from dagan_gn.store.patch_file import to_uint16
+
+    request, n = plan.request, plan.request.n
+    src_rows = plan.sources.rows[positions[0] : positions[-1] + 1]
+    x = torch.from_numpy(pf.read_patches(src_rows, signed=True))
+    labels = pf.labels[src_rows]
+    rows_rep = np.repeat(src_rows, n)
+    k_rep = np.tile(np.arange(n), len(src_rows))
+    seeds = [noise_seed(request.seed, r, k) for r, k in zip(rows_rep, k_rep)]
+    y = None
+    if plan.label_map is not None:
+        y = torch.as_tensor([plan.label_map[int(lbl)] for lbl in np.repeat(labels, n)], dtype=torch.long)
+    fake = generate_variants(plan.generator, x.repeat_interleave(n, dim=0), seeds, y, truncation=request.truncation,
+                             batch_size=request.batch_size, device=plan.device, family=plan.family)
+    prov: dict[str, Any] = {
+        "source_index": rows_rep.astype(np.int64),
+        "variant": k_rep.astype(np.int32),
+        "noise_seed": np.asarray(seeds, dtype=np.int64),
     }
+    for c in plan.sources.carried:
+        prov[c] = np.repeat(pf.provenance(c, src_rows), n)
+    writer.append(to_uint16((fake.numpy() + 1.0) * 0.5), np.repeat(labels, n),
+                  np.full(len(rows_rep), plan.sources.split_code, dtype=np.uint8), prov)
+    return len(rows_rep)
 
 
-def _read_rows(dataset: Any, rows: np.ndarray) -> np.ndarray:
-    """Rows (sorted, unique) of an h5py dataset: one slice when they are contiguous, else a point selection."""
-    rows = np.asarray(rows)
-    if len(rows) and rows[-1] - rows[0] + 1 == len(rows):
-        return dataset[int(rows[0]) : int(rows[-1]) + 1]
-    return dataset[rows.tolist()]
+def run_augment(plan: AugmentPlan, pf: PatchFile) -> int:
+    """Write the output of a plan (continuing an interrupted ``.partial`` run of the same arguments) and rename it
+    into place; returns how many sources an interrupted run had already done.
+
+    A batch covers consecutive source positions only, and commits fall on batch boundaries, so a resumed run forms
+    exactly the batches an uninterrupted run forms (same shapes, same bytes).
+
+    Raises:
+        AugmentError: an interrupted run with other arguments.
+        StoreError: a failed write (full disk, I/O error): one line; the ``.partial`` file keeps every commit.
+    """
+    from tqdm.auto import tqdm
+
+    request, n = plan.request, plan.request.n
+    n_sources = len(plan.sources.rows)
+    writer = _open_writer(plan, pf)
+    try:
+        done = _done_positions(writer.done_sources)
+        todo = [p for p in range(n_sources) if p not in done]
+        sources_per_batch = max(1, request.batch_size // n)
+        bar = tqdm(total=n_sources * n, initial=len(done) * n, unit="patch", desc="augment",
+                   disable=not request.progress, dynamic_ncols=True)
+        pending: list[list[int]] = []  # [first, end) position ranges written since the last commit
+        last_commit = time.monotonic()
+        i = 0
+        while i < len(todo):
+            j = i + 1
+            while j < len(todo) and j - i < sources_per_batch and todo[j] == todo[j - 1] + 1:
+                j += 1
+            positions = todo[i:j]
+            bar.update(_write_batch(plan, pf, writer, positions))
+            if pending and pending[-1][1] == positions[0]:
+                pending[-1][1] = positions[-1] + 1
+            else:
+                pending.append([positions[0], positions[-1] + 1])
+            if j == len(todo) or time.monotonic() - last_commit >= request.commit_seconds:
+                for first, end in pending:
+                    writer.commit(f"{first}-{end}")
+                pending, last_commit = [], time.monotonic()
+            i = j
+        bar.close()
+        writer.finalize()
+    except BaseException:
+        writer.close()  # the .partial file keeps its committed batches for a resume
+        raise
+    return len(done)
 
 
-def _to_uint8_grid(images: torch.Tensor) -> np.ndarray:
-    return np.clip(np.rint((images.numpy() + 1.0) * 127.5), 0, 255).astype(np.uint8)
-
-
+# ---------------------------------------------------------------------------------------------------- report
 def write_contact_sheet(
     sources: torch.Tensor, variants: torch.Tensor, path: str | os.PathLike, *, padding: int = 2
 ) -> Path:
-    """PNG grid: one row per source, the source first then its variants.
+    """PNG grid (the project's one grid writer, :func:`dagan_gn.training.logging.save_image_grid`): one row per
+    source, the source first then its variants.
 
     Args:
         sources: ``[R, C, S, S]`` in [-1, 1].
         variants: ``[R, K, C, S, S]`` in [-1, 1].
         path: output PNG (written atomically).
     """
-    from PIL import Image  # Pillow ships with matplotlib
-
-    from dagan_gn.fileio import atomic_path
+    from dagan_gn.training.logging import save_image_grid
 
     rows = torch.cat([sources[:, None], variants], dim=1)  # [R, 1 + K, C, S, S]
-    r, k, c, h, w = rows.shape
-    tiles = _to_uint8_grid(rows)  # uint8 [R, K, C, S, S]
-    grid = np.full((c, padding + r * (h + padding), padding + k * (w + padding)), 255, dtype=np.uint8)
-    for i in range(r):
-        for j in range(k):
-            y0, x0 = padding + i * (h + padding), padding + j * (w + padding)
-            grid[:, y0 : y0 + h, x0 : x0 + w] = tiles[i, j]
-    img = Image.fromarray(grid[0] if c == 1 else grid[:3].transpose(1, 2, 0))
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG")
-    return path
+    return save_image_grid(rows.flatten(0, 1), path, nrow=rows.shape[1], padding=padding)
+
+
+def _contact_sheet(plan: AugmentPlan, pf: PatchFile) -> Path:
+    """The contact sheet of a finished output: the first ``contact_sheet_rows`` sources and up to 10 variants."""
+    from dagan_gn.store.patch_file import PatchFile
+
+    request, rows = plan.request, plan.sources.rows
+    r, k = min(request.contact_sheet_rows, len(rows)), min(request.n, 10)
+    with PatchFile(request.out_path) as out:
+        src_index, variant = out.provenance("source_index"), out.provenance("variant")
+        variants = np.stack([
+            out.read_patches(np.flatnonzero((src_index == rows[p]) & (variant < k)), signed=True) for p in range(r)
+        ])
+    src = torch.from_numpy(pf.read_patches(rows[:r], signed=True))
+    return write_contact_sheet(src, torch.from_numpy(variants), request.contact_sheet)
+
+
+def _report(plan: AugmentPlan, pf: PatchFile, n_resumed: int) -> AugmentReport:
+    sources, request = plan.sources, plan.request
+    counts = np.bincount(pf.labels[sources.rows], minlength=len(sources.class_names)) * request.n
+    return AugmentReport(
+        out_path=request.out_path, checkpoint=plan.checkpoint, checkpoint_sha256=plan.checkpoint_sha256,
+        used_ema=plan.used_ema, split=request.split, n_per_source=request.n, n_sources=len(sources.rows),
+        n_written=plan.n_written, n_resumed_sources=n_resumed,
+        class_counts={sources.class_names[c]: int(counts[c]) for c in sources.wanted},
+        already_complete=plan.complete, notes=list(plan.notes),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- the job
@@ -255,6 +610,7 @@ def augment(
     allow_eval_split: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    commit_seconds: float = 1.0,
 ) -> AugmentReport:
     """Write ``n`` synthetic variants of every patch of ``split`` (optionally only ``classes``) of ``in_path``.
 
@@ -274,177 +630,36 @@ def augment(
         overwrite: replace an existing finished ``out_path`` (an interrupted ``.partial`` run is always resumed when
             its arguments match).
         progress: show a tqdm progress bar.
+        commit_seconds: seconds between durable commits (a kill loses at most about this much work; each commit
+            costs a few fsyncs). 0 commits after every batch.
 
     Raises:
         AugmentError: evaluation split without ``allow_eval_split``; unknown split or class; empty selection;
-            checkpoint/patch-size or channel mismatch; an existing output; a ``.partial`` file from other arguments.
+            checkpoint/patch-size or channel mismatch; an unreadable input or checkpoint; an existing output made
+            with other arguments; a ``.partial`` file from other arguments; an unwritable ``out_path`` or
+            ``contact_sheet``.
+        StoreError: a write failed (full disk, I/O error); running the same arguments again continues.
     """
-    from tqdm.auto import tqdm
-
-    from dagan_gn.store.patch_file import PatchFile, PatchWriter, StoreError, partial_path, to_uint16, uint16_to_signed
-    from dagan_gn.fileio import sha256_file
-    from dagan_gn.config import config_to_dict
-    from dagan_gn.runtime import resolve_device
-    from dagan_gn.training.checkpoint import resolve_checkpoint, load_checkpoint, load_generator
+    from dagan_gn.store.patch_file import PatchFile, StoreError
 
     t0 = time.perf_counter()
-    in_path, out_path = Path(in_path), Path(out_path)
-    if n < 1:
-        raise AugmentError(f"--n must be at least 1, got {n}")
-    if batch_size < 1:
-        raise AugmentError(f"--batch-size must be at least 1, got {batch_size}")
-    if truncation < 0:
-        raise AugmentError(f"--truncation must be >= 0, got {truncation}")
-    if split in EVAL_SPLITS and not allow_eval_split:
-        raise AugmentError(
-            f"refusing to augment the {split!r} split: synthetic variants of evaluation patches would leak into "
-            "training. Augment 'train' (the default), or pass --allow-eval-split if you really mean it"
-        )
-    if out_path.resolve() == in_path.resolve():
-        raise AugmentError(f"--out {out_path} is the input file; choose another output path")
-    if out_path.exists() and not overwrite:
-        raise AugmentError(f"{out_path} already exists; pass --overwrite to replace it")
-
+    request = AugmentRequest(
+        in_path=Path(in_path), checkpoint=Path(checkpoint), out_path=Path(out_path), n=int(n), split=split,
+        classes=tuple(classes or ()), truncation=float(truncation), batch_size=int(batch_size), device=device,
+        seed=int(seed), contact_sheet=Path(contact_sheet) if contact_sheet is not None else None,
+        contact_sheet_rows=int(contact_sheet_rows), allow_eval_split=allow_eval_split, overwrite=overwrite,
+        progress=progress, commit_seconds=float(commit_seconds),
+    )
+    request.check()
     try:
-        pf = PatchFile(in_path)
+        pf = PatchFile(request.in_path)
     except StoreError as exc:
         raise AugmentError(str(exc)) from exc
     with pf:
-        if pf.synthetic:
-            raise AugmentError(f"{in_path} is itself a synthetic file; augment the real patches it was made from")
-        if split not in pf.split_names:
-            raise AugmentError(f"{in_path} has no split {split!r}; its splits are {', '.join(pf.split_names)}")
-        rows = pf.split_indices(split)
-        if len(rows) == 0:
-            raise AugmentError(f"the {split!r} split of {in_path} is empty: nothing to augment")
-        class_names = list(pf.class_names)
-        if classes:
-            unknown = [c for c in classes if c not in class_names]
-            if unknown:
-                raise AugmentError(
-                    f"unknown class(es) {', '.join(map(repr, unknown))} in {in_path}; known classes: "
-                    f"{', '.join(class_names)}"
-                )
-            wanted = sorted(class_names.index(c) for c in dict.fromkeys(classes))
-            rows = rows[np.isin(pf.labels[rows], wanted)]
-            if len(rows) == 0:
-                raise AugmentError(f"the {split!r} split of {in_path} has no patches of class(es) {', '.join(classes)}")
-        else:
-            wanted = sorted(set(pf.labels[rows].tolist()))
-
-        # -- generator
-        try:
-            ckpt_path = resolve_checkpoint(checkpoint)
-            state = load_checkpoint(ckpt_path)
-        except Exception as exc:  # CheckpointError: missing/unreadable/unknown format
-            raise AugmentError(str(exc)) from exc
-        used_ema = state.get("ema") is not None
-        del state
-        dev = resolve_device(device)
-        generator, cfg, ckpt_path = load_generator(ckpt_path, device=dev, use_ema=True)
-        if cfg.model.name != "dagan":
-            raise AugmentError(f"{ckpt_path} is a {cfg.model.name!r} model; augment needs an image-to-image DAGAN")
-        if int(cfg.model.image_size) != pf.patch_size:
-            raise AugmentError(
-                f"patch-size mismatch: {ckpt_path} was trained on {cfg.model.image_size}px patches but {in_path} "
-                f"holds {pf.patch_size}px patches"
-            )
-        if int(cfg.model.channels) != pf.channels:
-            raise AugmentError(
-                f"channel mismatch: {ckpt_path} expects {cfg.model.channels}-channel images but {in_path} has "
-                f"{pf.channels}"
-            )
-        label_map = _generator_labels(cfg, class_names, wanted, in_path)
-        ckpt_sha = sha256_file(ckpt_path)
-
-        # -- output (resume a matching .partial run)
-        params = _parameters(in_path, pf, ckpt_sha, n, split, list(classes or []), truncation, seed, len(rows))
-        carried = [c for c in CARRIED_COLUMNS if c in pf.provenance_columns]
-        columns: dict[str, Any] = {"source_index": "int64", "variant": "int32", "noise_seed": "int64"}
-        columns.update({c: "str" for c in carried})
-        resume = partial_path(out_path).exists()
-        try:
-            writer = PatchWriter(
-                out_path, patch_size=pf.patch_size, class_names=class_names, provenance=columns,
-                parameters=params, synthetic=True, channels=pf.channels, split_names=pf.split_names,
-                attrs={
-                    "checkpoint_sha256": ckpt_sha,
-                    "generator_config": config_to_dict(cfg),
-                    "source_file": in_path.name,
-                    "checkpoint_step": int(ckpt_path.stem.split("_")[-1]) if ckpt_path.stem.startswith("step_") else -1,
-                    "used_ema": used_ema,
-                },
-                resume=resume,
-            )
-        except StoreError as exc:
-            raise AugmentError(f"cannot resume {partial_path(out_path)}: {exc}; delete it to start afresh") from exc
-        try:
-            if writer.resumed and writer.parameters != params:
-                diff = sorted(k for k in set(params) | set(writer.parameters)
-                              if params.get(k) != writer.parameters.get(k))
-                raise AugmentError(
-                    f"{partial_path(out_path)} is an interrupted augment run with different arguments "
-                    f"({', '.join(diff)}); run with the same arguments to finish it, or delete it to start afresh"
-                )
-            done = _done_positions(writer.done_sources)
-            todo = [p for p in range(len(rows)) if p not in done]
-            sources_per_batch = max(1, batch_size // n)
-            split_code = pf.split_names.index(split)
-            bar = tqdm(total=len(rows) * n, initial=len(done) * n, unit="patch", desc="augment",
-                       disable=not progress, dynamic_ncols=True)
-            i = 0
-            while i < len(todo):
-                # A batch covers consecutive positions only, so commit keys are simple ranges and a resumed run
-                # forms exactly the batches an uninterrupted run would have formed.
-                j = i + 1
-                while j < len(todo) and j - i < sources_per_batch and todo[j] == todo[j - 1] + 1:
-                    j += 1
-                pos = todo[i:j]
-                src_rows = rows[pos[0] : pos[-1] + 1]
-                x = torch.from_numpy(uint16_to_signed(_read_rows(pf.patches, src_rows)))
-                labels = pf.labels[src_rows]
-                x_rep = x.repeat_interleave(n, dim=0)
-                rows_rep = np.repeat(src_rows, n)
-                k_rep = np.tile(np.arange(n), len(src_rows))
-                seeds = [noise_seed(seed, r, k) for r, k in zip(rows_rep, k_rep)]
-                y = None
-                if label_map is not None:
-                    y = torch.as_tensor([label_map[int(lbl)] for lbl in np.repeat(labels, n)], dtype=torch.long)
-                fake = generate_variants(generator, x_rep, seeds, y, truncation=truncation, batch_size=batch_size,
-                                         device=dev)
-                prov: dict[str, Any] = {
-                    "source_index": rows_rep.astype(np.int64),
-                    "variant": k_rep.astype(np.int32),
-                    "noise_seed": np.asarray(seeds, dtype=np.int64),
-                }
-                for c in carried:
-                    prov[c] = np.repeat(pf.provenance(c, src_rows), n)
-                writer.append(to_uint16((fake.numpy() + 1.0) * 0.5), np.repeat(labels, n),
-                              np.full(len(rows_rep), split_code, dtype=np.uint8), prov)
-                writer.commit(f"{pos[0]}-{pos[-1] + 1}")
-                bar.update(len(rows_rep))
-                i = j
-            bar.close()
-            writer.finalize()
-        except BaseException:
-            writer.close()  # keep the .partial file (committed batches) for a resume
-            raise
-
-        counts = np.bincount(pf.labels[rows], minlength=len(class_names)) * n
-        report = AugmentReport(
-            out_path=out_path, checkpoint=ckpt_path, checkpoint_sha256=ckpt_sha, used_ema=used_ema, split=split,
-            n_per_source=n, n_sources=len(rows), n_written=len(rows) * n, n_resumed_sources=len(done),
-            class_counts={class_names[c]: int(counts[c]) for c in wanted},
-        )
-        if contact_sheet is not None:
-            r = min(contact_sheet_rows, len(rows))
-            k = min(n, 10)
-            with PatchFile(out_path) as out:
-                src_index, variant = out.provenance("source_index"), out.provenance("variant")
-                variants = np.stack([
-                    _read_rows(out.patches, np.flatnonzero((src_index == rows[p]) & (variant < k))) for p in range(r)
-                ])
-            src = torch.from_numpy(uint16_to_signed(_read_rows(pf.patches, rows[:r])))
-            report.contact_sheet = write_contact_sheet(src, torch.from_numpy(uint16_to_signed(variants)), contact_sheet)
+        plan = plan_augment(request, pf)
+        n_resumed = 0 if plan.complete else run_augment(plan, pf)
+        report = _report(plan, pf, n_resumed)
+        if request.contact_sheet is not None:
+            report.contact_sheet = _contact_sheet(plan, pf)
     report.seconds = time.perf_counter() - t0
     return report

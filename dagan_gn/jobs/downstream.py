@@ -18,7 +18,8 @@ __all__ = ["evaluate_augmentation_files", "write_downstream_report"]
 
 
 def write_downstream_report(report: DownstreamReport, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """``downstream.md`` (table), ``downstream.json`` (every run) and ``downstream.png`` (bar chart) in ``out_dir``."""
+    """``downstream.md`` (table), ``downstream.json`` (every run) and ``downstream.png`` (bar chart) in ``out_dir``,
+    each written atomically. They name input files by base name only, so they can leave the hospital."""
     from dagan_gn.fileio import atomic_write_text
 
     out_dir = Path(out_dir)
@@ -58,6 +59,10 @@ def evaluate_augmentation_files(
     """:func:`evaluate_augmentation` on patch files: ``train_split`` of the real file for training, its
     ``test_split`` (held-out patients) for evaluation, and the synthetic file (``dagan augment``) for the DAGAN
     regimes. Writes the report to ``out_dir`` when given."""
+    from dagan_gn.fileio import check_writable
+
+    if out_dir is not None:  # fail before the classifiers train, not after
+        check_writable(Path(out_dir) / "downstream.json", "--out")
     if train_split == test_split:
         raise DownstreamError(f"train and test split are both {train_split!r}: evaluation would not be held out")
     real = _patches(real_path, train_split, classes)
@@ -84,7 +89,9 @@ def evaluate_augmentation_files(
         synthetic = _patches(synthetic_path, train_split, classes)
     report = evaluate_augmentation(real, test, synthetic, num_classes=len(real.class_names),
                                    class_names=real.class_names, config=config, regimes=regimes, progress=progress)
-    report.meta.update(real=str(real_path), synthetic=None if synthetic_path is None else str(synthetic_path),
+    # Base names only: the report is meant to be shared, and a folder name may name a patient.
+    report.meta.update(real=Path(real_path).name,
+                       synthetic=None if synthetic_path is None else Path(synthetic_path).name,
                        train_split=train_split, test_split=test_split)
     if out_dir is not None:
         write_downstream_report(report, out_dir)

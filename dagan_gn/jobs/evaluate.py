@@ -4,6 +4,7 @@ noise-to-image generators, the reconstruction error."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +23,22 @@ EVALUATE_METRICS = METRIC_NAMES + ("recon",)
 
 class EvaluateError(DaganError, ValueError):
     """An evaluation request that cannot be carried out (unknown metric or extractor, no data, empty split)."""
+
+
+def _run_data_path(checkpoint: Path, stored: str | None) -> str | None:
+    """The training data of the run a checkpoint belongs to: ``data.path`` of ``RUN/config.yaml`` when the
+    checkpoint sits in ``RUN/checkpoints/`` (the checkpoint itself keeps only the base name), else ``stored``."""
+    run_config = checkpoint.parent.parent / "config.yaml"
+    if checkpoint.parent.name == "checkpoints" and run_config.is_file():
+        import yaml
+
+        try:
+            saved = (yaml.safe_load(run_config.read_text()) or {}).get("data", {}).get("path")
+        except (OSError, yaml.YAMLError, AttributeError):
+            saved = None
+        if saved:
+            return str(saved)
+    return stored
 
 
 def _sample_uint8(family, generator, n: int, seed: int, **sample_kwargs) -> torch.Tensor:
@@ -56,10 +73,13 @@ def evaluate_checkpoint(
       dataset). ``recon`` does not apply (the generator is conditioned on an image) and is reported as unavailable.
 
     ``num_samples`` defaults to the run's ``metrics.num_samples``; other unset options come from the run's config.
-    Returns a JSON-ready dict (metrics, sample counts, checkpoint, step, device, notes).
+    ``data`` defaults to the ``data.path`` of the run's own ``config.yaml`` (checkpoints keep only its base name).
+    Returns a JSON-ready dict (metrics, sample counts, checkpoint name and sha256, data file name, step, device,
+    notes): base names only, so the result can be shared.
     """
+    from dagan_gn.fileio import sha256_file
     from dagan_gn.runtime import resolve_device, seed_everything
-    from dagan_gn.training.checkpoint import load_checkpoint, load_generator
+    from dagan_gn.training.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint
     from dagan_gn.training.families import get_family
 
     wanted = list(dict.fromkeys(m.strip().lower() for m in metrics))
@@ -70,10 +90,12 @@ def evaluate_checkpoint(
             f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(EVALUATE_METRICS)}")
     seed_everything(seed)
     dev = resolve_device(device)
-    generator, cfg, path = load_generator(checkpoint, device=dev, use_ema=use_ema)
-    step = load_checkpoint(path).get("step")
-    if data is not None:
-        cfg.data.path = str(data)
+    path = resolve_checkpoint(checkpoint)
+    state = load_checkpoint(path)
+    generator, cfg = generator_from_state(state, path, device=dev, use_ema=use_ema)
+    step = state.get("step")
+    del state
+    cfg.data.path = str(data) if data is not None else _run_data_path(path, cfg.data.path)
     if not cfg.data.path:
         raise EvaluateError("no data: pass --data (the run's config names none)")
     n = int(num_samples or cfg.metrics.num_samples)
@@ -86,10 +108,11 @@ def evaluate_checkpoint(
     family = get_family(cfg.model.name)
     kid_size = int(kid_subset_size or cfg.metrics.kid_subset_size)
     result: dict = {
-        "checkpoint": str(path),
+        "checkpoint": path.name,
+        "checkpoint_sha256": sha256_file(path),
         "step": int(step) if step is not None else None,
         "model": cfg.model.name,
-        "data": str(cfg.data.path),
+        "data": Path(cfg.data.path).name,
         "feature_extractor": extractor,
         "seed": seed,
         "device": str(dev),

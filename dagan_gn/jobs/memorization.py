@@ -17,7 +17,8 @@ __all__ = ["check_memorization_files", "write_memorization_report"]
 
 
 def write_memorization_report(report: MemorizationReport, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``memorization.md`` and ``memorization.json`` (atomically) into ``out_dir``; returns their paths."""
+    """Write ``memorization.md`` and ``memorization.json`` (atomically) into ``out_dir``; returns their paths. They
+    name input files by base name only, so they can leave the hospital."""
     from dagan_gn.fileio import atomic_write_text
 
     out_dir = Path(out_dir)
@@ -60,9 +61,12 @@ def check_memorization_files(
     large files; the sources of the checked synthetic patches are always kept in the training set.
     Writes ``memorization.md`` / ``memorization.json`` to ``out_dir`` when given.
     """
+    from dagan_gn.fileio import check_writable
     from dagan_gn.store.patch_file import PatchFile
     from dagan_gn.runtime import resolve_device
 
+    if out_dir is not None:  # fail before the distances are computed, not after
+        check_writable(Path(out_dir) / "memorization.json", "--out")
     with PatchFile(real_path) as real, PatchFile(synthetic_path) as syn:
         if not syn.synthetic:
             raise MemorizationError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")
@@ -104,7 +108,8 @@ def check_memorization_files(
                 source_patient = syn.provenance("patient_pseudonym")[syn_sel]
             elif src_global is not None:
                 source_patient = real_pat[src_global]
-        images = [_read_images(pf, sel) for pf, sel in ((syn, syn_sel), (real, train_sel), (real, held_sel))]
+        images = [torch.from_numpy(pf.read_patches(sel, signed=True))
+                  for pf, sel in ((syn, syn_sel), (real, train_sel), (real, held_sel))]
     report = check_memorization(
         *images, source_index=source_index, source_patient=source_patient, train_patient=train_patient,
         feature_extractor=feature_extractor, percentile=percentile, copy_factor=copy_factor, chunk_size=chunk_size,
@@ -123,17 +128,3 @@ def _split_rows(pf: Any, split: str, path: str | Path) -> np.ndarray:
         return pf.split_indices(split)
     except ValueError as exc:
         raise MemorizationError(f"{path}: {exc}") from exc
-
-
-def _read_images(pf: Any, rows: np.ndarray, block: int = 512) -> torch.Tensor:
-    """Rows (sorted) of a ``PatchFile`` as float32 in [-1, 1], read in blocks so memory holds only the result."""
-    from dagan_gn.store.patch_file import uint16_to_signed
-
-    out = np.empty((len(rows), *pf.patches.shape[1:]), dtype=np.float32)
-    for s in range(0, len(rows), block):
-        idx = np.asarray(rows[s : s + block])
-        if len(idx) and idx[-1] - idx[0] + 1 == len(idx):  # contiguous rows: one fast slice
-            out[s : s + len(idx)] = uint16_to_signed(pf.patches[int(idx[0]) : int(idx[-1]) + 1])
-        else:
-            out[s : s + len(idx)] = uint16_to_signed(pf.patches[idx.tolist()])
-    return torch.from_numpy(out)

@@ -9,6 +9,7 @@ Layout (``FORMAT_VERSION`` 1, documented for users in ``docs/hdf5-format.md``)::
     /provenance/<column>  [N] or [N, ...]       generic, per-patch columns declared by the writer (name -> dtype)
     /sources              str    [M]            pseudonymous ids of the source images (``source_index`` points here)
     /_resume/done_sources str    [K]            opaque keys of the inputs already written (resume bookkeeping)
+    /_resume/row_digest   uint64 [N]            digest of each row as committed (checked when a writer resumes)
     attrs: format_version, tool_version, created (UTC ISO-8601), parameters (JSON), synthetic (bool),
            class_names, split_names, patch_size, channels, plus any extra attributes given by the writer
            (dicts/lists are stored as JSON strings).
@@ -31,9 +32,13 @@ bytes; ``"strN"`` for at most N bytes)
 or a ``(dtype, trailing_shape)`` tuple such as ``("int32", (2,))`` for ``center_yx``. ``EXTRACTION_PROVENANCE``
 holds the columns written by ``dagan extract-patches``.
 
-Resume: ``writer.commit(key)`` records that input ``key`` is fully written and flushes the file; a writer opened
-with ``resume=True`` on an existing ``.partial`` file truncates every dataset back to the last commit (so rows of an
-input that was half-written when the process died are dropped and written again) and exposes ``done_sources``.
+Durability and resume: ``writer.commit(key)`` records that input ``key`` is fully written, records a 64-bit digest of
+every new row (``/_resume/row_digest``) and makes the file durable. The ``.partial`` file is written through a
+journaled storage layer (``dagan_gn.store.journal``), so whatever happens afterwards — a kill, ``ENOSPC``, ``EIO`` —
+it reopens exactly as it was at that commit. A writer opened with ``resume=True`` on an existing ``.partial`` file
+replays its journal, checks every committed row against its digest, drops everything written after the last commit
+(rows of an input that was half-written when the process died are written again) and exposes ``done_sources``. A
+failed write raises one ``StoreError`` naming the file ("no space left on device while writing patches ...").
 
 Reading: ``PatchFile(path)`` gives ``len``, ``patches`` (lazy h5py dataset), ``labels``, ``split``, ``class_names``,
 ``split_names``, ``provenance(name)``, ``sources``, ``attrs`` and ``parameters``. ``merge_patch_files(inputs, out)``
@@ -43,13 +48,17 @@ and labels remapped when they differ).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
+import hashlib
 import json
 import os
 import re
+import signal
 import zlib
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterator, Mapping, Sequence, Union
 
 import h5py
 import numpy as np
@@ -57,6 +66,8 @@ import numpy as np
 import dagan_gn
 
 from dagan_gn.errors import DaganError
+from dagan_gn.fileio import fsync_dir
+from dagan_gn.store.journal import JournaledFile, JournalError, journal_path
 
 __all__ = [
     "FORMAT_VERSION",
@@ -222,8 +233,33 @@ def _read_column(ds: h5py.Dataset, sel: Any = slice(None)) -> np.ndarray:
     return ds[sel]
 
 
+def _brief(exc: BaseException) -> str:
+    """An exception's message on one line (HDF5 messages span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _io_failure(path: Path, partial: Path, exc: OSError, doing: str) -> "StoreError":
+    """The one-line error for a failed write: what failed, where, and that a re-run continues from the last commit."""
+    reason = (exc.strerror or str(exc)).rstrip(".").lower()
+    if exc.errno == errno.ENOSPC:
+        hint = "free some space, then resume: the .partial file keeps everything up to the last commit"
+    else:
+        hint = "nothing committed is lost; fix the storage, then resume from the last commit"
+    return StoreError(f"{path}: {reason} while {doing} ({partial.name}); {hint}")
+
+
+#: Test hook (tests/faults): kill this process with SIGKILL right after its N-th durable commit.
+_KILL_AFTER_COMMITS_ENV = "DAGAN_TEST_KILL_AFTER_COMMITS"
+
+
 class PatchWriter:
     """Append-only writer of a patch file (see the module docstring for the layout and an example).
+
+    Commits are durable and a killed or failed writer never leaves a damaged file: the ``.partial`` file is written
+    through a :class:`~dagan_gn.store.journal.JournaledFile`, so after a kill, a full disk or an I/O error it reopens
+    exactly as it was at the last :meth:`commit`, and a resumed writer checks every committed row against the
+    per-row digest recorded at commit time before it continues. A failed write raises one :class:`StoreError`
+    naming the file; the writer then refuses further writes.
 
     Args:
         path: final output path; the writer works on ``<path>.partial`` and renames it in :meth:`finalize`.
@@ -236,7 +272,9 @@ class PatchWriter:
         channels: C of the N×C×S×S patches (1 for mammograms).
         compression: ``"gzip"`` (portable, default), ``"lzf"`` (faster, h5py only) or None.
         compression_level: gzip level 0–9.
-        resume: continue an existing ``.partial`` file (truncated to its last commit) instead of starting afresh.
+        resume: continue an existing ``.partial`` file (at its last commit) instead of starting afresh. A partial
+            file that was never committed (killed while being created) is started afresh, and
+            :attr:`recovery_note` says so.
         overwrite_partial: start afresh even when a ``.partial`` file exists (otherwise that is an error, so an
             interrupted run is never thrown away by accident).
     """
@@ -266,35 +304,72 @@ class PatchWriter:
         self.split_names = [str(s) for s in split_names]
         self.columns = {name: _column_dtype(spec) for name, spec in provenance.items()}
         self.resumed = False
+        #: A line for the user when a resume could not use the ``.partial`` file as it was (None otherwise).
+        self.recovery_note: str | None = None
         self._finalized = False
+        self._failure: StoreError | None = None
+        self._commits = 0
         if not self.class_names:
             raise StoreError("class_names must not be empty")
         bad = set(attrs or {}) & _RESERVED_ATTRS
         if bad:
             raise StoreError(f"attribute names {sorted(bad)} are reserved by the patch file format")
+        if compression not in ("gzip", "lzf", None):
+            raise StoreError(f"unknown compression {compression!r}; use 'gzip', 'lzf' or None")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.partial.exists() and resume:
-            self._open_existing()
-        else:
-            if self.partial.exists() and not overwrite_partial:
-                raise StoreError(
-                    f"{self.partial} exists (an interrupted run); continue it with resume/--resume or delete it"
-                )
-            self._create(parameters or {}, attrs or {}, synthetic, compression, compression_level)
+        if not self.partial.exists():
+            journal_path(self.partial).unlink(missing_ok=True)  # left by a kill just after a finished rename
+        if self.partial.exists() and resume and self._open_existing():
+            return
+        if self.partial.exists() and not resume and not overwrite_partial:
+            raise StoreError(
+                f"{self.partial} exists (an interrupted run); continue it with resume/--resume or delete it"
+            )
+        self._create(parameters or {}, attrs or {}, synthetic, compression, compression_level)
 
     # ------------------------------------------------------------------ creation / resume
+    @contextlib.contextmanager
+    def _writing(self, doing: str) -> Iterator[None]:
+        """Turn a failed write (``ENOSPC``, ``EIO``...) into one :class:`StoreError` and refuse any later write."""
+        if self._failure is not None:
+            raise self._failure
+        try:
+            yield
+            if self._storage.error is not None:
+                raise self._storage.error
+        except OSError as exc:
+            self._failure = _io_failure(self.path, self.partial, exc, doing)
+            raise self._failure from exc
+
     def _create(self, parameters, attrs, synthetic, compression, level) -> None:
-        self.partial.unlink(missing_ok=True)
-        f = h5py.File(self.partial, "w", track_order=True)
-        self._file = f
+        try:
+            self._storage = JournaledFile(self.partial, create=True)
+        except JournalError as exc:
+            raise StoreError(f"{self.partial} is {exc.strerror}; wait for it or stop it first") from exc
+        except OSError as exc:
+            raise _io_failure(self.path, self.partial, exc, "creating the file") from exc
+        try:
+            with self._writing("creating the file"):
+                self._file = h5py.File(self._storage, "w", track_order=True)
+                self._create_layout(parameters, attrs, synthetic, compression, level)
+                self._done: list[str] = []
+                self._committed_rows = 0
+                self._commit_counts()
+        except BaseException:
+            # Nothing of value was written yet: leave no partial file that a later resume would have to judge.
+            self.partial.unlink(missing_ok=True)
+            journal_path(self.partial).unlink(missing_ok=True)
+            self._abandon()
+            raise
+
+    def _create_layout(self, parameters, attrs, synthetic, compression, level) -> None:
+        f = self._file
         S, C = self.patch_size, self.channels
         filters: dict[str, Any] = {}
         if compression == "gzip":
             filters = {"compression": "gzip", "compression_opts": int(level), "shuffle": True}
         elif compression == "lzf":
             filters = {"compression": "lzf", "shuffle": True}
-        elif compression is not None:
-            raise StoreError(f"unknown compression {compression!r}; use 'gzip', 'lzf' or None")
         f.create_dataset("patches", shape=(0, C, S, S), maxshape=(None, C, S, S), dtype=np.uint16,
                          chunks=(1, C, S, S), **filters)
         f.create_dataset("labels", shape=(0,), maxshape=(None,), dtype=np.int32, chunks=(4096,))
@@ -304,8 +379,9 @@ class PatchWriter:
             grp.create_dataset(name, shape=(0, *shape), maxshape=(None, *shape), dtype=dtype,
                                chunks=(1024, *shape))
         f.create_dataset("sources", shape=(0,), maxshape=(None,), dtype=_STR_DTYPE, chunks=(1024,))
-        f.create_group("_resume").create_dataset("done_sources", shape=(0,), maxshape=(None,), dtype=_STR_DTYPE,
-                                                 chunks=(1024,))
+        resume_grp = f.create_group("_resume")
+        resume_grp.create_dataset("done_sources", shape=(0,), maxshape=(None,), dtype=_STR_DTYPE, chunks=(1024,))
+        resume_grp.create_dataset("row_digest", shape=(0,), maxshape=(None,), dtype=np.uint64, chunks=(4096,))
         f.attrs["format_version"] = FORMAT_VERSION
         f.attrs["tool_version"] = dagan_gn.__version__
         f.attrs["created"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -317,58 +393,135 @@ class PatchWriter:
         f.attrs["channels"] = self.channels
         for key, value in attrs.items():
             f.attrs[key] = _attr_value(value)
-        self._done: list[str] = []
-        self._commit_counts()
 
-    def _open_existing(self) -> None:
+    def _open_existing(self) -> bool:
+        """Reopen ``.partial`` at its last commit and verify it; False when it was never committed (start afresh)."""
         try:
-            f = h5py.File(self.partial, "r+")
+            self._storage = JournaledFile(self.partial, create=False)
+        except JournalError as exc:
+            if exc.errno == errno.EBUSY:
+                raise StoreError(f"{self.partial} is {exc.strerror}; wait for it or stop it first") from exc
+            if exc.errno == errno.ENOENT:
+                self.recovery_note = (f"{self.partial} had never been committed (killed while it was being "
+                                      "created, or written by an older dagan-gn); started afresh")
+                return False
+            raise StoreError(f"{self.partial}: {exc.strerror} ({Path(exc.filename).name}); it cannot be resumed — "
+                             f"delete it and its .journal file and run again") from exc
         except OSError as exc:
-            raise StoreError(
-                f"{self.partial} cannot be opened to resume ({exc}); the process may have died during a write — "
-                "delete it and start again"
-            ) from exc
-        self._file = f
+            raise StoreError(f"{self.partial} cannot be opened to resume: {exc.strerror or exc}") from exc
         try:
-            version = int(f.attrs.get("format_version", -1))
-            if version != FORMAT_VERSION:
-                raise StoreError(f"{self.partial} has format version {version}, this tool writes {FORMAT_VERSION}")
-            size = int(f.attrs["patch_size"])
-            if size != self.patch_size:
-                raise StoreError(f"{self.partial} holds {size}px patches, the resumed run asks for {self.patch_size}")
-            classes = _decode_attr(f.attrs["class_names"])
-            if list(classes) != self.class_names:
-                raise StoreError(f"{self.partial} has classes {classes}, the resumed run has {self.class_names}")
-            on_disk = {name: _column_dtype(_spec_of_dataset(ds)) for name, ds in f["provenance"].items()}
-            if set(on_disk) != set(self.columns):
-                raise StoreError(
-                    f"{self.partial} has provenance columns {sorted(on_disk)}, the resumed run writes "
-                    f"{sorted(self.columns)}"
-                )
-            # Drop everything written after the last commit: it belongs to an input that was not finished.
-            rows = int(f.attrs["committed_rows"])
-            for ds in self._row_datasets():
-                ds.resize(rows, axis=0)
-            f["sources"].resize(int(f.attrs["committed_sources"]), axis=0)
-            done = f["_resume/done_sources"]
-            done.resize(int(f.attrs["committed_done"]), axis=0)
-            self._done = list(done.asstr()[:])
-            f.flush()
+            try:
+                self._file = h5py.File(self._storage, "r+")
+            except (OSError, RuntimeError, ValueError) as exc:
+                raise StoreError(f"{self.partial} cannot be opened to resume ({_brief(exc)}); delete it and "
+                                 "run again") from exc
+            self._check_resumable()
+            self._verify_committed()
         except BaseException:
-            f.close()
+            self._abandon()
             raise
         self.resumed = True
+        return True
+
+    def _check_resumable(self) -> None:
+        f = self._file
+        version = int(f.attrs.get("format_version", -1))
+        if version != FORMAT_VERSION:
+            raise StoreError(f"{self.partial} has format version {version}, this tool writes {FORMAT_VERSION}")
+        size = int(f.attrs["patch_size"])
+        if size != self.patch_size:
+            raise StoreError(f"{self.partial} holds {size}px patches, the resumed run asks for {self.patch_size}")
+        classes = _decode_attr(f.attrs["class_names"])
+        if list(classes) != self.class_names:
+            raise StoreError(f"{self.partial} has classes {classes}, the resumed run has {self.class_names}")
+        on_disk = {name: _column_dtype(_spec_of_dataset(ds)) for name, ds in f["provenance"].items()}
+        if set(on_disk) != set(self.columns):
+            raise StoreError(
+                f"{self.partial} has provenance columns {sorted(on_disk)}, the resumed run writes "
+                f"{sorted(self.columns)}"
+            )
+
+    def _verify_committed(self) -> None:
+        """Check that the committed rows are all there and unchanged (their digests), and drop anything past them."""
+        f = self._file
+        rows = int(f.attrs["committed_rows"])
+        try:
+            lengths = {ds.name: ds.shape[0] for ds in self._row_datasets()}
+            short = {name: n for name, n in lengths.items() if n < rows}
+            if short:
+                raise StoreError(f"{self.partial}: {rows} rows are committed but {', '.join(short)} holds fewer")
+            stored = f["_resume/row_digest"][:rows]
+            for start in range(0, rows, _VERIFY_BLOCK):
+                stop = min(rows, start + _VERIFY_BLOCK)
+                bad = np.flatnonzero(self._row_digests(start, stop) != stored[start:stop])
+                if bad.size:
+                    raise StoreError(
+                        f"{self.partial}: committed row {start + int(bad[0])} does not match the digest recorded when "
+                        "it was written; the file is damaged — delete it and run again"
+                    )
+            with self._writing("dropping uncommitted rows"):
+                for ds in self._row_datasets():
+                    ds.resize(rows, axis=0)
+                f["sources"].resize(int(f.attrs["committed_sources"]), axis=0)
+                done = f["_resume/done_sources"]
+                done.resize(int(f.attrs["committed_done"]), axis=0)
+                self._done = list(done.asstr()[:])
+        except (OSError, RuntimeError, KeyError, ValueError) as exc:
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"{self.partial}: committed rows cannot be read back ({_brief(exc)}); the file is "
+                             "damaged — delete it and run again") from exc
+        self._committed_rows = rows
 
     def _row_datasets(self) -> list[h5py.Dataset]:
         f = self._file
-        return [f["patches"], f["labels"], f["split"], *f["provenance"].values()]
+        return [f["patches"], f["labels"], f["split"], *f["provenance"].values(), f["_resume/row_digest"]]
+
+    def _row_digests(self, start: int, stop: int) -> np.ndarray:
+        """64-bit digest of each row in ``[start, stop)``: its stored patch chunk (as compressed on disk), label,
+        split and provenance values, read back from the file."""
+        f = self._file
+        columns = [f["labels"][start:stop], f["split"][start:stop],
+                   *(ds[start:stop] for ds in f["provenance"].values())]
+        patches = f["patches"].id
+        out = np.empty(stop - start, dtype=np.uint64)
+        for i in range(start, stop):
+            mask, chunk = patches.read_direct_chunk((i, 0, 0, 0))
+            h = hashlib.blake2b(chunk, digest_size=8)
+            h.update(int(mask).to_bytes(4, "little"))
+            for col in columns:
+                h.update(np.ascontiguousarray(col[i - start]).tobytes())
+            out[i - start] = int.from_bytes(h.digest(), "little")
+        return out
 
     def _commit_counts(self) -> None:
         f = self._file
-        f.attrs["committed_rows"] = f["patches"].shape[0]
+        f.flush()  # every chunk reaches the file before it is read back for its digest
+        rows = f["patches"].shape[0]
+        if rows > self._committed_rows:
+            f["_resume/row_digest"][self._committed_rows : rows] = self._row_digests(self._committed_rows, rows)
+        f.attrs["committed_rows"] = rows
         f.attrs["committed_sources"] = f["sources"].shape[0]
         f.attrs["committed_done"] = f["_resume/done_sources"].shape[0]
         f.flush()
+        self._storage.commit()
+        self._committed_rows = rows
+        self._commits += 1
+        kill_after = int(os.environ.get(_KILL_AFTER_COMMITS_ENV, "0") or 0)
+        if kill_after and self._commits >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def _abandon(self) -> None:
+        """Close the HDF5 file and the storage without committing (the last commit stays on disk)."""
+        file = getattr(self, "_file", None)
+        if file is not None and file.id.valid:
+            try:
+                file.close()  # its writes land in the journaled storage, which drops them
+            except Exception:  # noqa: BLE001 - cleanup after a failure must not hide that failure
+                pass
+        storage = getattr(self, "_storage", None)
+        if storage is not None:
+            storage.close()
 
     # ------------------------------------------------------------------ public API
     @property
@@ -392,11 +545,12 @@ class PatchWriter:
 
     def add_sources(self, source_ids: Sequence[str]) -> np.ndarray:
         """Append pseudonymous source-image ids to the ``sources`` table; returns their indices (int32)."""
-        ds = self._file["sources"]
-        start = ds.shape[0]
-        ds.resize(start + len(source_ids), axis=0)
-        if len(source_ids):
-            ds[start:] = _encode_strings(source_ids, ds.dtype, "sources")
+        with self._writing("writing the source table"):
+            ds = self._file["sources"]
+            start = ds.shape[0]
+            ds.resize(start + len(source_ids), axis=0)
+            if len(source_ids):
+                ds[start:] = _encode_strings(source_ids, ds.dtype, "sources")
         return np.arange(start, start + len(source_ids), dtype=np.int32)
 
     @property
@@ -442,9 +596,11 @@ class PatchWriter:
                 split_arr = np.asarray([self.split_names.index(str(s)) for s in split_arr], dtype=np.uint8)
             except ValueError as exc:
                 raise StoreError(f"split names must be in {self.split_names}") from exc
-        split_arr = split_arr.astype(np.uint8).reshape(-1)
+        split_arr = split_arr.astype(np.int64).reshape(-1)
         if split_arr.shape[0] != n:
             raise StoreError(f"{split_arr.shape[0]} split values for {n} patches")
+        if n and (split_arr.min() < 0 or split_arr.max() >= len(self.split_names)):
+            raise StoreError(f"split values must index split_names {self.split_names}")
         missing = set(self.columns) - set(provenance)
         extra = set(provenance) - set(self.columns)
         if missing or extra:
@@ -462,53 +618,65 @@ class PatchWriter:
             values[name] = arr
         if n == 0:
             return
-        f = self._file
-        start = f["patches"].shape[0]
-        for ds in self._row_datasets():
-            ds.resize(start + n, axis=0)
-        if encoded is not None:
-            for i, chunk in enumerate(encoded):
-                f["patches"].id.write_direct_chunk((start + i, 0, 0, 0), bytes(chunk))
-        else:
-            f["patches"][start:] = patches
-        f["labels"][start:] = labels.astype(np.int32)
-        f["split"][start:] = split_arr
-        for name, arr in values.items():
-            f["provenance"][name][start:] = arr
+        with self._writing("writing patches"):
+            f = self._file
+            start = f["patches"].shape[0]
+            for ds in self._row_datasets():
+                ds.resize(start + n, axis=0)
+            if encoded is not None:
+                for i, chunk in enumerate(encoded):
+                    f["patches"].id.write_direct_chunk((start + i, 0, 0, 0), bytes(chunk))
+            else:
+                f["patches"][start:] = patches
+            f["labels"][start:] = labels.astype(np.int32)
+            f["split"][start:] = split_arr.astype(np.uint8)
+            for name, arr in values.items():
+                f["provenance"][name][start:] = arr
 
     def commit(self, source_key: str | None = None) -> None:
-        """Make everything appended so far durable: record ``source_key`` (if given) as done and flush.
+        """Make everything appended so far durable: record ``source_key`` (if given) as done, record a digest of each
+        new row, and commit the file (fsynced; a kill at any instant afterwards reopens it exactly as it is now).
 
-        A resumed writer truncates back to the last commit, so commit once per fully written input."""
+        A resumed writer continues from the last commit, so commit once per fully written input."""
+        with self._writing("committing"):
+            if source_key is not None:
+                done = self._file["_resume/done_sources"]
+                done.resize(done.shape[0] + 1, axis=0)
+                done[-1] = _encode_strings([source_key], done.dtype, "done_sources")[0]
+            self._commit_counts()
         if source_key is not None:
-            done = self._file["_resume/done_sources"]
-            done.resize(done.shape[0] + 1, axis=0)
-            done[-1] = _encode_strings([source_key], done.dtype, "done_sources")[0]
             self._done.append(str(source_key))
-        self._commit_counts()
 
     def set_attrs(self, **attrs: Any) -> None:
-        """Add or replace extra file attributes (not the reserved format attributes)."""
+        """Add or replace extra file attributes (not the reserved format attributes); durable at the next commit."""
         bad = set(attrs) & _RESERVED_ATTRS
         if bad:
             raise StoreError(f"attribute names {sorted(bad)} are reserved by the patch file format")
-        for key, value in attrs.items():
-            self._file.attrs[key] = _attr_value(value)
+        with self._writing("writing attributes"):
+            for key, value in attrs.items():
+                self._file.attrs[key] = _attr_value(value)
 
     def finalize(self) -> Path:
-        """Commit, close and rename ``<path>.partial`` onto ``path``; returns ``path``."""
+        """Commit, close and rename ``<path>.partial`` onto ``path``; returns ``path``. On a failure the ``.partial``
+        file stays at its last commit, so running the job again finishes it."""
         if self._finalized:
             return self.path
         self.commit()
-        self._file.close()
-        os.replace(self.partial, self.path)
+        with self._writing("finishing the file"):
+            self._file.close()
+            self._storage.commit()  # whatever HDF5 wrote while closing
+            self._storage.sync()  # the journal goes away below: the file itself must be durable
+            self._storage.close()
+            os.replace(self.partial, self.path)
+            fsync_dir(self.path.parent)
+        journal_path(self.partial).unlink(missing_ok=True)
         self._finalized = True
         return self.path
 
     def close(self) -> None:
-        """Close without finalizing: the ``.partial`` file stays (flushed) for a later resume."""
-        if not self._finalized and self._file.id.valid:
-            self._file.close()
+        """Close without finalizing: the ``.partial`` file stays at its last commit for a later resume."""
+        if not self._finalized:
+            self._abandon()
 
     def __enter__(self) -> "PatchWriter":
         return self
@@ -520,8 +688,17 @@ class PatchWriter:
             self.close()
 
 
+#: Rows verified per block when a writer resumes (bounds the memory of the check).
+_VERIFY_BLOCK = 4096
+
+
 class PatchFile:
     """Read access to a finished patch file. Small per-patch arrays are read once; patches are read lazily.
+
+    Opening checks the layout, so a malformed file fails here with one :class:`StoreError` naming the file and the
+    dataset, never later as a wrong image or a wrapped label: the required datasets and attributes are present,
+    ``patches`` is uint16 ``N×C×S×S`` with C and S those of the attributes, ``labels``/``split`` are integer and
+    ``N`` long with values indexing ``class_names``/``split_names``, and every provenance column has N rows.
 
     Use as a context manager or call :meth:`close`. Not shared across processes: open one per worker."""
 
@@ -531,30 +708,79 @@ class PatchFile:
             hint = " (an unfinished run left a .partial file; finish it with --resume)" if partial_path(
                 self.path).exists() else ""
             raise StoreError(f"{self.path}: no such patch file{hint}")
+        if self.path.is_dir():
+            raise StoreError(f"{self.path} is a directory, not a patch file")
         try:
             self._file = h5py.File(self.path, "r")
-        except OSError as exc:
-            raise StoreError(f"{self.path}: not a readable HDF5 file ({exc})") from exc
-        f = self._file
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise StoreError(f"{self.path}: not a readable HDF5 file ({_brief(exc)})") from exc
+        try:
+            self._validate()
+        except BaseException:
+            self._file.close()
+            raise
+
+    def _validate(self) -> None:
+        f, where = self._file, self.path
         try:
             if "format_version" not in f.attrs or "patches" not in f:
-                raise StoreError(f"{self.path}: not a dagan-gn patch file (no format_version / patches)")
+                raise StoreError(f"{where}: not a dagan-gn patch file (no format_version / patches)")
             self.format_version = int(f.attrs["format_version"])
             if self.format_version > FORMAT_VERSION:
                 raise StoreError(
-                    f"{self.path}: format version {self.format_version} is newer than this tool "
-                    f"({FORMAT_VERSION}); upgrade dagan-gn"
+                    f"{where}: format version {self.format_version} is newer than this tool ({FORMAT_VERSION}); "
+                    "upgrade dagan-gn"
                 )
-        except BaseException:
-            f.close()
+            for name in ("labels", "split"):
+                if not isinstance(f.get(name), h5py.Dataset):
+                    raise StoreError(f"{where}: dataset '{name}' is missing")
+            if not isinstance(f.get("provenance"), h5py.Group):
+                raise StoreError(f"{where}: group 'provenance' is missing")
+            for attr in ("patch_size", "class_names", "split_names"):
+                if attr not in f.attrs:
+                    raise StoreError(f"{where}: attribute '{attr}' is missing")
+            patches = f["patches"]
+            if not isinstance(patches, h5py.Dataset) or patches.dtype != np.uint16:
+                dtype = getattr(patches, "dtype", "a group")
+                raise StoreError(f"{where}: dataset 'patches' is {dtype}, expected uint16 (v / 65535 in [0, 1])")
+            self.patch_size = int(f.attrs["patch_size"])
+            self.channels = int(f.attrs.get("channels", patches.shape[1] if patches.ndim > 1 else 0))
+            want = (self.channels, self.patch_size, self.patch_size)
+            if patches.ndim != 4 or tuple(patches.shape[1:]) != want:
+                raise StoreError(f"{where}: dataset 'patches' has shape {list(patches.shape)}, expected "
+                                 f"[N, {', '.join(map(str, want))}] (channels and patch_size attributes)")
+            self.class_names = [str(c) for c in _as_list(_decode_attr(f.attrs["class_names"]))]
+            self.split_names = [str(s) for s in _as_list(_decode_attr(f.attrs["split_names"]))]
+            if not self.class_names:
+                raise StoreError(f"{where}: attribute 'class_names' is empty")
+            n = patches.shape[0]
+            self.labels = self._index_column("labels", n, len(self.class_names), "class_names")
+            self.split = self._index_column("split", n, len(self.split_names), "split_names").astype(np.uint8)
+            for name, ds in f["provenance"].items():
+                if not isinstance(ds, h5py.Dataset) or ds.ndim == 0 or ds.shape[0] != n:
+                    rows = ds.shape[0] if isinstance(ds, h5py.Dataset) and ds.ndim else "no"
+                    raise StoreError(f"{where}: dataset 'provenance/{name}' has {rows} rows, 'patches' has {n}")
+            if "parameters" in f.attrs:
+                json.loads(_decode_attr(f.attrs["parameters"]))
+        except StoreError:
             raise
-        self.patches: h5py.Dataset = f["patches"]
-        self.patch_size = int(f.attrs["patch_size"])
-        self.channels = int(f.attrs.get("channels", self.patches.shape[1]))
-        self.class_names: list[str] = list(_decode_attr(f.attrs["class_names"]))
-        self.split_names: list[str] = list(_decode_attr(f.attrs["split_names"]))
-        self.labels: np.ndarray = f["labels"][:].astype(np.int64)
-        self.split: np.ndarray = f["split"][:]
+        except (OSError, RuntimeError, KeyError, ValueError, TypeError) as exc:  # a damaged or truncated file
+            raise StoreError(f"{where}: cannot read the patch file layout ({_brief(exc)})") from exc
+        self.patches: h5py.Dataset = patches
+
+    def _index_column(self, name: str, n: int, size: int, table: str) -> np.ndarray:
+        ds = self._file[name]
+        if ds.ndim != 1 or ds.dtype.kind not in "iu":
+            raise StoreError(f"{self.path}: dataset '{name}' is {ds.dtype} with shape {list(ds.shape)}, expected "
+                             "1-D integers")
+        if ds.shape[0] != n:
+            raise StoreError(f"{self.path}: dataset '{name}' has {ds.shape[0]} rows, 'patches' has {n}")
+        values = ds[:].astype(np.int64)
+        bad = np.flatnonzero((values < 0) | (values >= size))
+        if bad.size:
+            raise StoreError(f"{self.path}: dataset '{name}' row {int(bad[0])} is {int(values[bad[0]])}, outside "
+                             f"0..{size - 1} ({table} has {size} entries)")
+        return values
 
     def __len__(self) -> int:
         return int(self.patches.shape[0])
@@ -566,7 +792,7 @@ class PatchFile:
 
     @property
     def parameters(self) -> dict[str, Any]:
-        return json.loads(_decode_attr(self._file.attrs["parameters"]))
+        return json.loads(_decode_attr(self._file.attrs["parameters"])) if "parameters" in self._file.attrs else {}
 
     @property
     def synthetic(self) -> bool:
@@ -616,7 +842,7 @@ class PatchFile:
     def split_indices(self, split: str) -> np.ndarray:
         """Rows of one split (``"train"``, ``"val"``, ``"test"``)."""
         if split not in self.split_names:
-            raise ValueError(f"unknown split {split!r}; the file has {self.split_names}")
+            raise StoreError(f"{self.path}: unknown split {split!r}; the file has {self.split_names}")
         return np.flatnonzero(self.split == self.split_names.index(split))
 
     def close(self) -> None:
@@ -628,6 +854,10 @@ class PatchFile:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _as_list(value: Any) -> list:
+    return [value] if isinstance(value, str) else list(value)
 
 
 def _read_raw_chunks(ds: h5py.Dataset, rows: slice) -> list[bytes] | None:
@@ -681,8 +911,10 @@ def merge_patch_files(
 
 
 def _merge_locked(inputs, out, batch_size, compression, compression_level) -> Path:
-    files = [PatchFile(p) for p in inputs]
+    files: list[PatchFile] = []
     try:
+        for p in inputs:  # inside the try: a malformed input closes the ones opened before it
+            files.append(PatchFile(p))
         first = files[0]
         specs = first.provenance_specs()
         fingerprint = first.attrs.get("salt_fingerprint")

@@ -14,7 +14,14 @@ A checkpoint is a dict of tensors and plain Python values (the contract in ``doc
     config                   the resolved ExperimentConfig as a nested plain dict
     format_version           CHECKPOINT_FORMAT_VERSION
 
-``load_generator`` is what ``augment`` and ``metrics`` use to get a trained generator back.
+``load_generator`` is what ``augment`` and ``metrics`` use to get a trained generator back
+(``generator_from_state`` when the checkpoint is already loaded).
+
+Reliability: a save writes a temporary file beside the target, fsyncs and renames it, so a kill or a full disk never
+replaces the previous checkpoint with a broken one; a failed save raises one :class:`CheckpointError` line; temporary
+files left by a killed save are removed by the next save. The stored ``config`` keeps only the base names of paths
+(``data.path``, ``metrics.inception_weights``): checkpoints travel, the run's own ``config.yaml`` keeps the full paths
+that ``--resume`` needs.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +38,8 @@ import torch
 from torch import nn
 
 from dagan_gn.errors import DaganError
-from dagan_gn.config import ExperimentConfig, config_from_dict
-from dagan_gn.fileio import atomic_path
+from dagan_gn.config import ConfigError, ExperimentConfig, config_from_dict, config_without_paths
+from dagan_gn.fileio import RecordingWriter, atomic_path
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -45,6 +53,8 @@ __all__ = [
     "list_checkpoints",
     "prune_checkpoints",
     "load_generator",
+    "generator_from_state",
+    "remove_stale_temporaries",
     "resolve_checkpoint",
     "capture_rng_state",
     "restore_rng_state",
@@ -52,6 +62,8 @@ __all__ = [
 
 CHECKPOINT_FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)\.pt$")
+#: The temporary files ``atomic_path`` makes for checkpoints (``.step_0000100.pt.x8k2.tmp``).
+_TEMP_RE = re.compile(r"^\..+\.pt\..+\.tmp$")
 
 
 class CheckpointError(DaganError, RuntimeError):
@@ -135,6 +147,18 @@ def prune_checkpoints(run_dir: str | os.PathLike, keep: int) -> list[Path]:
     return doomed
 
 
+def remove_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files (``.<name>.pt.*.tmp``) that a save killed half-way left in a checkpoint folder;
+    returns them. Only this process writes checkpoints of a run, so a temporary file seen before a save is stale."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for p in folder.iterdir() if _TEMP_RE.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     *,
@@ -152,11 +176,15 @@ def save_checkpoint(
     """Write a checkpoint atomically to ``path`` (a file name, usually :func:`checkpoint_path`).
 
     ``rng`` defaults to this process's RNG states (:func:`capture_rng_state`). ``extra`` entries are stored at the top
-    level (e.g. ``data`` for the data-iterator position); they must be tensors or plain values.
-    """
-    from dagan_gn.config import config_to_dict
+    level (e.g. ``data`` for the data-iterator position); they must be tensors or plain values. The stored config
+    keeps only base names of paths (:func:`~dagan_gn.config.config_without_paths`).
 
-    cfg_dict = config if isinstance(config, dict) else config_to_dict(config)
+    Raises:
+        CheckpointError: the file cannot be written (full disk, I/O error, unwritable folder); nothing is left
+            behind and an existing file at ``path`` (and every other checkpoint) is unchanged.
+    """
+    from dagan_gn.fileio import OutputError
+
     if isinstance(ema, nn.Module):
         ema = ema.state_dict()
     state: dict[str, Any] = {
@@ -169,25 +197,63 @@ def save_checkpoint(
         "optim_d": optim_d.state_dict() if optim_d is not None else None,
         "scaler": scaler or {},
         "rng": rng if rng is not None else capture_rng_state(),
-        "config": cfg_dict,
+        "config": config_without_paths(config),
     }
     if extra:
         state.update(extra)
     path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    remove_stale_temporaries(path.parent)
+    intact = "; the previous checkpoints are unchanged"
+    try:
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb", buffering=0) as fh:
+                # torch.save reports a failed write as "RuntimeError: unexpected pos"; keep the OS error instead.
+                sink = RecordingWriter(fh)
+                torch.save(state, sink)
+            if sink.error is not None:
+                raise sink.error
+    except OutputError as exc:
+        raise CheckpointError(f"{exc}{intact}") from exc
     return path
 
 
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    """The first sentence of an exception's message (torch's are paragraphs), at most ``limit`` characters."""
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else exc.__class__.__name__
+    return first.split(". ")[0].rstrip(".:")[:limit]
+
+
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``torch.load(weights_only=True)`` and check its format version."""
+    """Load a checkpoint with ``torch.load(weights_only=True)`` (nothing in the file can run code) and check its
+    format version.
+
+    Raises:
+        CheckpointError: missing, a folder, truncated or not a torch file, holding objects other than tensors and
+            plain values, not a dagan-gn checkpoint, or from a newer format; one line naming the file.
+    """
+    import pickle
+
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} does not exist" if not path.exists() else
+                              f"checkpoint {path} is not a file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # corrupt/truncated file or not a torch file at all
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from exc
+        with warnings.catch_warnings():
+            # The unpickler's note on a foreign pickle protocol: the error below says what matters.
+            warnings.filterwarnings("ignore", module=r"torch\._weights_only_unpickler")
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "global" in str(exc).lower():  # weights_only met a class or function reference
+            raise CheckpointError(
+                f"{path} holds objects other than tensors and plain values; refused (loading it could run code)"
+            ) from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: not a torch checkpoint (unreadable pickle data)"
+        ) from exc
+    except Exception as exc:  # truncated or corrupt file, or not a torch file at all
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {_first_line(exc)} "
+                              "(truncated or not a torch checkpoint)") from exc
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a dagan-gn training checkpoint (no format_version)")
     if int(state["format_version"]) > CHECKPOINT_FORMAT_VERSION:
@@ -195,6 +261,9 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{path} has checkpoint format {state['format_version']}, newer than this dagan-gn understands "
             f"({CHECKPOINT_FORMAT_VERSION}); upgrade dagan-gn"
         )
+    missing = [k for k in ("step", "generator", "critic", "config") if k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is an incomplete checkpoint (no {', '.join(missing)})")
     return state
 
 
@@ -211,6 +280,33 @@ def resolve_checkpoint(run_dir_or_file: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint file nor a run folder")
 
 
+def generator_from_state(
+    state: dict[str, Any], path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
+) -> tuple[nn.Module, ExperimentConfig]:
+    """The generator of an already loaded checkpoint (``path`` is only for messages), in eval mode on ``device``,
+    with the EMA weights when ``use_ema`` and the checkpoint has them; and the run's config.
+
+    Raises:
+        CheckpointError: the stored config is invalid or the weights do not fit the generator it describes.
+    """
+    from dagan_gn.training.families import build_networks
+
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid config: {exc}") from exc
+    generator, _ = build_networks(cfg.model)
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["generator"]
+    try:
+        generator.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the generator built from its config: {_first_line(exc)}"
+        ) from exc
+    generator.to(device).eval()
+    return generator, cfg
+
+
 def load_generator(
     run_dir_or_file: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
 ) -> tuple[nn.Module, ExperimentConfig, Path]:
@@ -219,16 +315,6 @@ def load_generator(
     Returns ``(generator in eval mode on device, the run's ExperimentConfig, checkpoint path)``; the EMA weights are
     used when ``use_ema`` and the checkpoint has them.
     """
-    from dagan_gn.training.families import build_networks
-
     path = resolve_checkpoint(run_dir_or_file)
-    state = load_checkpoint(path)
-    cfg = config_from_dict(state["config"])
-    generator, _ = build_networks(cfg.model)
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state["generator"]
-    try:
-        generator.load_state_dict(weights)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path} does not fit the generator built from its config: {exc}") from exc
-    generator.to(device).eval()
+    generator, cfg = generator_from_state(load_checkpoint(path), path, device, use_ema)
     return generator, cfg, path

@@ -151,12 +151,28 @@ def test_a_worker_killed_mid_file_is_named_and_the_run_goes_on(archive, straight
         lost = {pf.sources[i] for i in range(len(pf.sources))} - set(PatchFile(tmp_path / "w.h5").sources)
     assert len(lost) == 1
     assert _rows(tmp_path / "w.h5") == {r for r in _rows(straight[0]) if r[0] not in lost}
-    # and --resume after the run retries only that file (skipped files are not committed)
-    monkeypatch.setattr(job, "_process_file", _real_process_file)
-    os.replace(tmp_path / "w.h5", partial_path(tmp_path / "w.h5"))  # as if the finished file were a partial one
-    again = _run(archive, tmp_path / "w.h5", workers=2, resume=True)
+    # and --resume of a run killed before its final rename retries only that file (skipped files are not committed)
+    finished: dict = {}
+
+    def commit_then_stop(self):  # killed just before the final rename: the .partial keeps its commits
+        self.commit()
+        self.close()  # what the death of the process does: the file keeps its commits and the lock is released
+        finished["partial"] = Path(self.partial)
+        raise KeyboardInterrupt
+
+    _DIE_ON = keys[3]
+    monkeypatch.setattr(PatchWriter, "finalize", commit_then_stop)
+    out2 = tmp_path / "k.h5"
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _run(archive, out2, workers=2)
+    finally:
+        _DIE_ON = None
+    monkeypatch.undo()
+    assert finished["partial"] == partial_path(out2) and finished["partial"].exists()
+    again = _run(archive, out2, workers=2, resume=True)
     assert again.files_already_done == 7 and again.files_used == 1
-    assert _rows(tmp_path / "w.h5") == _rows(straight[0])
+    assert _rows(out2) == _rows(straight[0])
 
 
 # --------------------------------------------------------------------------------------------- the writer fails

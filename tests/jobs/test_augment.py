@@ -127,7 +127,7 @@ def test_resume_after_kill(patch_file, run_dir, tmp_path, monkeypatch):
 
     monkeypatch.setattr(augment_mod, "generate_variants", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
-        augment(patch_file, run_dir, out, n=2, batch_size=2, device="cpu", seed=3, progress=False)
+        augment(patch_file, run_dir, out, n=2, batch_size=2, device="cpu", seed=3, progress=False, commit_seconds=0)
     assert not out.exists() and partial_path(out).exists()
     # half-written rows of an uncommitted batch in the partial file must not survive the resume
     with h5py.File(partial_path(out), "r") as f:
@@ -184,3 +184,68 @@ def test_contact_sheet_rgb(tmp_path):
     img = np.asarray(Image.open(path))
     assert img.shape == (2 * 9 + 1, 4 * 9 + 1, 3)
     assert img[1, 1].tolist() == [0, 0, 0] and img[1, 10].tolist() == [255, 255, 255]
+
+
+def test_rerun_of_a_finished_identical_job_is_complete_and_writes_a_missing_sheet(patch_file, run_dir, tmp_path):
+    """Issue 13 item 10: re-running a finished job (e.g. killed after its final rename) used to exit 2 ('already
+    exists'); it now says the output is complete, generates nothing, and writes a contact sheet that is missing."""
+    out, sheet = tmp_path / "syn.h5", tmp_path / "sheet.png"
+    first = augment(patch_file, run_dir, out, n=2, device="cpu", seed=4, progress=False)
+    before = out.read_bytes()
+    again = augment(patch_file, run_dir, out, n=2, device="cpu", seed=4, progress=False, contact_sheet=sheet)
+    assert again.already_complete and not first.already_complete
+    assert again.n_written == first.n_written == 12 and "already complete" in again.summary()
+    assert out.read_bytes() == before and sheet.is_file()
+    with pytest.raises(AugmentError, match=r"made with other arguments: n_per_source, n_sources|--overwrite"):
+        augment(patch_file, run_dir, out, n=3, device="cpu", seed=4, progress=False)
+    with pytest.raises(AugmentError, match=r"made with other arguments: seed.*--overwrite"):
+        augment(patch_file, run_dir, out, n=2, device="cpu", seed=5, progress=False)
+
+
+def test_unwritable_contact_sheet_is_refused_before_the_work(patch_file, run_dir, tmp_path):
+    (tmp_path / "sheet.png").mkdir()
+    with pytest.raises(AugmentError, match="--contact-sheet .*sheet.png is a folder"):
+        augment(patch_file, run_dir, tmp_path / "syn.h5", n=2, device="cpu", progress=False,
+                contact_sheet=tmp_path / "sheet.png")
+    assert not (tmp_path / "syn.h5").exists() and not partial_path(tmp_path / "syn.h5").exists()
+
+
+def test_contact_sheet_failing_at_the_end_is_finished_by_the_same_command(patch_file, run_dir, tmp_path, monkeypatch):
+    import errno
+
+    from typer.testing import CliRunner
+
+    from dagan_gn.cli import app
+    from dagan_gn.fileio import output_error
+
+    out, sheet = tmp_path / "syn.h5", tmp_path / "sheet.png"
+
+    def disk_full(sources, variants, path, **kw):
+        raise output_error(path, OSError(errno.ENOSPC, "No space left on device"))
+
+    monkeypatch.setattr(augment_mod, "write_contact_sheet", disk_full)
+    args = ["augment", "--in", str(patch_file), "--checkpoint", str(run_dir), "--out", str(out), "--n", "2",
+            "--contact-sheet", str(sheet), "--device", "cpu", "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "sheet.png: no space left on device" in result.output
+    assert out.is_file() and not sheet.exists()
+    monkeypatch.undo()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "already complete" in result.output and sheet.is_file()
+
+
+def test_checkpoint_is_loaded_once_and_output_names_no_path(patch_file, run_dir, tmp_path, monkeypatch):
+    import json
+
+    import dagan_gn.training.checkpoint as ckpt_mod
+
+    calls = []
+    real_load = ckpt_mod.load_checkpoint
+    monkeypatch.setattr(ckpt_mod, "load_checkpoint", lambda *a, **k: calls.append(a) or real_load(*a, **k))
+    augment(patch_file, run_dir, tmp_path / "syn.h5", n=1, device="cpu", progress=False)
+    assert len(calls) == 1
+    with PatchFile(tmp_path / "syn.h5") as pf:
+        config = json.loads(pf.attrs["generator_config"])
+        assert config["data"]["path"] == patch_file.name and pf.attrs["source_file"] == patch_file.name
+        assert pf.attrs["checkpoint_step"] == 2

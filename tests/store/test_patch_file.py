@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import h5py
 import numpy as np
@@ -264,3 +265,63 @@ def test_pre_encoded_chunks_read_back_identically(tmp_path, compression):
         assert w.chunk_encoding is None
         with pytest.raises(StoreError, match="pre-encoded"):
             w.append(None, labels, split, prov, encoded=[b""] * 3)
+
+
+def _rewrite(path, fn):
+    with h5py.File(path, "r+") as f:
+        fn(f)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: (f.__delitem__("labels"), f.create_dataset("labels", data=np.zeros(4, np.int32))),
+     "dataset 'labels' has 4 rows, 'patches' has 5"),
+    (lambda f: f["labels"].__setitem__(1, -1), "'labels' row 1 is -1, outside 0..1"),
+    (lambda f: f["split"].__setitem__(4, 7), "'split' row 4 is 7, outside 0..2"),
+    (lambda f: (f.__delitem__("patches"), f.create_dataset("patches", data=np.zeros((5, 1, S, S), np.float32))),
+     "'patches' is float32, expected uint16"),
+    (lambda f: f.__delitem__("split"), "dataset 'split' is missing"),
+])
+def test_reader_validates_layout_on_open(tmp_path, edit, message):
+    """Bad content fails on open with one line naming the file and the dataset: float32 patches used to train as
+    near-black images and negative labels wrapped to another class."""
+    out = tmp_path / "p.h5"
+    patches, labels, split, prov = _batch(5)
+    with PatchWriter(out, patch_size=S, class_names=["normal", "benign"]) as w:
+        w.append(patches, np.arange(5) % 2, split, prov)
+    _rewrite(out, edit)
+    with pytest.raises(StoreError, match=re.escape(message)) as info:
+        PatchFile(out)
+    assert str(out) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_each_committed_row_has_a_digest_and_a_failed_writer_refuses_more(tmp_path, monkeypatch):
+    import errno
+
+    out = tmp_path / "d.h5"
+    w = PatchWriter(out, patch_size=S, class_names=["tissue"])
+    w.append(*_batch(3))
+    w.commit("a")
+    digests = w._file["_resume/row_digest"][:]
+    assert digests.shape == (3,) and len(set(digests.tolist())) == 3
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+    with pytest.raises(StoreError, match="no space left on device while writing patches"):
+        w.append(*_batch(2, start=5))
+    monkeypatch.undo()
+    with pytest.raises(StoreError, match="no space left"):  # the writer stays failed: nothing after it commits
+        w.commit("b")
+    w.close()
+    resumed = PatchWriter(out, patch_size=S, class_names=["tissue"], resume=True)
+    assert resumed.num_patches == 3 and resumed.done_sources == {"a"}
+    resumed.close()
+
+
+def test_append_refuses_split_values_outside_split_names(tmp_path):
+    w = PatchWriter(tmp_path / "v.h5", patch_size=S, class_names=["tissue"])
+    patches, labels, _, prov = _batch(2)
+    with pytest.raises(StoreError, match="split values must index"):
+        w.append(patches, labels, [0, 7], prov)
+    w.close()

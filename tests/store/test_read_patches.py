@@ -1,4 +1,4 @@
-"""``PatchFile.read_patches``: the one HDF5 row reader (augment and check-memorization switch to it)."""
+"""``PatchFile.read_patches``: the one HDF5 row reader (augment, check-memorization and assess read through it)."""
 
 from __future__ import annotations
 
@@ -27,13 +27,3 @@ def test_rows_in_any_order_in_blocks(patch_path):
         assert signed.dtype == np.float32 and np.array_equal(signed, uint16_to_signed(everything[[0, 5, 7]]))
         with pytest.raises(StoreError, match="outside the file's 13 patches"):
             pf.read_patches([3, 13])
-
-
-def test_same_values_as_the_readers_it_replaces(patch_path):
-    from dagan_gn.jobs.augment import _read_rows
-    from dagan_gn.jobs.memorization import _read_images
-
-    rows = np.array([1, 2, 3, 8, 10])
-    with PatchFile(patch_path) as pf:
-        assert np.array_equal(pf.read_patches(rows), _read_rows(pf.patches, rows))
-        assert torch.equal(torch.from_numpy(pf.read_patches(rows, signed=True)), _read_images(pf, rows, block=2))

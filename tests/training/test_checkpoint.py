@@ -95,3 +95,28 @@ def test_oom_becomes_batch_size_hint(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.model, "critic_step", boom)
     with pytest.raises(TrainingError, match=r"out of memory.*data.batch_size=4.*data.batch_size=2"):
         trainer.fit()
+
+
+def test_stored_config_keeps_base_names_and_a_failed_save_is_one_line(tmp_path, monkeypatch):
+    import errno
+
+    from dagan_gn.training.checkpoint import generator_from_state
+
+    cfg = make_cfg("data.path=/hospital/Doe_Jane/patches.h5", "metrics.inception_weights=/opt/w/inception.pth")
+    g, d = build_networks(cfg.model)
+    path = _save(tmp_path, 1, cfg, g, d)
+    state = load_checkpoint(path)
+    assert state["config"]["data"]["path"] == "patches.h5"
+    assert state["config"]["metrics"]["inception_weights"] == "inception.pth"
+    assert b"Doe_Jane" not in path.read_bytes()
+    generator, loaded = generator_from_state(state, path)
+    assert loaded.model == cfg.model and not generator.training
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError, match=r"cannot write .*step_0000002.pt: no space left on device; the "
+                                              r"previous checkpoints are unchanged"):
+        _save(tmp_path, 2, cfg, g, d)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001.pt"]

@@ -76,7 +76,9 @@ def test_run_folder_contents_and_logs(tmp_path):
     assert {p.name for p in (run / "samples").iterdir()} == {"step_0000000.png", "step_0000001.png",
                                                              "step_0000002.png"}
     assert any((run / "tensorboard").iterdir())
-    rec = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    rec = [r for r in records if "loss/critic" in r][-1]  # the sample grid's metrics are records of their own
+    assert [r["step"] for r in records if "samples/pixel_diversity_ratio" in r] == [0, 1, 2]
     for key in ("loss/critic", "loss/generator", "loss/gradient_penalty", "wasserstein_estimate",
                 "grad_norm/critic", "grad_norm/generator", "lr"):
         assert key in rec and isinstance(rec[key], float), key
