@@ -26,6 +26,7 @@ __all__ = [
     "fsync_dir",
     "output_error",
     "printable_path",
+    "save_figure",
     "sha256_file",
 ]
 
@@ -100,6 +101,20 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write a text file atomically (see :func:`atomic_path`)."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """Write a matplotlib figure as a PNG atomically and close it; returns ``path`` (the one way reports save
+    their figures)."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    try:
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    return path
 
 
 class RecordingWriter:

@@ -509,7 +509,7 @@ def _plot_histograms(report: AssessReport, results: dict[str, _SpaceResult], pat
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from dagan_gn.fileio import atomic_path
+    from dagan_gn.fileio import save_figure
 
     fig, axes = plt.subplots(1, len(results), figsize=(4.2 * len(results), 3.3), squeeze=False)
     for ax, (space, res) in zip(axes[0], results.items()):
@@ -536,10 +536,7 @@ def _plot_histograms(report: AssessReport, results: dict[str, _SpaceResult], pat
     fig.suptitle(f"{report.synthetic}: {report.n_sources} sources × {report.variants_per_source} variants",
                  fontsize=10)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 # --------------------------------------------------------------------------------------------- the job

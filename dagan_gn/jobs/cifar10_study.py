@@ -30,7 +30,7 @@ import numpy as np
 
 from dagan_gn.errors import DaganError
 from dagan_gn.config import ExperimentConfig, config_from_dict, config_to_dict
-from dagan_gn.fileio import atomic_path, atomic_write_text
+from dagan_gn.fileio import atomic_write_text, save_figure
 
 if TYPE_CHECKING:  # torch is imported where it is used, so the CLI can list the presets without it
     import torch
@@ -427,10 +427,7 @@ def _plot_curves(results: list[dict], path: Path) -> Path | None:
     ax.set_title("FID vs step")
     ax.legend(fontsize="x-small", ncol=2)
     fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 # --------------------------------------------------------------------------------------------- the sweep

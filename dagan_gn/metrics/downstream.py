@@ -271,7 +271,7 @@ class DownstreamReport:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from dagan_gn.fileio import atomic_path
+        from dagan_gn.fileio import save_figure
 
         summ = self.summary()
         regimes = list(summ)
@@ -288,10 +288,7 @@ class DownstreamReport:
         ax.grid(axis="y", alpha=0.3)
         fig.tight_layout()
         path = Path(path)
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=120)
-        plt.close(fig)
-        return path
+        return save_figure(fig, path, dpi=120)
 
 
 def evaluate_augmentation(

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from dagan_gn.fileio import atomic_path, atomic_write_text
+from dagan_gn.fileio import atomic_path, atomic_write_text, save_figure
 
 __all__ = ["RunLogger", "image_grid", "save_image_grid", "plot_loss_curves", "read_metrics"]
 
@@ -144,7 +144,4 @@ def plot_loss_curves(metrics_jsonl: str | os.PathLike, path: str | os.PathLike) 
         axes[0, 1].grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
