@@ -109,3 +109,23 @@ def test_bad_protocols_fail_with_one_line(smoke_run, tmp_path, capsys):
     assert module.main(["--out", str(tmp_path / "c"), *common, "--train-alphabets", "Held",
                         "--test-alphabets", "Held"]) == 2
     assert "both training and test alphabets" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_runs(smoke_run, tmp_path):
+    module, work, common, _ = smoke_run
+    rc = module.main(["--out", str(tmp_path / "par"), *common, "--reuse-dagan", str(work / "out" / "dagan"),
+                      "--workers", "2", "--regimes", "real,real+dagan"])
+    assert rc == 0
+    par = json.loads((tmp_path / "par" / "omniglot_fewshot.json").read_text())
+    seq = json.loads((work / "out" / "omniglot_fewshot.json").read_text())
+    assert par["settings"]["regimes"] == ["real", "real+dagan"] and par["settings"]["workers"] == 2
+
+    def key(r):
+        return r["k"], r["seed"], r["regime"]
+
+    seq_runs = {key(r): (r["accuracy"], r["auc"]) for r in seq["runs"]}
+    assert {key(r): (r["accuracy"], r["auc"]) for r in par["runs"]} == {
+        k: v for k, v in seq_runs.items() if k[2] in ("real", "real+dagan")}
+    targets = par["summary"]["targets"]
+    assert targets["both_beats_classical_at_k1"] is None  # the regimes were not run: not measured, not "failed"
