@@ -129,3 +129,20 @@ def test_parallel_workers_give_the_same_runs(smoke_run, tmp_path):
         k: v for k, v in seq_runs.items() if k[2] in ("real", "real+dagan")}
     targets = par["summary"]["targets"]
     assert targets["both_beats_classical_at_k1"] is None  # the regimes were not run: not measured, not "failed"
+
+
+@pytest.mark.slow
+def test_an_unfinished_dagan_training_is_resumed(smoke_run, tmp_path):
+    import shutil
+
+    module, work, common, _ = smoke_run
+    out = tmp_path / "resume"
+    out.mkdir()
+    shutil.copytree(work / "out" / "dagan", out / "dagan")  # a run that stopped at step 2 ...
+    shutil.copy(work / "out" / "dagan_train.h5", out / "dagan_train.h5")
+    rc = module.main(["--out", str(out), *common, "--steps", "3", "--regimes", "real", "--shots", "1"])  # ... of 3
+    assert rc == 0
+    dagan = json.loads((out / "omniglot_fewshot.json").read_text())["dagan"]
+    assert dagan["trained_here"] and dagan["resumed_from_step"] == 2 and dagan["step"] == 3
+    # A changed config is refused instead of silently mixing two trainings.
+    assert module.main(["--out", str(out), *common, "--steps", "3", "optim.g_lr=0.5"]) == 2
