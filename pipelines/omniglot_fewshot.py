@@ -149,7 +149,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="task/classifier seeds (comma list; at least 2 for a CI, 3 for the protocol)")
     p.add_argument("--n", type=int, default=10, help="DAGAN variants per shot")
     p.add_argument("--width", type=int, default=16, help="classifier base width (MONAI ResNet, w-2w-4w-8w)")
-    p.add_argument("--classifier-steps", type=int, default=300,
+    p.add_argument("--classifier-steps", type=int, default=450,
                    help="optimizer steps per classifier training (every k and regime)")
     p.add_argument("--batch-size", type=int, default=32, help="classifier batch size")
     p.add_argument("--lr", type=float, default=1e-3, help="classifier AdamW learning rate")

@@ -37,6 +37,7 @@ decoded as pixel data only.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
@@ -157,9 +158,9 @@ def _strip_wrapper(names: list[tuple[str, ...]]) -> int:
     return 1 if any(len(parts) >= 3 for parts in names) else 0
 
 
-def _zip_entries(path: Path, skipped: list[tuple[str, str]]) -> Iterator[_Entry]:
+def _zip_entries(path: Path, skipped: list[tuple[str, str]], stack: contextlib.ExitStack) -> Iterator[_Entry]:
     try:
-        zf = zipfile.ZipFile(path)
+        zf = stack.enter_context(zipfile.ZipFile(path))  # open until the whole read is done
     except (zipfile.BadZipFile, OSError) as exc:
         raise ImageFolderError(f"{path}: not a readable zip archive ({exc})") from None
     infos = []
@@ -203,13 +204,13 @@ def _folder_entries(root: Path, skipped: list[tuple[str, str]]) -> Iterator[_Ent
                      lambda file=file: zlib.crc32(file.read_bytes()))
 
 
-def _entries(source: Path, skipped: list[tuple[str, str]]) -> list[_Entry]:
+def _entries(source: Path, skipped: list[tuple[str, str]], stack: contextlib.ExitStack) -> list[_Entry]:
     if source.is_dir():
         return list(_folder_entries(source, skipped))
     if source.is_file():
         if not zipfile.is_zipfile(source):
             raise ImageFolderError(f"{source}: not a zip archive or a folder of class/image files")
-        return list(_zip_entries(source, skipped))
+        return list(_zip_entries(source, skipped, stack))
     raise ImageFolderError(f"{source}: no such folder or zip")
 
 
@@ -308,8 +309,6 @@ def read_image_folder(
         ImageFolderError: a source is missing or not a folder/zip, holds no images, a prefix matches no class, or
             nothing is left to read.
     """
-    from tqdm.auto import tqdm
-
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     if not sources:
@@ -317,15 +316,32 @@ def read_image_folder(
     if size < 1:
         raise ImageFolderError(f"image size must be at least 1 pixel, got {size}")
     skipped: list[tuple[str, str]] = []
+    with contextlib.ExitStack() as stack:  # zips stay open until every image is decoded
+        chosen, duplicates, conflicts = _collect([Path(src).expanduser() for src in sources], skipped, stack)
+        keys = _select(chosen, class_prefixes, sources)
+        images, kept_keys = _decode_all([chosen[k] for k in keys], size, color, invert, skipped, progress)
+    if not kept_keys:
+        first = f" ({len(skipped)} skipped, first: {skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise ImageFolderError(f"no usable images in {', '.join(str(s) for s in sources)}{first}")
+    class_names = sorted({class_of(k) for k in kept_keys})
+    index = {name: i for i, name in enumerate(class_names)}
+    labels = np.asarray([index[class_of(k)] for k in kept_keys], dtype=np.int64)
+    return LabelledImages(images, labels, class_names, kept_keys, skipped, duplicates, conflicts)
+
+
+def _collect(sources: list[Path], skipped: list[tuple[str, str]], stack: contextlib.ExitStack
+             ) -> tuple[dict[str, _Entry], int, list[str]]:
+    """Relative key → entry over all sources (the first source holding a key wins), duplicates, conflicts."""
     chosen: dict[str, _Entry] = {}
     duplicates, conflicts = 0, []
     for source in sources:
-        source = Path(source).expanduser()
         skipped_before = len(skipped)
-        found = _entries(source, skipped)
+        found = _entries(source, skipped, stack)
+        for where, reason in skipped[skipped_before:]:
+            log.warning("skipped %s: %s", where, reason)
         if not found and len(skipped) == skipped_before:
             raise ImageFolderError(
-                f"{source}: no images found (expected <class>/<image> files with one of {', '.join(IMAGE_EXTENSIONS)})"
+                f"{source}: no images found (expected <class>/<image> files, one of {', '.join(IMAGE_EXTENSIONS)})"
             )
         for entry in found:
             kept = chosen.get(entry.key)
@@ -337,29 +353,38 @@ def read_image_folder(
                 conflicts.append(entry.key)
                 log.warning("%s: same relative path as %s but different content; kept the first", entry.where,
                             kept.where)
+    return chosen, duplicates, conflicts
+
+
+def _select(chosen: dict[str, _Entry], class_prefixes: Sequence[str] | None, sources: Sequence[Any]) -> list[str]:
+    """The sorted keys to decode: all, or those of classes matching ``class_prefixes`` (each must match one)."""
+    if not class_prefixes:
+        return sorted(chosen)
     all_classes = sorted({class_of(k) for k in chosen})
-    if class_prefixes:
-        unmatched = [p for p in class_prefixes if not any(class_matches(c, [p]) for c in all_classes)]
-        if unmatched:
-            tops = sorted({c.split("/")[0] for c in all_classes})
-            raise ImageFolderError(
-                f"no class matches {', '.join(map(repr, unmatched))} in {', '.join(str(s) for s in sources)}; "
-                f"top-level folders: {', '.join(tops[:20])}{' ...' if len(tops) > 20 else ''}"
-            )
-        keys = sorted(k for k in chosen if class_matches(class_of(k), class_prefixes))
-    else:
-        keys = sorted(chosen)
-    channels = 3 if color else 1
-    images = np.empty((len(keys), channels, size, size), dtype=np.float32)
-    kept_keys: list[str] = []
-    for key in tqdm(keys, desc="read images", unit="img", disable=not progress, dynamic_ncols=True):
-        entry = chosen[key]
+    unmatched = [p for p in class_prefixes if not any(class_matches(c, [p]) for c in all_classes)]
+    if unmatched:
+        tops = sorted({c.split("/")[0] for c in all_classes})
+        raise ImageFolderError(
+            f"no class matches {', '.join(map(repr, unmatched))} in {', '.join(str(s) for s in sources)}; "
+            f"top-level folders: {', '.join(tops[:20])}{' ...' if len(tops) > 20 else ''}"
+        )
+    return sorted(k for k in chosen if class_matches(class_of(k), class_prefixes))
+
+
+def _decode_all(entries: list[_Entry], size: int, color: bool, invert: bool, skipped: list[tuple[str, str]],
+                progress: bool) -> tuple[np.ndarray, list[str]]:
+    """Decode ``entries`` into one array; unusable ones are appended to ``skipped`` with a warning."""
+    from tqdm.auto import tqdm
+
+    images = np.empty((len(entries), 3 if color else 1, size, size), dtype=np.float32)
+    kept: list[str] = []
+    for entry in tqdm(entries, desc="read images", unit="img", disable=not progress, dynamic_ncols=True):
         if entry.size > MAX_FILE_BYTES:
             reason = f"file is {entry.size / 2**20:.0f} MiB, larger than {MAX_FILE_BYTES // 2**20} MiB"
         else:
             try:
-                images[len(kept_keys)] = decode_image(entry.read(), size, color=color, invert=invert)
-                kept_keys.append(key)
+                images[len(kept)] = decode_image(entry.read(), size, color=color, invert=invert)
+                kept.append(entry.key)
                 continue
             except ValueError as exc:
                 reason = str(exc)
@@ -368,18 +393,7 @@ def read_image_folder(
                 reason = f"cannot read ({' '.join(str(exc).split()) or type(exc).__name__})"
         skipped.append((entry.where, reason))
         log.warning("skipped %s: %s", entry.where, reason)
-    for where, reason in skipped:
-        if reason in ("not inside a class folder", "path leaves the archive ('..')"):
-            log.warning("skipped %s: %s", where, reason)
-    if not kept_keys:
-        raise ImageFolderError(
-            f"no usable images in {', '.join(str(s) for s in sources)}"
-            + (f" ({len(skipped)} skipped, first: {skipped[0][0]}: {skipped[0][1]})" if skipped else "")
-        )
-    class_names = sorted({class_of(k) for k in kept_keys})
-    index = {name: i for i, name in enumerate(class_names)}
-    labels = np.asarray([index[class_of(k)] for k in kept_keys], dtype=np.int64)
-    return LabelledImages(images[: len(kept_keys)], labels, class_names, kept_keys, skipped, duplicates, conflicts)
+    return images[: len(kept)], kept
 
 
 # ------------------------------------------------------------------------------------------------ dataset
