@@ -505,6 +505,32 @@ def run_classifiers(args: argparse.Namespace, task_files: dict[int, Path], varia
 
 
 # ------------------------------------------------------------------------------------------------------ report
+def variant_diversity(task_file: Path, variants_file: Path) -> dict[str, float]:
+    """How much the variants vary (L2 between images in [0, 1]): between the variants of one shot, from each variant
+    to its shot, and — the scale to compare with — between two real drawings of one character (ranks 0 and 1)."""
+    from dagan_gn.store.patch_file import PatchFile, uint16_to_unit
+
+    with PatchFile(task_file) as real, PatchFile(variants_file) as syn:
+        shots = uint16_to_unit(real.patches[:]).reshape(len(real), -1)
+        labels, ranks = real.labels, real.provenance("shot_rank")
+        variants = uint16_to_unit(syn.patches[:]).reshape(len(syn), -1)
+        source = syn.provenance("source_index")
+    between, to_source = [], []
+    for row in np.unique(source):
+        v = variants[source == row]
+        if len(v) > 1:
+            d = np.sqrt(((v[:, None] - v[None]) ** 2).sum(-1))
+            between.append(float(d[np.triu_indices(len(v), 1)].mean()))
+        to_source.append(float(np.sqrt(((v - shots[row]) ** 2).sum(-1)).mean()))
+    first = {int(lbl): i for i, (lbl, r) in enumerate(zip(labels, ranks)) if r == 0}
+    second = {int(lbl): i for i, (lbl, r) in enumerate(zip(labels, ranks)) if r == 1}
+    real_pairs = [float(np.sqrt(((shots[first[c]] - shots[second[c]]) ** 2).sum())) for c in first if c in second]
+    nan = float("nan")
+    return {"between_variants_of_a_shot": float(np.mean(between)) if between else nan,
+            "variant_to_its_shot": float(np.mean(to_source)) if to_source else nan,
+            "between_two_drawings_of_a_character": float(np.mean(real_pairs)) if real_pairs else nan}
+
+
 def summarize(runs: list[dict[str, Any]], shots: Sequence[int]) -> dict[str, Any]:
     """Accuracy mean ± CI per k × regime and the paired (same seed: same shots, same test drawings) gains."""
     from dagan_gn.metrics.downstream import REGIMES, mean_ci
@@ -543,6 +569,7 @@ def render_markdown(report: dict[str, Any]) -> str:
     from dagan_gn.metrics.downstream import REGIMES
 
     s, summ, dg, times = report["settings"], report["summary"], report["dagan"], report["seconds"]
+    div = report["variant_diversity"]
     model = dg["config"]["model"]
     task_word = ("dev task: characters of the training alphabets, which the DAGAN was trained on (all 20 drawings "
                  "each), so the +DAGAN gains here are optimistic" if s["task"] == "dev" else
@@ -594,6 +621,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                                                    " (training data not found: not verified)"),
         f"- {s['n_variants']} variants per shot (the +DAGAN regimes use only the variants of the k shots); "
         f"contact sheet: `{report['files'].get('contact_sheet')}`",
+        "- diversity (mean L2 distance of [0, 1] images, first seed): between the variants of one shot "
+        f"{div['between_variants_of_a_shot']:.2f}, variant to its shot {div['variant_to_its_shot']:.2f}; for scale, "
+        f"two real drawings of one character {div['between_two_drawings_of_a_character']:.2f}",
         "",
         "## Classifier",
         "",
@@ -771,6 +801,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "data": {"images": len(data), "characters": len(data.class_names), "duplicates": data.duplicates,
                  "skipped": len(data.skipped), "conflicts": len(data.conflicts)},
         "classifier_flops": classifier_flops(len(task_classes), args.size, args.width), "steps_per_k": steps_per_k,
+        "variant_diversity": variant_diversity(task_files[args.seeds[0]], variant_files[args.seeds[0]]),
         "reference_amurthy1_100way": REFERENCE, "files": files, "seconds": seconds,
         "command": " ".join(["python", "pipelines/omniglot_fewshot.py", *getattr(args, "argv", [])]),
     }

@@ -146,3 +146,25 @@ def test_an_unfinished_dagan_training_is_resumed(smoke_run, tmp_path):
     assert dagan["trained_here"] and dagan["resumed_from_step"] == 2 and dagan["step"] == 3
     # A changed config is refused instead of silently mixing two trainings.
     assert module.main(["--out", str(out), *common, "--steps", "3", "optim.g_lr=0.5"]) == 2
+
+
+def test_variant_diversity_measures_spread_against_real_drawings(tmp_path):
+    """Variants that ignore their noise have zero spread; the real scale comes from two drawings of a character."""
+    from dagan_gn.store.patch_file import PatchWriter, to_uint16
+
+    module = _pipeline()
+    shots = np.zeros((4, 1, 4, 4), np.float32)
+    shots[2, 0, 0, 0] = shots[3, 0, 0, 1] = 1.0  # character 0: drawings 0 and 2; character 1: 1 and 3
+    with PatchWriter(tmp_path / "shots.h5", patch_size=4, class_names=["a", "b"],
+                     provenance={"shot_rank": "int32"}) as w:
+        w.append(to_uint16(shots), [0, 1, 0, 1], ["train"] * 4, {"shot_rank": [0, 0, 1, 1]})
+    variants = np.repeat(shots, 2, axis=0)
+    variants[1, 0, 3, 3] = 1.0  # the second variant of shot 0 differs by one pixel; all others copy their shot
+    with PatchWriter(tmp_path / "variants.h5", patch_size=4, class_names=["a", "b"], synthetic=True,
+                     provenance={"source_index": "int64"}) as w:
+        w.append(to_uint16(variants), np.repeat([0, 1, 0, 1], 2), ["train"] * 8,
+                 {"source_index": np.repeat(range(4), 2)})
+    div = module.variant_diversity(tmp_path / "shots.h5", tmp_path / "variants.h5")
+    assert div["between_variants_of_a_shot"] == pytest.approx(1 / 4)  # one pair of four differs by 1
+    assert div["variant_to_its_shot"] == pytest.approx(0.5 / 4)
+    assert div["between_two_drawings_of_a_character"] == pytest.approx(1.0)
