@@ -195,6 +195,14 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _shown_path(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (reports stay readable and machine-independent)."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
 def _fmt_pct(mean: float, half: float) -> str:
     if not math.isfinite(mean):
         return "n/a"
@@ -650,9 +658,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"({np.mean(cpu):.1f} CPU-s per run, training and testing), i.e. ≈{sum(cpu) / 120:.1f} min of "
                      "wall time on two idle cores with `--workers 2`.")
     if dg.get("steps_per_s_last"):
-        lines.append(f"DAGAN training speed (last log): {dg['steps_per_s_last']:.2f} steps/s → "
-                     f"{dg['config']['train']['steps'] / dg['steps_per_s_last'] / 60:.1f} min for "
-                     f"{dg['config']['train']['steps']} steps.")
+        steps = dg["config"]["train"]["steps"]
+        lines.append(f"DAGAN training speed (the run's last log: the average since its last start): "
+                     f"{dg['steps_per_s_last']:.2f} steps/s → {steps / dg['steps_per_s_last'] / 60:.1f} min for "
+                     f"{steps} steps.")
     lines += ["", f"Command: `{report['command']}`", ""]
     return "\n".join(lines)
 
@@ -781,7 +790,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         task=tag, data=[Path(d).name for d in args.data], size=args.size, train_alphabets=list(args.train_alphabets),
         task_prefixes=list(args.train_alphabets if args.dev else args.test_alphabets), shots=list(args.shots),
         test_per_class=args.test_per_class, seeds=list(args.seeds), n_variants=args.n, seed=args.seed,
-        dagan_config=None if args.reuse_dagan else str(args.config), dagan_overrides=list(args.overrides),
+        dagan_config=None if args.reuse_dagan else _shown_path(args.config), dagan_overrides=list(args.overrides),
         reuse_dagan=None if args.reuse_dagan is None else str(args.reuse_dagan),
         classifier={"arch": "resnet", "width": args.width, "layers": [1, 1, 1, 1], "lr": args.lr,
                     "weight_decay": args.weight_decay, "batch_size": args.batch_size,
