@@ -385,8 +385,9 @@ def write_task_file(path: Path, data: Any, task_classes: list[str], pool: int, t
 
 
 def augment_task(args: argparse.Namespace, task_file: Path, ckpt: Path, ckpt_sha: str, seed: int,
-                 contact_sheet: Path | None) -> Path:
-    """Stage 4: ``augment`` the shot pool with ``--n`` variants each (reused when it matches)."""
+                 contact_sheet: Path | None) -> tuple[Path, bool]:
+    """Stage 4: ``augment`` the shot pool with ``--n`` variants each (reused when it matches); returns the variants
+    file and whether it was (re)made."""
     from dagan_gn.jobs.augment import augment
     from dagan_gn.store.patch_file import PatchFile
 
@@ -397,10 +398,10 @@ def augment_task(args: argparse.Namespace, task_file: Path, ckpt: Path, ckpt_sha
             if (p.get("checkpoint_sha256") == ckpt_sha and p.get("n_per_source") == args.n and p.get("seed") == seed
                     and p.get("input_created") == str(real.attrs.get("created")) and p.get("input_rows") == len(real)
                     and (contact_sheet is None or contact_sheet.is_file())):
-                return out
+                return out, False
     augment(task_file, ckpt, out, n=args.n, split="train", seed=seed, device=args.device, overwrite=True,
             contact_sheet=contact_sheet, progress=not args.quiet)
-    return out
+    return out, True
 
 
 def load_task(task_file: Path, variants_file: Path):
@@ -420,6 +421,36 @@ def load_task(task_file: Path, variants_file: Path):
             raise ProtocolError(f"{variants_file} does not belong to {task_file} (class tables differ)")
     return {"images": images, "labels": labels, "ranks": ranks, "train": train, "test": test, "names": names,
             "syn_images": syn_images, "syn_labels": syn_labels, "syn_rank": syn_rank}
+
+
+class StageTimes:
+    """Wall seconds per stage: this invocation's, and for each stage those of the last invocation that did its work
+    (kept in ``OUT/timings.json``), so the report of a resumed or re-rendered run still says what each stage cost."""
+
+    def __init__(self, path: Path, tag: str) -> None:
+        self.path, self.tag = path, tag
+        self.now: dict[str, float] = {}
+        self.worked: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
+        self._t = time.perf_counter()
+
+    def _key(self, stage: str) -> str:
+        return stage if stage == "dagan_train" else f"{self.tag}/{stage}"  # one DAGAN serves the test and dev task
+
+    def lap(self, stage: str, worked: bool = True) -> None:
+        """Close ``stage`` (the time since the previous lap); ``worked``: it computed something, not just reused."""
+        now = time.perf_counter()
+        self.now[stage] = self.now.get(stage, 0.0) + now - self._t
+        self._t = now
+        if worked:
+            self.worked[self._key(stage)] = self.now[stage]
+
+    def last_work(self) -> dict[str, float | None]:
+        return {stage: self.worked.get(self._key(stage)) for stage in STAGES}
+
+    def save(self) -> None:
+        from dagan_gn.fileio import atomic_write_text
+
+        atomic_write_text(self.path, json.dumps(self.worked, indent=2, sort_keys=True))
 
 
 def classifier_job(job: dict[str, Any]) -> list[dict[str, Any]]:
@@ -460,9 +491,9 @@ def classifier_job(job: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def run_classifiers(args: argparse.Namespace, task_files: dict[int, Path], variant_files: dict[int, Path],
-                    runs_file: Path, settings_fp: str) -> list[dict[str, Any]]:
+                    runs_file: Path, settings_fp: str) -> tuple[list[dict[str, Any]], int]:
     """Stage 5: every k × seed × regime, in ``--workers`` processes; finished runs are appended to ``runs_file``
-    and not redone."""
+    and not redone. Returns every run and how many were trained now."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     import multiprocessing
 
@@ -511,7 +542,8 @@ def run_classifiers(args: argparse.Namespace, task_files: dict[int, Path], varia
         for job in jobs:
             record(classifier_job(job))
     bar.close()
-    return [done[(k, s, r)] for k in args.shots for s in args.seeds for r in args.regimes]
+    runs = [done[(k, s, r)] for k in args.shots for s in args.seeds for r in args.regimes]
+    return runs, sum(len(j["regimes"]) for j in jobs)
 
 
 # ------------------------------------------------------------------------------------------------------ report
@@ -645,13 +677,16 @@ def render_markdown(report: dict[str, Any]) -> str:
         + f"); synthetic ratio {s['classifier']['synthetic_ratio']}; classical augmentation "
         f"`{s['classifier']['augmentation']}`.",
         "",
-        "## Wall time (this invocation)",
+        "## Wall time",
         "",
-        "| stage | seconds |",
-        "| --- | ---: |",
+        "| stage | this invocation (s) | when the stage last did its work (s) |",
+        "| --- | ---: | ---: |",
     ]
-    lines += [f"| {name} | {times.get(name, 0.0):.1f} |" for name in STAGES]
-    lines += [f"| total | {times['total']:.1f} |", ""]
+    last = report["stage_seconds_last_work"]
+    lines += [f"| {name} | {times.get(name, 0.0):.1f} | " + ("—" if last.get(name) is None else f"{last[name]:.1f}")
+              + " |" for name in STAGES]
+    known = [v for v in last.values() if v is not None]
+    lines += [f"| total | {times['total']:.1f} | {sum(known):.1f} |", ""]
     cpu = [r["cpu_seconds"] for r in report["runs"] if r.get("cpu_seconds") is not None]
     if cpu:
         lines.append(f"Classifier trainings: {len(cpu)} runs, {sum(cpu) / 60:.1f} CPU-min in all "
@@ -724,15 +759,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    seconds: dict[str, float] = {}
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     tag = "dev" if args.dev else "test"
+    times = StageTimes(out / "timings.json", tag)
     say = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
-    t = time.perf_counter()
     data, train_classes, task_classes = read_omniglot(args)
-    seconds["read"] = time.perf_counter() - t
+    times.lap("read")
     say(f"[1/5] read {len(data)} drawings of {len(data.class_names)} characters ({data.duplicates} duplicates read "
         f"once, {len(data.skipped)} skipped); DAGAN: {len(train_classes)} characters; {tag} task: "
         f"{len(task_classes)} characters")
@@ -742,7 +776,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     train_file = out / "dagan_train.h5"
     train_params = {"job": "omniglot-dagan-train", "keys": _fingerprint(data.select_classes(train_classes).keys),
                     "size": args.size}
-    t = time.perf_counter()
     reuse = False
     if train_file.is_file():
         with PatchFile(train_file) as pf:
@@ -753,11 +786,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                 "training run; use another --out")
         subset = data.select_classes(train_classes)
         write_images(train_file, subset, ["train"] * len(subset), salt=salt, parameters=train_params)
-    seconds["tasks"] = time.perf_counter() - t
+    times.lap("tasks")
 
-    t = time.perf_counter()
     dagan = train_or_reuse_dagan(args, train_file)
-    seconds["dagan_train"] = time.perf_counter() - t
+    times.lap("dagan_train", worked=dagan["trained_here"])
     trained_on = dagan["training_classes"]
     dagan["training_classes_known"] = trained_on is not None
     dagan["training_class_count"] = len(trained_on) if trained_on is not None else None
@@ -769,23 +801,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     say(f"[2/5] DAGAN {dagan['checkpoint']} (step {dagan['step']}); task characters it saw: "
         f"{dagan['task_classes_seen']} of {len(task_classes)}")
 
-    t = time.perf_counter()
     task_dir = out / tag
     task_files = {s: write_task_file(task_dir / f"seed{s}" / "shots.h5", data, task_classes, max(args.shots),
                                      args.test_per_class, s, salt) for s in args.seeds}
-    seconds["tasks"] += time.perf_counter() - t
+    times.lap("tasks")
     say(f"[3/5] {tag} task files: {len(task_classes)} characters × (pool of {max(args.shots)} shots + "
         f"{args.test_per_class} test drawings) for seeds {args.seeds}")
 
-    t = time.perf_counter()
     ckpt = Path(dagan["checkpoint"])
     sheet = out / f"variants_{tag}.png"
-    variant_files = {s: augment_task(args, f, ckpt, dagan["checkpoint_sha256"], s, sheet if s == args.seeds[0]
-                                     else None) for s, f in task_files.items()}
-    seconds["augment"] = time.perf_counter() - t
+    made = {s: augment_task(args, f, ckpt, dagan["checkpoint_sha256"], s, sheet if s == args.seeds[0] else None)
+            for s, f in task_files.items()}
+    variant_files = {s: path for s, (path, _) in made.items()}
+    times.lap("augment", worked=any(ran for _, ran in made.values()))
     say(f"[4/5] {args.n} DAGAN variants per shot; contact sheet {sheet}")
 
-    t = time.perf_counter()
     settings = Settings(
         task=tag, data=[Path(d).name for d in args.data], size=args.size, train_alphabets=list(args.train_alphabets),
         task_prefixes=list(args.train_alphabets if args.dev else args.test_alphabets), shots=list(args.shots),
@@ -802,10 +832,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     fp = _fingerprint({"classifier": settings.classifier, "steps": settings.classifier_steps,
                        "ckpt": dagan["checkpoint_sha256"], "n": args.n, "test_per_class": args.test_per_class,
                        "pool": max(args.shots), "classes": task_classes, "size": args.size})
-    runs = run_classifiers(args, task_files, variant_files, task_dir / "runs.jsonl", fp)
-    seconds["classifiers"] = time.perf_counter() - t
+    runs, trained_now = run_classifiers(args, task_files, variant_files, task_dir / "runs.jsonl", fp)
+    times.lap("classifiers", worked=trained_now > 0)
 
-    t = time.perf_counter()
     name = "omniglot_fewshot" if tag == "test" else "omniglot_fewshot_dev"
     files = {"markdown": str(out / f"{name}.md"), "json": str(out / f"{name}.json"),
              "chart": str(out / f"{name}.png"), "contact_sheet": str(sheet), "runs": str(task_dir / "runs.jsonl"),
@@ -818,11 +847,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  "skipped": len(data.skipped), "conflicts": len(data.conflicts)},
         "classifier_flops": classifier_flops(len(task_classes), args.size, args.width), "steps_per_k": steps_per_k,
         "variant_diversity": variant_diversity(task_files[args.seeds[0]], variant_files[args.seeds[0]]),
-        "reference_amurthy1_100way": REFERENCE, "files": files, "seconds": seconds,
+        "reference_amurthy1_100way": REFERENCE, "files": files, "seconds": times.now,
+        "stage_seconds_last_work": times.last_work(),
         "command": " ".join(["python", "pipelines/omniglot_fewshot.py", *getattr(args, "argv", [])]),
     }
-    seconds["report"] = time.perf_counter() - t
-    seconds["total"] = time.perf_counter() - t_start
+    times.lap("report")
+    times.now["total"] = time.perf_counter() - t_start
+    report["stage_seconds_last_work"] = times.last_work()
+    times.save()
     plot(report, Path(files["chart"]))
     atomic_write_text(files["json"], json.dumps(report, indent=2, default=str))
     markdown = render_markdown(report)

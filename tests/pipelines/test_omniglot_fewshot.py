@@ -87,9 +87,15 @@ def test_rerun_resumes_everything_and_dev_task_reuses_the_dagan(smoke_run):
     out = work / "out"
     lines = (out / "test" / "runs.jsonl").read_text().count("\n")
     mtime = (out / "dagan" / "config.yaml").stat().st_mtime
+    first = json.loads((out / "omniglot_fewshot.json").read_text())["stage_seconds_last_work"]
     assert module.main(["--out", str(out), *common]) == 0
     assert (out / "test" / "runs.jsonl").read_text().count("\n") == lines  # no classifier trained again
     assert (out / "dagan" / "config.yaml").stat().st_mtime == mtime  # nor the DAGAN
+    again = json.loads((out / "omniglot_fewshot.json").read_text())
+    # The report still states what the stages cost when they did their work, not the reuse's near-zero times.
+    for stage in ("dagan_train", "augment", "classifiers"):
+        assert again["stage_seconds_last_work"][stage] == first[stage] > 0
+    assert again["seconds"]["classifiers"] < first["classifiers"]
     assert module.main(["--out", str(out), *common, "--dev", "--dev-classes", "3"]) == 0
     dev = json.loads((out / "omniglot_fewshot_dev.json").read_text())
     assert dev["settings"]["task"] == "dev" and dev["dagan"]["task_classes_seen"] == 3
