@@ -713,7 +713,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
     table = report["summary"]["table"]
     shots = list(table)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4))
     for j, regime in enumerate(REGIMES):
         xs = np.asarray(shots, dtype=float) + (j - 1.5) * 0.06
         means = [100 * table[k][regime]["mean"] for k in shots]
@@ -723,8 +723,9 @@ def plot(report: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("shots per character (k)")
     ax.set_ylabel("test accuracy % (mean ± 95 % CI)")
     ax.set_title(f"Omniglot {len(report['settings']['task_classes'])}-way ({report['settings']['task']})")
+    ax.set_ylim(0, 100)  # accuracies; a CI bar reaching past them is clipped, its value is in the table
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
