@@ -455,6 +455,8 @@ class Trainer:
         self.best_fid = float(state.get("best_fid", math.inf))
         if state.get("data"):
             self.data.load_state_dict(state["data"])
+        if state.get("model_state"):
+            self.model.load_state_dict(state["model_state"])  # the steps' own state (ADA's p)
         rng = state.get("rng") or {}
         per_rank = rng.get("ranks") if isinstance(rng, dict) else None
         if per_rank and self.dist.rank < len(per_rank):
@@ -485,7 +487,8 @@ class Trainer:
             ema=self.ema.module if self.ema is not None else None,
             scaler=scalers,
             rng={"ranks": rng_states},
-            extra={"data": self.data.state_dict(), "best_fid": float(self.best_fid)},
+            extra={"data": self.data.state_dict(), "best_fid": float(self.best_fid),
+                   "model_state": self.model.state_dict()},
         )
         if path.name.startswith("step_"):
             prune_checkpoints(self.run_dir, self.cfg.train.keep_checkpoints)
