@@ -125,6 +125,10 @@ class LossConfig:
     #: Mode-seeking weight lambda (MSGAN): adds lambda / (mean|G(x,z1)-G(x,z2)| / mean|z1-z2| + 1e-5) to the
     #: generator loss, computed on two variants per source in one forward; 0 disables.
     mode_seeking: float = 0.0
+    #: Bounded mode seeking (DAGAN): stop pushing once two variants of a source differ by this multiple of the
+    #: distance between the source and its real same-class partner (1 = as varied as real pairs); 0 = unbounded
+    #: (MSGAN's form).
+    mode_seeking_target: float = 0.0
 
 
 @dataclass

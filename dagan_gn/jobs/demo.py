@@ -10,9 +10,24 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
-__all__ = ["DemoResult", "run_demo"]
+if TYPE_CHECKING:
+    from dagan_gn.config import ExperimentConfig
+
+__all__ = ["DemoResult", "run_demo", "demo_train_config", "DEMO_TRAIN_OVERRIDES"]
+
+
+#: The demo's training settings on top of the ``tiny`` preset (chosen by measurement: docs/augment.md).
+DEMO_TRAIN_OVERRIDES: tuple[str, ...] = (
+    "train.ema_start=0",
+    "train.ema_decay=0.9",
+    "data.batch_size=16",
+    "data.num_workers=0",
+    "optim.n_critic=2",
+    "optim.g_lr=2e-4",
+    "optim.d_lr=2e-4",
+)
 
 
 @dataclass
@@ -45,10 +60,8 @@ def run_demo(
     training stage takes about a minute on two CPU cores. Real training uses ``configs/dagan_mammo_256.yaml`` on a GPU.
     """
     from dagan_gn.jobs.augment import augment
-    from dagan_gn.config import load_config
     from dagan_gn.jobs.extract_patches import extract_patches
     from dagan_gn.phantom.mammogram import make_demo_archive
-    from dagan_gn.nets.dagan import dagan_preset
     from dagan_gn.jobs.train import train
 
     out_dir = Path(out_dir)
@@ -65,26 +78,8 @@ def run_demo(
         seed=seed, workers=1, progress=progress,
     )
 
-    overrides = [f"model.{k}={_yaml_value(v)}" for k, v in dagan_preset("tiny").items()]
-    overrides += [
-        f"model.image_size={patch_size}",
-        f"train.steps={steps}",
-        f"train.seed={seed}",
-        f"train.device={device}",
-        f"train.progress={str(progress).lower()}",
-        f"train.sample_every={max(1, steps // 3)}",
-        f"train.log_every={max(1, steps // 30)}",
-        f"train.checkpoint_every={max(1, steps // 2)}",
-        "train.ema_start=0",
-        "train.ema_decay=0.9",
-        "data.batch_size=16",
-        "data.num_workers=0",
-        f"data.path={patches}",
-        "optim.n_critic=2",
-        "optim.g_lr=2e-4",
-        "optim.d_lr=2e-4",
-    ]
-    cfg = load_config(None, overrides)
+    cfg = demo_train_config(patches, patch_size=patch_size, steps=steps, seed=seed, device=device,
+                            progress=progress)
     run_dir = out_dir / "run"
     log(f"[3/4] training a tiny conditional DAGAN for {steps} generator steps in {run_dir}")
     train(cfg, run_dir)
@@ -106,6 +101,28 @@ def run_demo(
     log(f"done in {summary['seconds']} s: patches {patches}, run {run_dir}, synthetic {synthetic}, "
         f"contact sheet {contact_sheet}")
     return DemoResult(out_dir, dicom_dir, labels_csv, patches, run_dir, synthetic, contact_sheet, summary)
+
+
+def demo_train_config(patches: str | Path, *, patch_size: int = 64, steps: int = 150, seed: int = 0,
+                      device: str = "cpu", progress: bool = True, overrides: Sequence[str] = ()) -> "ExperimentConfig":
+    """The demo's DAGAN training config: the ``tiny`` preset, :data:`DEMO_TRAIN_OVERRIDES`, the run's size/steps/seed
+    and any further ``overrides`` (``pipelines/diversity_ablation.py`` measures alternatives with them)."""
+    from dagan_gn.config import load_config
+    from dagan_gn.nets.dagan import dagan_preset
+
+    preset = [f"model.{k}={_yaml_value(v)}" for k, v in dagan_preset("tiny").items()]
+    run = [
+        f"model.image_size={patch_size}",
+        f"train.steps={steps}",
+        f"train.seed={seed}",
+        f"train.device={device}",
+        f"train.progress={str(progress).lower()}",
+        f"train.sample_every={max(1, steps // 3)}",
+        f"train.log_every={max(1, steps // 30)}",
+        f"train.checkpoint_every={max(1, steps // 2)}",
+        f"data.path={patches}",
+    ]
+    return load_config(None, [*preset, *DEMO_TRAIN_OVERRIDES, *run, *overrides])
 
 
 def _yaml_value(value: object) -> str:

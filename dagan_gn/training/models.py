@@ -27,7 +27,8 @@ from torch import nn
 from dagan_gn.config import LossConfig, ModelConfig
 from dagan_gn.training.diffaugment import DiffAugment
 from dagan_gn.training.losses import WassersteinLoss, drift_penalty, get_loss, gradient_penalty
-from dagan_gn.training.regularizers import mode_seeking_penalty, mode_seeking_ratio, paired_noise_inputs
+from dagan_gn.training.regularizers import (mode_seeking_penalty, mode_seeking_ratio, paired_noise_inputs,
+                                           real_pair_cap)
 
 __all__ = ["GANModel", "DAGANModel", "UnconditionalGANModel", "MODELS", "build_train_model", "truncated_noise",
            "frozen"]
@@ -115,6 +116,7 @@ class GANModel:
         # Critic-input augmentation (loss.diffaugment, ADA) and the mode-seeking weight (loss.mode_seeking).
         self.augment = DiffAugment.from_config(loss_cfg)
         self.mode_seeking = float(getattr(loss_cfg, "mode_seeking", 0.0))
+        self.mode_seeking_target = float(getattr(loss_cfg, "mode_seeking_target", 0.0))
 
     # ------------------------------------------------------------------ helpers
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -169,17 +171,18 @@ class GANModel:
         """Feed a critic step's scores to ADA (moves ``p`` when ``loss.ada_target > 0``); values to log."""
         return self.augment.observe(d_real, d_fake, wasserstein=isinstance(self.loss, WassersteinLoss))
 
-    def _generator_objective(self, d_fake: torch.Tensor, fake: torch.Tensor, z: torch.Tensor
-                             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _generator_objective(self, d_fake: torch.Tensor, fake: torch.Tensor, z: torch.Tensor,
+                             cap: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The generator loss, plus ``λ / (ratio + ε)`` when ``loss.mode_seeking = λ > 0`` (then the halves of
         ``fake`` are two variants of the same inputs, from
-        :func:`~dagan_gn.training.regularizers.paired_noise_inputs`)."""
+        :func:`~dagan_gn.training.regularizers.paired_noise_inputs`); ``cap`` bounds the ratio (the bounded
+        variant)."""
         loss = self.loss.generator_loss(d_fake)
         logs: dict[str, torch.Tensor] = {}
         if self.mode_seeking > 0:
             logs["loss/generator_adversarial"] = loss.detach()
             ratio = mode_seeking_ratio(*fake.chunk(2), *z.chunk(2))
-            term = mode_seeking_penalty(ratio, self.mode_seeking)
+            term = mode_seeking_penalty(ratio, self.mode_seeking, cap=cap)
             loss = loss + term
             logs.update({"loss/mode_seeking": term.detach(), "diversity/mode_seeking_ratio": ratio.detach()})
         logs["loss/generator"] = loss.detach()
@@ -281,12 +284,16 @@ class DAGANModel(GANModel):
     def generator_step(self, batch):
         x, y = batch["image"], self.labels(batch)
         z = self.noise(x.shape[0])
+        cap = None
         if self.mode_seeking > 0:
-            z, (x, y) = paired_noise_inputs(z, x, y)  # two variants per source in one forward
+            source = x
+            z, (x, y) = paired_noise_inputs(z, source, y)  # two variants per source in one forward
+            if self.mode_seeking_target > 0:
+                cap = real_pair_cap(source, batch["pair"], *z.chunk(2), self.mode_seeking_target)
         with frozen(self.D_bare), self.autocast():
             fake = self.G_ddp(x, z, y)
             d_fake = self.D_bare(*self.augmented(x, fake), y)
-        return self._generator_objective(d_fake, fake, z)
+        return self._generator_objective(d_fake, fake, z, cap)
 
     @torch.no_grad()
     def generate(self, generator: nn.Module, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None):

@@ -13,7 +13,8 @@ from dagan_gn.nets import build_networks
 from dagan_gn.training.diffaugment import (DiffAugment, DiffAugmentError, apply_params, parse_policy, sample_params,
                                            translate)
 from dagan_gn.training.models import build_train_model
-from dagan_gn.training.regularizers import mode_seeking_penalty, mode_seeking_ratio, paired_noise_inputs
+from dagan_gn.training.regularizers import (mode_seeking_penalty, mode_seeking_ratio, paired_noise_inputs,
+                                           real_pair_cap)
 from dagan_gn.training.trainer import Trainer
 
 POLICY = "translation,cutout,brightness,contrast"
@@ -129,6 +130,17 @@ def test_mode_seeking_ratio_and_penalty():
     ratio = mode_seeking_ratio(fa, fb, za, zb)
     assert ratio.item() == pytest.approx(0.5)
     assert mode_seeking_penalty(ratio, 2.0).item() == pytest.approx(2.0 / (0.5 + 1e-5))
+    # bounded variant: clipped at the cap, no push beyond it
+    r = torch.tensor(0.5, requires_grad=True)
+    mode_seeking_penalty(r, 1.0, cap=0.25).backward()
+    assert r.grad == 0
+    r2 = torch.tensor(0.1, requires_grad=True)
+    capped = mode_seeking_penalty(r2, 1.0, cap=0.25)
+    capped.backward()
+    assert capped.item() == pytest.approx(1 / (0.1 + 1e-5)) and r2.grad < 0
+    # cap = target x (source-partner distance) / noise distance
+    cap = real_pair_cap(torch.zeros(2, 1, 3, 3), torch.ones(2, 1, 3, 3), za, zb * 2, target=0.5)
+    assert cap.item() == pytest.approx(0.25)
     z, (x, y, none) = paired_noise_inputs(torch.randn(3, 4), torch.ones(3, 1, 2, 2), torch.tensor([0, 1, 2]), None)
     assert z.shape == (6, 4) and not torch.equal(z[:3], z[3:]) and none is None
     assert torch.equal(x[:3], x[3:]) and y.tolist() == [0, 1, 2, 0, 1, 2]
@@ -187,7 +199,8 @@ def test_mode_seeking_term_is_larger_for_a_generator_that_ignores_z():
 
 def test_resume_bit_for_bit_with_diffaugment_ada_and_mode_seeking(tmp_path):
     cfg = make_cfg("train.steps=6", "data.hflip=true", f"loss.diffaugment={POLICY}", "loss.diffaugment_p=0.5",
-                   "loss.ada_target=0.6", "loss.ada_interval=1", "loss.ada_kimg=0.05", "loss.mode_seeking=0.5")
+                   "loss.ada_target=0.6", "loss.ada_interval=1", "loss.ada_kimg=0.05", "loss.mode_seeking=0.5",
+                   "loss.mode_seeking_target=0.5")
 
     def run(out, resume=False, stop_at=None):
         t = Trainer(cfg, out, resume=resume, dataset=TinyPairs(), log=lambda m: None)
