@@ -39,35 +39,36 @@ import torch
 import torch.nn.functional as F
 
 
-def pairwise_l1(images: torch.Tensor) -> torch.Tensor:
-    """Mean |a − b| on the [0, 1] scale over all unordered pairs of ``images`` [N, C, H, W] in [-1, 1] (N ≥ 2)."""
-    flat = images.flatten(1).float() / 2.0
-    n = flat.shape[0]
-    d = torch.cdist(flat, flat, p=1) / flat.shape[1]
-    return d[torch.triu_indices(n, n, 1).unbind()].mean()
+def blurred_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``pixel_l1`` after a 4×4 mean pool: differences of structure bigger than a few pixels."""
+    from dagan_gn.metrics.diversity import pixel_l1
+
+    return pixel_l1(F.avg_pool2d(a.float(), 4), F.avg_pool2d(b.float(), 4))
 
 
-def diversity_figures(sources: torch.Tensor, labels: np.ndarray, variants: torch.Tensor, real: torch.Tensor,
-                      real_labels: np.ndarray, pool: int = 1, centre: bool = False) -> dict[str, float]:
-    """Diversity and distance-to-source ratios (see the module docstring) for ``variants`` [S, V, C, H, W] of
-    ``sources`` [S, C, H, W]; with ``pool > 1`` every image is mean-pooled by ``pool`` first, with ``centre`` its
-    mean intensity is subtracted (differences of structure, not of brightness)."""
-    def prep(t: torch.Tensor) -> torch.Tensor:
-        t = F.avg_pool2d(t, pool) if pool > 1 else t
-        return t - t.mean(dim=(1, 2, 3), keepdim=True) if centre else t
+def centred_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``pixel_l1`` of the images minus their mean intensity: differences of structure, not of brightness."""
+    from dagan_gn.metrics.diversity import pixel_l1
 
-    s, v = variants.shape[:2]
-    variants_p = prep(variants.flatten(0, 1)).view(s, v, -1)
-    sources_p, real_p = prep(sources).flatten(1), prep(real)
-    real_pair = {int(c): float(pairwise_l1(real_p[real_labels == c])) for c in np.unique(real_labels)
-                 if (real_labels == c).sum() >= 2}
-    div, src = [], []
-    for i in range(s):
-        scale = real_pair[int(labels[i])]
-        div.append(float(pairwise_l1(variants_p[i])) / scale)
-        src.append(float((variants_p[i] - sources_p[i]).abs().mean() / 2.0) / scale)
-    return {"diversity_ratio": float(np.mean(div)), "source_distance_ratio": float(np.mean(src)),
-            "real_pair_l1": float(np.mean(list(real_pair.values())))}
+    def centre(t: torch.Tensor) -> torch.Tensor:
+        return t.float() - t.float().mean(dim=(1, 2, 3), keepdim=True)
+
+    return pixel_l1(centre(a), centre(b))
+
+
+def diversity_figures(sources: torch.Tensor, variants: torch.Tensor, labels: np.ndarray, real: torch.Tensor,
+                      real_labels: np.ndarray) -> dict[str, float]:
+    """Mean diversity and distance-to-source ratios (``dagan_gn.metrics.diversity``, the definitions of ``dagan
+    assess``) of ``variants`` [S, V, C, H, W] of ``sources`` [S, C, H, W], in the three distances above."""
+    from dagan_gn.metrics.diversity import diversity_ratios, pixel_l1, source_distance_ratios
+
+    out: dict[str, float] = {}
+    for prefix, distance in (("", pixel_l1), ("blurred_", blurred_l1), ("centred_", centred_l1)):
+        out[f"{prefix}diversity_ratio"] = float(
+            diversity_ratios(variants, labels, real, real_labels, distance).nanmean())
+        out[f"{prefix}source_distance_ratio"] = float(
+            source_distance_ratios(sources, variants, labels, real, real_labels, distance).nanmean())
+    return out
 
 
 def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheet: Path) -> dict[str, float]:
@@ -85,14 +86,7 @@ def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheet: Path)
     y = torch.as_tensor(labels).repeat_interleave(variants) if cfg.model.num_classes > 0 else None
     fakes = generate_variants(generator, x, seeds, y).view(len(ds), variants, *real.shape[1:])
     write_contact_sheet(real[:8], fakes[:8], sheet)
-    out = diversity_figures(real, labels, fakes, real, labels)
-    blurred = diversity_figures(real, labels, fakes, real, labels, pool=4)
-    out["blurred_diversity_ratio"] = blurred["diversity_ratio"]
-    out["blurred_source_distance_ratio"] = blurred["source_distance_ratio"]
-    centred = diversity_figures(real, labels, fakes, real, labels, centre=True)
-    out["centred_diversity_ratio"] = centred["diversity_ratio"]
-    out["centred_source_distance_ratio"] = centred["source_distance_ratio"]
-    return out
+    return diversity_figures(real, fakes, labels, real, labels)
 
 
 def main() -> None:

@@ -111,6 +111,10 @@ class DAGANGenerator(nn.Module):
             ``N(0, 1/z_dim)`` entries, so each map pixel is ~N(0, 1) and white in space): per-pixel variation that is
             still a deterministic function of the noise vector, which ``augment``'s per-variant noise seeds need.
         noise_map_max_size: largest decoder side that gets noise maps (their buffers grow with the side squared).
+        smooth_output: filter the generated output (before the input residual is added) with a fixed 3×3 binomial
+            kernel ``[1, 2, 1]ᵀ[1, 2, 1] / 16``, whose response is exactly zero at the Nyquist frequency: the
+            sub-pixel phases of ``PixelShuffle`` can then not drift apart into a checkerboard, while the source's own
+            fine detail (the residual) is untouched.
 
     Forward: ``x`` [B, C, S, S] in [-1, 1], ``z`` [B, z_dim], ``y`` LongTensor [B] or None → [B, C, S, S] in (-1, 1).
     """
@@ -120,7 +124,7 @@ class DAGANGenerator(nn.Module):
                  widths: Sequence[int] | None = None, bottleneck_size: int = 4, z_channels: int | None = None,
                  embedding_dim: int | None = None, max_width: int | None = None, stem_factor: int = 2,
                  act: str = "relu", input_residual: bool = True, residual_gain: float | None = None,
-                 noise_maps: int = 0, noise_map_max_size: int = 32) -> None:
+                 noise_maps: int = 0, noise_map_max_size: int = 32, smooth_output: bool = False) -> None:
         super().__init__()
         if stem_factor < 1 or image_size % stem_factor:
             raise ValueError(f"DAGANGenerator: stem_factor {stem_factor} must be >= 1 and divide image_size "
@@ -198,6 +202,11 @@ class DAGANGenerator(nn.Module):
         self.residual_gain = float(residual_gain)
         self.out_conv = _icnr_conv(widths[0], channels, f, norm, gain=self.residual_gain)
         self.depth_to_space = nn.PixelShuffle(f) if f > 1 else nn.Identity()
+        self.smooth_output = bool(smooth_output)
+        if self.smooth_output:
+            taps = torch.tensor([1.0, 2.0, 1.0])
+            self.register_buffer("smoothing_kernel", (torch.outer(taps, taps) / 16).expand(channels, 1, 3, 3).clone(),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.channels or x.shape[-1] != self.image_size or \
@@ -228,6 +237,9 @@ class DAGANGenerator(nn.Module):
             h = block(h, skip, cond, y)
         h = self.out_act(apply_norm(self.out_norm, h, y))
         out = self.depth_to_space(self.out_conv(h))
+        if self.smooth_output:
+            out = nn.functional.conv2d(nn.functional.pad(out, (1, 1, 1, 1), mode="replicate"),
+                                       self.smoothing_kernel.to(out.dtype), groups=self.channels)
         if self.input_residual:
             # The input itself is the last skip connection: the network predicts a change of x in tanh's
             # pre-activation space, so from the first step the output lives near the source patch and training

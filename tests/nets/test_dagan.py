@@ -236,3 +236,22 @@ def test_noise_maps_at_decoder_levels_are_a_deterministic_function_of_z():
         assert torch.equal(other.eval()(x, z), a)
     with pytest.raises(ValueError, match="noise_maps"):
         _tiny_g(64, noise_maps=-1)
+
+
+def test_smooth_output_removes_the_nyquist_checkerboard_of_the_generated_part():
+    x, z = torch.rand(2, 1, 64, 64) * 2 - 1, torch.randn(2, 8)
+
+    def checkerboard(smooth: bool) -> float:
+        torch.manual_seed(0)
+        g = _tiny_g(64, input_residual=False, smooth_output=smooth).eval()
+        with torch.no_grad():
+            # sub-pixel kernels that differ (small, so tanh stays linear): PixelShuffle alone draws a checkerboard
+            g.out_conv.weight.normal_(std=0.01)
+            out = g(x, z)
+        a, b, c, d = torch.nn.functional.pixel_unshuffle(out, 2).unbind(1)
+        return float((a - b - c + d)[:, 2:-2, 2:-2].abs().mean() / (out - out.mean()).abs().mean())
+
+    rough, smooth = checkerboard(False), checkerboard(True)
+    assert rough > 0.3 and smooth < 0.15 * rough, (rough, smooth)  # measured: 2.29 -> 0.18
+    g = _tiny_g(64, smooth_output=True)
+    assert "smoothing_kernel" not in g.state_dict()  # a constant, not a weight
