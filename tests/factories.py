@@ -47,3 +47,33 @@ def make_checkpoint(run_dir, patch_path, *, num_classes=3, steps=2):
     cfg.train = dataclasses.replace(cfg.train, steps=steps, device="cpu", ema_start=0, ema_decay=0.5, log_every=1,
                                     sample_every=10_000, checkpoint_every=steps, progress=False)
     return train(cfg, run_dir)  # PatchDataset + SameClassPairDataset of the train split, as `dagan train` does
+
+
+def make_omniglot_zip(path, alphabets, drawings=4, top="images_background_small1", size=105, seed=0):
+    """A zip in Omniglot's layout, ``<top>/<alphabet>/characterNN/<id>_NN.png``: 1-bit PNGs of black strokes on white.
+
+    ``alphabets`` maps alphabet name → number of characters. Each character is a random polyline; its drawings are
+    jittered copies (so characters are told apart by shape, like the real thing). A character's bytes depend only on
+    ``seed``, its alphabet's name and position and its number (so two zips can share an alphabet byte for byte).
+    """
+    import io
+    import zipfile
+    import zlib
+
+    from PIL import Image, ImageDraw
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for a, (alphabet, n_chars) in enumerate(alphabets.items()):
+            for c in range(1, n_chars + 1):
+                # One generator per character, so an alphabet is drawn alike in every zip that holds it.
+                rng = np.random.default_rng([seed, zlib.crc32(alphabet.encode()), c])
+                template = rng.uniform(0.2, 0.8, size=(4, 2)) * size
+                for d in range(1, drawings + 1):
+                    im = Image.new("1", (size, size), 1)
+                    pts = template + rng.normal(0, 2.0, size=template.shape)
+                    ImageDraw.Draw(im).line([tuple(p) for p in pts], fill=0, width=3)
+                    buf = io.BytesIO()
+                    im.save(buf, format="PNG")
+                    name = f"{top}/{alphabet}/character{c:02d}/{100 * a + c:04d}_{d:02d}.png"
+                    zf.writestr(zipfile.ZipInfo(name, date_time=(2017, 1, 1, 0, 0, 0)), buf.getvalue())
+    return path

@@ -71,9 +71,30 @@ class DownstreamConfig:
 
 
 def classical_augmentation(preset: str = "mammo", image_size: int = 64) -> Any:
-    """The albumentations pipeline of the ``+albumentations`` regimes."""
+    """The albumentations pipeline of the ``+albumentations`` regimes.
+
+    Presets: ``mammo`` (flips, 90° turns, small affine, brightness/contrast), ``natural`` (CIFAR-10: horizontal flip,
+    small shifts), ``strokes`` (handwriting such as Omniglot, bright strokes on a dark background: a random affine
+    with rotation ±10°, shear ±10°, scale 0.9–1.1 and shifts of ±10 % on every image, no flips — a mirrored
+    character can be another character). ``strokes:S`` scales those ranges by ``S`` (``strokes:0.5`` is gentler).
+    """
     import albumentations as A
 
+    name, _, strength_text = preset.partition(":")
+    if name == "strokes":
+        try:
+            s = float(strength_text) if strength_text else 1.0
+        except ValueError:
+            raise ValueError(f"augmentation preset {preset!r}: the strength after ':' must be a number") from None
+        if not 0.0 <= s <= 4.0:
+            raise ValueError(f"augmentation preset {preset!r}: strength must be in [0, 4], got {s}")
+        # Constant zero border: outside the drawing is background (dark after inverting Omniglot's white paper).
+        return A.Compose([
+            A.Affine(rotate=(-10 * s, 10 * s), shear=(-10 * s, 10 * s), scale=(1 - 0.1 * s, 1 + 0.1 * s),
+                     translate_percent=(-0.1 * s, 0.1 * s), border_mode=0, fill=0, p=1.0),
+        ])
+    if strength_text:
+        raise ValueError(f"augmentation preset {preset!r}: only 'strokes' takes a strength")
     if preset == "mammo":
         # Patches have no canonical orientation (left/right breasts, CC/MLO views): flips and 90° turns are
         # label-preserving; small affine and contrast changes mimic positioning and exposure differences.
@@ -90,7 +111,7 @@ def classical_augmentation(preset: str = "mammo", image_size: int = 64) -> Any:
             A.HorizontalFlip(p=0.5),
             A.Affine(translate_px=(-pad, pad), border_mode=2, p=0.5),
         ])
-    raise ValueError(f"unknown augmentation preset {preset!r}; choose 'mammo' or 'natural'")
+    raise ValueError(f"unknown augmentation preset {preset!r}; choose 'mammo', 'natural' or 'strokes[:S]'")
 
 
 def build_classifier(

@@ -1,0 +1,148 @@
+"""Tests for pipelines/omniglot_fewshot.py: the whole protocol in --smoke on a tiny Omniglot-layout zip."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from factories import make_omniglot_zip
+
+from dagan_gn.metrics.downstream import REGIMES
+from dagan_gn.store.patch_file import PatchFile
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _pipeline():
+    spec = importlib.util.spec_from_file_location("omniglot_fewshot", REPO / "pipelines" / "omniglot_fewshot.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """Two training alphabets (5 characters) and one held-out alphabet (3 characters), 6 drawings each."""
+    work = tmp_path_factory.mktemp("omniglot")
+    data = make_omniglot_zip(work / "tiny.zip", {"TrainA": 3, "TrainB": 2, "Held": 3}, drawings=6)
+    common = ["--data", str(data), "--train-alphabets", "TrainA,TrainB", "--test-alphabets", "Held",
+              "--shots", "1,2", "--test-per-class", "3", "--seeds", "0,1", "--smoke", "--quiet"]
+    module = _pipeline()
+    rc = module.main(["--out", str(work / "out"), *common])
+    return module, work, common, rc
+
+
+@pytest.mark.slow
+def test_smoke_protocol_report_and_leak_checks(smoke_run):
+    module, work, _, rc = smoke_run
+    out = work / "out"
+    assert rc == 0
+    report = json.loads((out / "omniglot_fewshot.json").read_text())
+    markdown = (out / "omniglot_fewshot.md").read_text()
+    assert "| k | real | real+albumentations | real+dagan | real+both |" in markdown
+    assert "\n| 1 | " in markdown and "\n| 2 | " in markdown and "\n| 3 | " not in markdown  # one row per k
+    assert (out / "omniglot_fewshot.png").stat().st_size > 0 and (out / "variants_test.png").stat().st_size > 0
+    table = report["summary"]["table"]
+    assert list(table) == ["1", "2"] and all(list(row) == list(REGIMES) for row in table.values())
+    assert all(cell["n"] == 2 and 0.0 <= cell["mean"] <= 1.0 for row in table.values() for cell in row.values())
+    assert len(report["runs"]) == 2 * 2 * len(REGIMES)
+    gains = report["summary"]["gains"]["2"]["dagan_minus_real"]
+    runs = {(r["k"], r["seed"], r["regime"]): r["accuracy"] for r in report["runs"]}
+    assert gains["per_seed"] == [runs[(2, s, "real+dagan")] - runs[(2, s, "real")] for s in (0, 1)]
+    assert set(report["seconds"]) >= {"read", "dagan_train", "augment", "classifiers", "total"}
+    assert report["settings"]["task_classes"] == ["Held/character01", "Held/character02", "Held/character03"]
+
+    # The DAGAN was trained on the training alphabets only: its data file, as named in the run's config.
+    cfg = yaml.safe_load((out / "dagan" / "config.yaml").read_text())
+    with PatchFile(cfg["data"]["path"]) as pf:
+        assert len(pf.class_names) == 5 and not any(c.startswith("Held/") for c in pf.class_names)
+    assert cfg["model"]["num_classes"] == 0 and report["dagan"]["task_classes_seen"] == 0
+
+    for seed in (0, 1):
+        with PatchFile(out / "test" / f"seed{seed}" / "shots.h5") as pf:
+            train, test = pf.split_indices("train"), pf.split_indices("test")
+            ids = pf.provenance("image_pseudonym")
+            assert not set(ids[train]) & set(ids[test])  # test drawings are never shots
+            assert len(train) == 3 * 2 and len(test) == 3 * 3
+            assert sorted(pf.provenance("shot_rank")[train]) == [0, 0, 0, 1, 1, 1]
+            assert all(np.bincount(pf.labels[test]) == 3)
+        with PatchFile(out / "test" / f"seed{seed}" / "variants.h5") as syn:
+            assert syn.synthetic and set(syn.provenance("source_index")) <= set(train.tolist())
+            assert len(syn) == 2 * len(train)
+    # Shots and test drawings differ between seeds.
+    with PatchFile(out / "test" / "seed0" / "shots.h5") as a, PatchFile(out / "test" / "seed1" / "shots.h5") as b:
+        assert list(a.provenance("image_pseudonym")) != list(b.provenance("image_pseudonym"))
+
+
+@pytest.mark.slow
+def test_rerun_resumes_everything_and_dev_task_reuses_the_dagan(smoke_run):
+    module, work, common, _ = smoke_run
+    out = work / "out"
+    lines = (out / "test" / "runs.jsonl").read_text().count("\n")
+    mtime = (out / "dagan" / "config.yaml").stat().st_mtime
+    assert module.main(["--out", str(out), *common]) == 0
+    assert (out / "test" / "runs.jsonl").read_text().count("\n") == lines  # no classifier trained again
+    assert (out / "dagan" / "config.yaml").stat().st_mtime == mtime  # nor the DAGAN
+    assert module.main(["--out", str(out), *common, "--dev", "--dev-classes", "3"]) == 0
+    dev = json.loads((out / "omniglot_fewshot_dev.json").read_text())
+    assert dev["settings"]["task"] == "dev" and dev["dagan"]["task_classes_seen"] == 3
+    assert all(c.startswith("Train") for c in dev["settings"]["task_classes"])
+    assert "which the DAGAN was trained on" in (out / "omniglot_fewshot_dev.md").read_text()
+
+
+def test_bad_protocols_fail_with_one_line(smoke_run, tmp_path, capsys):
+    module, work, common, _ = smoke_run
+    assert module.main(["--out", str(tmp_path / "a"), *common, "--shots", "4"]) == 2  # 4 shots + 3 tests > 6
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: character Held/character01 has 6 drawings") and "\n" not in err
+    conditional = [*common, "model.num_classes=5"]
+    assert module.main(["--out", str(tmp_path / "b"), *conditional]) == 2
+    assert "must be unconditional" in capsys.readouterr().err
+    # A DAGAN that was trained on the held-out characters is refused for the test task.
+    assert module.main(["--out", str(tmp_path / "c"), *common, "--train-alphabets", "Held",
+                        "--test-alphabets", "Held"]) == 2
+    assert "both training and test alphabets" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_parallel_workers_give_the_same_runs(smoke_run, tmp_path):
+    module, work, common, _ = smoke_run
+    rc = module.main(["--out", str(tmp_path / "par"), *common, "--reuse-dagan", str(work / "out" / "dagan"),
+                      "--workers", "2", "--regimes", "real,real+dagan"])
+    assert rc == 0
+    par = json.loads((tmp_path / "par" / "omniglot_fewshot.json").read_text())
+    seq = json.loads((work / "out" / "omniglot_fewshot.json").read_text())
+    assert par["settings"]["regimes"] == ["real", "real+dagan"] and par["settings"]["workers"] == 2
+
+    def key(r):
+        return r["k"], r["seed"], r["regime"]
+
+    seq_runs = {key(r): (r["accuracy"], r["auc"]) for r in seq["runs"]}
+    assert {key(r): (r["accuracy"], r["auc"]) for r in par["runs"]} == {
+        k: v for k, v in seq_runs.items() if k[2] in ("real", "real+dagan")}
+    targets = par["summary"]["targets"]
+    assert targets["both_beats_classical_at_k1"] is None  # the regimes were not run: not measured, not "failed"
+
+
+@pytest.mark.slow
+def test_an_unfinished_dagan_training_is_resumed(smoke_run, tmp_path):
+    import shutil
+
+    module, work, common, _ = smoke_run
+    out = tmp_path / "resume"
+    out.mkdir()
+    shutil.copytree(work / "out" / "dagan", out / "dagan")  # a run that stopped at step 2 ...
+    shutil.copy(work / "out" / "dagan_train.h5", out / "dagan_train.h5")
+    rc = module.main(["--out", str(out), *common, "--steps", "3", "--regimes", "real", "--shots", "1"])  # ... of 3
+    assert rc == 0
+    dagan = json.loads((out / "omniglot_fewshot.json").read_text())["dagan"]
+    assert dagan["trained_here"] and dagan["resumed_from_step"] == 2 and dagan["step"] == 3
+    # A changed config is refused instead of silently mixing two trainings.
+    assert module.main(["--out", str(out), *common, "--steps", "3", "optim.g_lr=0.5"]) == 2
