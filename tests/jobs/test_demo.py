@@ -29,6 +29,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     sheet = Image.open(out / "contact_sheet.png")
     assert sheet.width > 64 and sheet.height > 64
     assert (out / "run" / "loss_curves.png").is_file()
+    assert not (out / "patches.h5.salt").exists()  # a fixed salt for the synthetic patients: a reproducible split
     # the demo measures its own variants (dagan assess, diversity only)
     assessed = json.loads((out / "assess" / "assess.json").read_text())
     assert summary["pixel_diversity_ratio"] == assessed["diversity"]["pixel"]["mean"] > 0
