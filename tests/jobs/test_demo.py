@@ -14,7 +14,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     res = CliRunner().invoke(app, ["demo", "--out", str(out), "--steps", "2", "--patients", "4", "--n", "2",
                                    "--seed", "3", "--quiet"])
     assert res.exit_code == 0, res.output
-    assert "[5/5]" in res.output and "done in" in res.output and "pixel diversity ratio" in res.output
+    assert "[4/4]" in res.output and "done in" in res.output and "pixel diversity ratio" in res.output
 
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["extraction"]["files_skipped"] == 0 and summary["extraction"]["files_used"] == 16
@@ -30,11 +30,8 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert sheet.width > 64 and sheet.height > 64
     assert (out / "run" / "loss_curves.png").is_file()
     assert not (out / "patches.h5.salt").exists()  # a fixed salt for the synthetic patients: a reproducible split
-    # the demo measures its own variants (dagan assess, diversity only)
-    assessed = json.loads((out / "assess" / "assess.json").read_text())
-    assert summary["pixel_diversity_ratio"] == assessed["diversity"]["pixel"]["mean"] > 0
-    assert summary["pixel_source_distance_ratio"] > 0
-    assert assessed["class_consistency"] is None and assessed["fidelity"] is None
+    # the demo measures its own variants, as dagan assess does
+    assert 0 < summary["pixel_diversity_ratio"] < 5 and 0 < summary["pixel_source_distance_ratio"] < 5
     # the demo's training config carries the measured diversity settings
     import yaml
 
