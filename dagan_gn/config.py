@@ -112,6 +112,25 @@ class LossConfig:
     clip_value: float = 0.01
     #: Drift penalty epsilon * D(x)^2 that keeps critic outputs near zero (Karras et al. 2018); 0 disables.
     drift: float = 0.0
+    #: Differentiable augmentation of every critic input (DiffAugment): comma-separated ops of
+    #: ``translation, cutout, brightness, contrast, saturation`` (``color`` = the last three); empty disables.
+    #: Both images of a DAGAN pair get the same transform (``dagan_gn.training.diffaugment``).
+    diffaugment: str = ""
+    #: Probability that each op is applied to a sample (1 = DiffAugment); the start value when ``ada_target > 0``.
+    diffaugment_p: float = 1.0
+    #: ADA: target of the critic's overfitting statistic r_t (0.6 in Karras et al. 2020); 0 keeps p fixed.
+    ada_target: float = 0.0
+    #: ADA: critic steps between adjustments of p.
+    ada_interval: int = 4
+    #: ADA: thousands of real images it takes p to move by 1 (the adjustment speed).
+    ada_kimg: float = 100.0
+    #: Mode-seeking weight lambda (MSGAN): adds lambda / (mean|G(x,z1)-G(x,z2)| / mean|z1-z2| + 1e-5) to the
+    #: generator loss, computed on two variants per source in one forward; 0 disables.
+    mode_seeking: float = 0.0
+    #: Bounded mode seeking (DAGAN): stop pushing once two variants of a source differ by this multiple of the
+    #: distance between the source and its real same-class partner (1 = as varied as real pairs); 0 = unbounded
+    #: (MSGAN's form).
+    mode_seeking_target: float = 0.0
 
 
 @dataclass

@@ -104,6 +104,17 @@ class DAGANGenerator(nn.Module):
         act: activation name.
         input_residual: add ``atanh(x)`` to the output pre-activation, making the input the last skip connection
             (``G`` starts near the identity and learns variations); ``False`` gives the plain U-Net output.
+        residual_gain: scale of the output conv's initial weights (default 0.1 with the input residual, so the
+            untrained ``G`` is close to the identity; 1.0 without).
+        noise_maps: channels of spatial noise concatenated to the skip input of every decoder stage whose side is at
+            most ``noise_map_max_size`` (0: none). The maps are a fixed random linear function of ``z`` (a buffer,
+            ``N(0, 1/z_dim)`` entries, so each map pixel is ~N(0, 1) and white in space): per-pixel variation that is
+            still a deterministic function of the noise vector, which ``augment``'s per-variant noise seeds need.
+        noise_map_max_size: largest decoder side that gets noise maps (their buffers grow with the side squared).
+        smooth_output: filter the generated output (before the input residual is added) with a fixed 3×3 binomial
+            kernel ``[1, 2, 1]ᵀ[1, 2, 1] / 16``, whose response is exactly zero at the Nyquist frequency: the
+            sub-pixel phases of ``PixelShuffle`` can then not drift apart into a checkerboard, while the source's own
+            fine detail (the residual) is untouched.
 
     Forward: ``x`` [B, C, S, S] in [-1, 1], ``z`` [B, z_dim], ``y`` LongTensor [B] or None → [B, C, S, S] in (-1, 1).
     """
@@ -112,7 +123,8 @@ class DAGANGenerator(nn.Module):
                  norm: NormSpec = "group:8", num_classes: int = 0, dropout: float = 0.0, *,
                  widths: Sequence[int] | None = None, bottleneck_size: int = 4, z_channels: int | None = None,
                  embedding_dim: int | None = None, max_width: int | None = None, stem_factor: int = 2,
-                 act: str = "relu", input_residual: bool = True) -> None:
+                 act: str = "relu", input_residual: bool = True, residual_gain: float | None = None,
+                 noise_maps: int = 0, noise_map_max_size: int = 32, smooth_output: bool = False) -> None:
         super().__init__()
         if stem_factor < 1 or image_size % stem_factor:
             raise ValueError(f"DAGANGenerator: stem_factor {stem_factor} must be >= 1 and divide image_size "
@@ -135,6 +147,9 @@ class DAGANGenerator(nn.Module):
         self.bottleneck_size = int(bottleneck_size)
         self.stem_factor = int(stem_factor)
         self.input_residual = bool(input_residual)
+        self.noise_maps = int(noise_maps)
+        if self.noise_maps < 0:
+            raise ValueError(f"DAGANGenerator: noise_maps must be >= 0, got {noise_maps}")
         L = n_levels
         if parse_norm_spec(norm)[0] == "conditional_batch" and num_classes <= 0:
             raise ValueError("DAGANGenerator: norm 'conditional_batch' needs num_classes > 0")
@@ -160,19 +175,38 @@ class DAGANGenerator(nn.Module):
         self.z_map = linear(cond_dim, self.z_channels * b * b, norm=norm)
         self.bottleneck = ResBlock(widths[-1] + self.z_channels, widths[-1], norm=norm, block_index=L - 1, act=act,
                                    shared_embedding=self.class_embedding, where=f"{name}.bottleneck")
-        # Decoder stages from the coarsest to the finest level.
+        # Decoder stages from the coarsest to the finest level; stage i works at side image_size / f / 2**level.
+        decoder_levels = list(range(L - 2, -1, -1))
+        self.noise_map_sizes = [
+            (self.image_size // f) >> level if self.noise_maps and (self.image_size // f) >> level <= noise_map_max_size
+            else 0 for level in decoder_levels
+        ]
+        for i, side in enumerate(self.noise_map_sizes):
+            if side:
+                # Fixed (not trained) projection z -> noise_maps x side x side: drawn from the construction RNG like
+                # the weights, stored in the state_dict so a loaded generator maps z to the same maps.
+                self.register_buffer(f"noise_projection_{i}",
+                                     torch.randn(self.noise_maps * side * side, z_dim) / math.sqrt(z_dim))
         self.up = nn.ModuleList(
-            UNetUpBlock(widths[level + 1], widths[level], widths[level], cond_dim=cond_dim, norm=norm,
-                        block_index=L + i, act=act, shared_embedding=self.class_embedding, dropout=dropout,
-                        where=f"{name}.up.{i}")
-            for i, level in enumerate(range(L - 2, -1, -1))
+            UNetUpBlock(widths[level + 1], widths[level] + (self.noise_maps if self.noise_map_sizes[i] else 0),
+                        widths[level], cond_dim=cond_dim, norm=norm, block_index=L + i, act=act,
+                        shared_embedding=self.class_embedding, dropout=dropout, where=f"{name}.up.{i}")
+            for i, level in enumerate(decoder_levels)
         )
         self.out_norm = make_norm(norm, widths[0], layer_index=2 * L - 1, shared_embedding=self.class_embedding,
                                   where=f"{name}.out_norm")
         self.out_act = activation(act)
         # With the input residual the untrained network should start close to the identity: a small output gain.
-        self.out_conv = _icnr_conv(widths[0], channels, f, norm, gain=0.1 if self.input_residual else 1.0)
+        if residual_gain is None:
+            residual_gain = 0.1 if self.input_residual else 1.0
+        self.residual_gain = float(residual_gain)
+        self.out_conv = _icnr_conv(widths[0], channels, f, norm, gain=self.residual_gain)
         self.depth_to_space = nn.PixelShuffle(f) if f > 1 else nn.Identity()
+        self.smooth_output = bool(smooth_output)
+        if self.smooth_output:
+            taps = torch.tensor([1.0, 2.0, 1.0])
+            self.register_buffer("smoothing_kernel", (torch.outer(taps, taps) / 16).expand(channels, 1, 3, 3).clone(),
+                                 persistent=False)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.channels or x.shape[-1] != self.image_size or \
@@ -195,9 +229,17 @@ class DAGANGenerator(nn.Module):
         zmap = self.z_map(cond).view(x.shape[0], self.z_channels, b, b)
         h = self.bottleneck(torch.cat([h, zmap], dim=1), y)
         for i, block in enumerate(self.up):
-            h = block(h, skips[-2 - i], cond, y)
+            skip = skips[-2 - i]
+            side = self.noise_map_sizes[i]
+            if side:
+                noise = (z @ getattr(self, f"noise_projection_{i}").t()).view(x.shape[0], self.noise_maps, side, side)
+                skip = torch.cat([skip, noise.to(skip.dtype)], dim=1)
+            h = block(h, skip, cond, y)
         h = self.out_act(apply_norm(self.out_norm, h, y))
         out = self.depth_to_space(self.out_conv(h))
+        if self.smooth_output:
+            out = nn.functional.conv2d(nn.functional.pad(out, (1, 1, 1, 1), mode="replicate"),
+                                       self.smoothing_kernel.to(out.dtype), groups=self.channels)
         if self.input_residual:
             # The input itself is the last skip connection: the network predicts a change of x in tanh's
             # pre-activation space, so from the first step the output lives near the source patch and training

@@ -26,7 +26,10 @@ import torch
 from torch import nn
 
 from dagan_gn.config import LossConfig, ModelConfig
-from dagan_gn.training.losses import drift_penalty, get_loss, gradient_penalty
+from dagan_gn.training.diffaugment import DiffAugment
+from dagan_gn.training.losses import WassersteinLoss, drift_penalty, get_loss, gradient_penalty
+from dagan_gn.training.regularizers import (mode_seeking_penalty, mode_seeking_ratio, paired_noise_inputs,
+                                           real_pair_cap)
 
 __all__ = ["GANModel", "DAGANModel", "UnconditionalGANModel", "truncated_noise", "frozen"]
 
@@ -110,6 +113,10 @@ class GANModel:
 
         self.fuse_real_fake = not is_batch_coupling(model_cfg.d_norm)
         self.z_dim = int(getattr(self.G_bare, "z_dim", model_cfg.z_dim))
+        # Critic-input augmentation (loss.diffaugment, ADA) and the mode-seeking weight (loss.mode_seeking).
+        self.augment = DiffAugment.from_config(loss_cfg)
+        self.mode_seeking = float(getattr(loss_cfg, "mode_seeking", 0.0))
+        self.mode_seeking_target = float(getattr(loss_cfg, "mode_seeking_target", 0.0))
 
     # ------------------------------------------------------------------ helpers
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -149,6 +156,54 @@ class GANModel:
 
     def noise(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.z_dim, device=self.device)
+
+    def augmented(self, *images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """DiffAugment of critic inputs (one draw: sample ``i`` of every image gets the same transform), in the
+        critic's memory format; the inputs themselves when ``loss.diffaugment`` is empty."""
+        if not self.augment.enabled:
+            return images
+        out = self.augment(*images)
+        if self.channels_last:
+            out = tuple(t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t for t in out)
+        return out
+
+    def observe_critic(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> dict[str, float]:
+        """Feed a critic step's scores to ADA (moves ``p`` when ``loss.ada_target > 0``); values to log."""
+        return self.augment.observe(d_real, d_fake, wasserstein=isinstance(self.loss, WassersteinLoss))
+
+    def _generator_objective(self, d_fake: torch.Tensor, fake: torch.Tensor, z: torch.Tensor,
+                             cap: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The generator loss, plus ``λ / (ratio + ε)`` when ``loss.mode_seeking = λ > 0`` (then the halves of
+        ``fake`` are two variants of the same inputs, from
+        :func:`~dagan_gn.training.regularizers.paired_noise_inputs`); ``cap`` bounds the ratio (the bounded
+        variant)."""
+        loss = self.loss.generator_loss(d_fake)
+        logs: dict[str, torch.Tensor] = {}
+        if self.mode_seeking > 0:
+            logs["loss/generator_adversarial"] = loss.detach()
+            ratio = mode_seeking_ratio(*fake.chunk(2), *z.chunk(2))
+            term = mode_seeking_penalty(ratio, self.mode_seeking, cap=cap)
+            loss = loss + term
+            logs.update({"loss/mode_seeking": term.detach(), "diversity/mode_seeking_ratio": ratio.detach()})
+        logs["loss/generator"] = loss.detach()
+        return loss, logs
+
+    def state_dict(self) -> dict[str, Any]:
+        """Training state of the steps themselves, checkpointed by the trainer as ``train_model``: the adaptive
+        augmentation's probability and sign statistics (only ADA moves; fixed DiffAugment has nothing to keep)."""
+        return {"diffaugment": self.augment.state_dict()} if self.augment.adaptive else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (a checkpoint's ``train_model`` entry)."""
+        unknown = sorted(set(state) - {"diffaugment"})
+        if unknown:
+            from dagan_gn.training.checkpoint import CheckpointError
+
+            raise CheckpointError(
+                f"the checkpoint holds training-step state {unknown} that {type(self).__name__} does not keep"
+            )
+        if state.get("diffaugment"):
+            self.augment.load_state_dict(state["diffaugment"])
 
     def critic_fake(self, *generator_inputs: torch.Tensor | None) -> torch.Tensor:
         """Fakes for a critic step: the generator under ``no_grad`` (the critic loss needs no gradient with respect to
@@ -207,20 +262,6 @@ class GANModel:
     def generator_step(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
-    def state_dict(self) -> dict[str, Any]:
-        """Training state kept by the steps themselves (e.g. an adaptive augmentation probability): tensors and
-        plain values, saved in every checkpoint and given back to :meth:`load_state_dict` on resume. None here."""
-        return {}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned (a checkpoint's ``train_model`` entry)."""
-        if state:
-            from dagan_gn.training.checkpoint import CheckpointError
-
-            raise CheckpointError(
-                f"the checkpoint holds training-step state {sorted(state)} that {type(self).__name__} does not keep"
-            )
-
 
 class DAGANModel(GANModel):
     """Conditional DAGAN (Antoniou et al. 2017) with a pair critic."""
@@ -228,22 +269,32 @@ class DAGANModel(GANModel):
     def critic_step(self, batch, grad_scale: float = 1.0):
         x, x_other, y = batch["image"], batch["pair"], self.labels(batch)
         fake = self.critic_fake(x, self.noise(x.shape[0]), y)
+        # One augmentation draw for the three images: both pairs hold the same augmented source (the penalty keeps
+        # it fixed and interpolates the augmented partners).
+        x, x_other, fake = self.augmented(x, x_other, fake)
         d_real, d_fake = self.critic_scores((x, x_other), (x, fake), y)
 
         def critic_fn(a, b):
             with self.autocast():
                 return self.D_ddp(a, b, y)
 
-        return self._critic_objective(d_real, d_fake, critic_fn, (x, x_other), (x, fake), grad_scale)
+        loss, logs = self._critic_objective(d_real, d_fake, critic_fn, (x, x_other), (x, fake), grad_scale)
+        logs.update(self.observe_critic(d_real, d_fake))
+        return loss, logs
 
     def generator_step(self, batch):
         x, y = batch["image"], self.labels(batch)
         z = self.noise(x.shape[0])
+        cap = None
+        if self.mode_seeking > 0:
+            source = x
+            z, (x, y) = paired_noise_inputs(z, source, y)  # two variants per source in one forward
+            if self.mode_seeking_target > 0:
+                cap = real_pair_cap(source, batch["pair"], *z.chunk(2), self.mode_seeking_target)
         with frozen(self.D_bare), self.autocast():
             fake = self.G_ddp(x, z, y)
-            d_fake = self.D_bare(x, fake, y)
-        loss = self.loss.generator_loss(d_fake)
-        return loss, {"loss/generator": loss.detach()}
+            d_fake = self.D_bare(*self.augmented(x, fake), y)
+        return self._generator_objective(d_fake, fake, z, cap)
 
 
 class UnconditionalGANModel(GANModel):
@@ -252,20 +303,24 @@ class UnconditionalGANModel(GANModel):
     def critic_step(self, batch, grad_scale: float = 1.0):
         real, y = batch["image"], self.labels(batch)
         fake = self.critic_fake(self.noise(real.shape[0]), y)
+        (real,), (fake,) = self.augmented(real), self.augmented(fake)  # unpaired images: independent draws
         d_real, d_fake = self.critic_scores((real,), (fake,), y)
 
         def critic_fn(a):
             with self.autocast():
                 return self.D_ddp(a, y)
 
-        return self._critic_objective(d_real, d_fake, critic_fn, real, fake, grad_scale)
+        loss, logs = self._critic_objective(d_real, d_fake, critic_fn, real, fake, grad_scale)
+        logs.update(self.observe_critic(d_real, d_fake))
+        return loss, logs
 
     def generator_step(self, batch):
         y = self.labels(batch)
         n = batch["image"].shape[0]
         z = self.noise(n)
+        if self.mode_seeking > 0:
+            z, (y,) = paired_noise_inputs(z, y)
         with frozen(self.D_bare), self.autocast():
             fake = self.G_ddp(z, y)
-            d_fake = self.D_bare(fake, y)
-        loss = self.loss.generator_loss(d_fake)
-        return loss, {"loss/generator": loss.detach()}
+            d_fake = self.D_bare(*self.augmented(fake), y)
+        return self._generator_objective(d_fake, fake, z)
