@@ -21,7 +21,7 @@ Regime = choices("Regime", ("real", "real+albumentations", "real+dagan", "real+b
 #: ``--arch``: ``dagan_gn.metrics.downstream.CLASSIFIER_ARCHS`` (MONAI classifiers).
 ClassifierArch = choices("ClassifierArch", ("resnet", "densenet"))
 #: ``--augmentation``: ``dagan_gn.metrics.downstream.AUGMENTATION_PRESETS``.
-AugmentationPreset = choices("AugmentationPreset", ("mammo", "natural"))
+AugmentationPreset = choices("AugmentationPreset", ("mammo", "natural", "strokes"))
 #: ``check-memorization --feature``: the feature space besides pixels (``dagan_gn.metrics.memorization``).
 MemorizationFeature = choices("MemorizationFeature", ("random-conv", "none"))
 
@@ -99,8 +99,9 @@ def evaluate_augmentation_command(
     synthetic_ratio: str = typer.Option("0.5", "--synthetic-ratio", help="Fraction of synthetic items in the "
                                         "DAGAN regimes, or 'balance' to top every class up to the largest one."),
     augmentation: AugmentationPreset = typer.Option("mammo", "--augmentation", help="Classical augmentation "
-                                                    "preset: mammo (flips, 90° turns, affine, contrast) or natural "
-                                                    "(flip, small shifts)."),
+                                                    "preset: mammo (flips, 90° turns, affine, contrast), natural "
+                                                    "(flip, small shifts) or strokes (affine, no flips: "
+                                                    "handwriting)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Number of seeds per regime (for the 95 % CIs)."),
     seed: int = typer.Option(0, "--seed", help="First seed; runs use seed, seed+1, ..."),
     device: str = device_option(),

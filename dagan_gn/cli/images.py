@@ -49,7 +49,7 @@ def import_images_command(
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s %(message)s")
-    with reported_errors(ValueError, OSError):
+    with reported_errors():
         report = import_images(sources, out, size=size, invert=invert, color=color,
                                class_prefixes=_names(classes_prefix), split=split, seed=seed, salt=salt,
                                salt_file=salt_file, overwrite=overwrite, progress=not quiet)

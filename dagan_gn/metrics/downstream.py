@@ -55,7 +55,8 @@ REGIMES: tuple[str, ...] = ("real", "real+albumentations", "real+dagan", "real+b
 #: ``DownstreamConfig.arch`` values (:func:`build_classifier`).
 CLASSIFIER_ARCHS: tuple[str, ...] = ("resnet", "densenet")
 #: ``DownstreamConfig.augmentation`` values (:func:`classical_augmentation`).
-AUGMENTATION_PRESETS: tuple[str, ...] = ("mammo", "natural", "strokes[:S]")
+#: The classical augmentation presets (the library also takes ``strokes:S``, the ``strokes`` ranges scaled by ``S``).
+AUGMENTATION_PRESETS: tuple[str, ...] = ("mammo", "natural", "strokes")
 
 
 @dataclass
