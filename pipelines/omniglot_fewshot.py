@@ -156,6 +156,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=1e-4, help="classifier AdamW weight decay")
     p.add_argument("--synthetic-ratio", default="0.25",
                    help="fraction of DAGAN variants in the +DAGAN/+both epochs (0.25: chosen on the dev task)")
+    p.add_argument("--bn-batches", type=int, default=50,
+                   help="batches of training data the classifier's batch-norm statistics are recomputed on after "
+                        "training (0: keep the running averages; docs/augment.md)")
     p.add_argument("--augmentation", default="strokes",
                    help="classical augmentation preset (strokes, strokes:S to scale its ranges, natural, mammo)")
     p.add_argument("--regimes", type=_str_list, default=None,
@@ -171,11 +174,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.smoke:
         args.n, args.width, args.classifier_steps = min(args.n, 2), min(args.width, 4), min(args.classifier_steps, 4)
+        args.bn_batches = min(args.bn_batches, 2)
         args.steps = 2 if args.steps is None else args.steps
         args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
     for name in ("size", "test_per_class", "n", "width", "classifier_steps", "batch_size", "dev_classes", "workers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.bn_batches < 0:
+        p.error("--bn-batches must be 0 or more")
     if any(k < 1 for k in args.shots):
         p.error("--shots must be positive")
     if len(set(args.seeds)) != len(args.seeds):
@@ -473,7 +479,8 @@ def classifier_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     epochs, _ = classifier_steps_plan(len(real), job["batch_size"], job["classifier_steps"])
     cfg = DownstreamConfig(width=job["width"], epochs=epochs, batch_size=job["batch_size"], lr=job["lr"],
                            weight_decay=job["weight_decay"], synthetic_ratio=job["synthetic_ratio"],
-                           augmentation=job["augmentation"], seeds=[seed], device=job["device"])
+                           augmentation=job["augmentation"], seeds=[seed], device=job["device"],
+                           bn_recalibration_batches=job.get("bn_recalibration_batches", 0))
     rows: list[dict[str, Any]] = []
     clock = [time.perf_counter(), time.process_time()]
 
@@ -517,6 +524,7 @@ def run_classifiers(args: argparse.Namespace, task_files: dict[int, Path], varia
                              "classifier_steps": args.classifier_steps, "lr": args.lr,
                              "weight_decay": args.weight_decay, "synthetic_ratio": ratio,
                              "augmentation": args.augmentation, "device": args.device, "settings": settings_fp,
+                             "bn_recalibration_batches": args.bn_batches,
                              "threads": 1 if args.workers > 1 else 0})
     total = len(args.shots) * len(args.seeds) * len(args.regimes)
     bar = tqdm(total=total, initial=total - sum(len(j["regimes"]) for j in jobs), desc="classifiers", unit="run",
@@ -825,7 +833,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         reuse_dagan=None if args.reuse_dagan is None else str(args.reuse_dagan),
         classifier={"arch": "resnet", "width": args.width, "layers": [1, 1, 1, 1], "lr": args.lr,
                     "weight_decay": args.weight_decay, "batch_size": args.batch_size,
-                    "synthetic_ratio": args.synthetic_ratio, "augmentation": args.augmentation},
+                    "synthetic_ratio": args.synthetic_ratio, "augmentation": args.augmentation,
+                    "bn_recalibration_batches": args.bn_batches},
         classifier_steps=args.classifier_steps, device=args.device, smoke=args.smoke,
         dev_classes=args.dev_classes if args.dev else 0, threads=args.threads, task_classes=list(task_classes),
         regimes=list(args.regimes), workers=args.workers,

@@ -37,6 +37,7 @@ __all__ = [
     "REGIMES",
     "CLASSIFIER_ARCHS",
     "AUGMENTATION_PRESETS",
+    "recalibrate_batch_norm",
     "DownstreamConfig",
     "DownstreamReport",
     "build_classifier",
@@ -82,6 +83,11 @@ class DownstreamConfig:
     seeds: list = field(default_factory=lambda: [0, 1, 2])
     device: str = "auto"
     num_workers: int = 0
+    #: After training, batch-norm statistics are recomputed on this many batches of the training data ("precise
+    #: BN"; 0 keeps the running averages). The running averages lag behind weights that still move fast at the end
+    #: of a short run: on Omniglot (k = 5, real+both) they left a classifier at 6 % test accuracy (and 6 % on its own
+    #: training drawings) that scores 75 % with recomputed statistics (docs/augment.md, "Omniglot few-shot").
+    bn_recalibration_batches: int = 50
 
 
 def classical_augmentation(preset: str = "mammo", image_size: int = 64) -> Any:
@@ -191,7 +197,26 @@ def train_classifier(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+    recalibrate_batch_norm(model, train_set, batches=config.bn_recalibration_batches, batch_size=batch,
+                           seed=seed, device=device, num_workers=config.num_workers)
     return model.eval()
+
+
+def recalibrate_batch_norm(model: nn.Module, dataset: Dataset, *, batches: int, batch_size: int, seed: int,
+                           device: torch.device, num_workers: int = 0) -> bool:
+    """Replace the batch-norm running statistics of ``model`` by their average over ``batches`` batches of
+    ``dataset`` (dict items with ``image``; seeded order, cycling over epochs as needed) with the weights fixed:
+    ``torch.optim.swa_utils.update_bn``. Returns False (model untouched) when it has no batch norm or
+    ``batches`` is 0."""
+    from torch.optim.swa_utils import update_bn
+
+    if batches <= 0 or not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(seed + 1), num_workers=num_workers)
+    images = (item["image"].to(device, torch.float32) for _, item in zip(range(batches), _forever(loader, dataset)))
+    update_bn(images, model)
+    return True
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ from dagan_gn.metrics.downstream import (
     evaluate_augmentation,
     evaluate_classifier,
     mean_ci,
+    recalibrate_batch_norm,
+    train_classifier,
 )
 from dagan_gn.jobs.downstream import evaluate_augmentation_files, write_downstream_report
 
@@ -146,3 +148,54 @@ def test_files_end_to_end_and_leak_guard(tmp_path):
         evaluate_augmentation_files(real, real, config=cfg, progress=False)
     with pytest.raises(ValueError, match="held out"):
         evaluate_augmentation_files(real, syn, test_split="train", config=cfg, progress=False)
+
+
+def _batch_norms(model):
+    return [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def test_recalibrated_batch_norm_statistics_match_the_data():
+    torch.manual_seed(0)
+    x, y = blobs(64, 4)
+    model = build_classifier(4, 1, 16, width=4)
+    for bn in _batch_norms(model):  # running statistics that have nothing to do with the data
+        bn.running_mean.fill_(5.0)
+        bn.running_var.fill_(100.0)
+    model.eval()
+    stale = model(x)
+    with torch.no_grad():
+        model.train()
+        batch_stats = model(x)  # every layer normalised by the statistics of this very batch
+        model.eval()
+    assert recalibrate_batch_norm(model, Items(x, y), batches=1, batch_size=64, seed=0, device=torch.device("cpu"))
+    recalibrated = model(x)
+    assert not model.training
+    # One batch of the whole set: eval mode now uses its mean and (unbiased) variance, i.e. the train-mode output.
+    assert torch.allclose(recalibrated, batch_stats, atol=0.05)
+    assert not torch.allclose(stale, batch_stats, atol=0.05)
+
+
+def test_recalibration_is_a_no_op_without_batch_norm_or_batches():
+    x, y = blobs(16, 2)
+    model = build_classifier(2, 1, 16, width=4)
+    before = [bn.running_var.clone() for bn in _batch_norms(model)]
+    assert not recalibrate_batch_norm(model, Items(x, y), batches=0, batch_size=8, seed=0,
+                                      device=torch.device("cpu"))
+    assert all(torch.equal(a, bn.running_var) for a, bn in zip(before, _batch_norms(model)))
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 2))
+    assert not recalibrate_batch_norm(plain, Items(x, y), batches=3, batch_size=8, seed=0,
+                                      device=torch.device("cpu"))
+
+
+def test_train_classifier_recalibrates_only_the_batch_norm_buffers():
+    x, y = blobs(32, 4)
+    kw = dict(steps=4, seed=0, image_size=16, in_channels=1, device=torch.device("cpu"))
+    kept = train_classifier(Items(x, y), 4, config=DownstreamConfig(width=4, batch_size=8,
+                                                                    bn_recalibration_batches=0), **kw)
+    recal = train_classifier(Items(x, y), 4, config=DownstreamConfig(width=4, batch_size=8,
+                                                                     bn_recalibration_batches=4), **kw)
+    for (name, a), b in zip(kept.state_dict().items(), recal.state_dict().values()):
+        if "running" in name:
+            continue
+        assert torch.equal(a, b), name  # same weights: recalibration happens after training, without gradients
+    assert not all(torch.equal(a.running_mean, b.running_mean) for a, b in zip(_batch_norms(kept), _batch_norms(recal)))
