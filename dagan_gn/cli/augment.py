@@ -102,6 +102,9 @@ def evaluate_augmentation_command(
                                                     "preset: mammo (flips, 90° turns, affine, contrast), natural "
                                                     "(flip, small shifts) or strokes (affine, no flips: "
                                                     "handwriting)."),
+    bn_batches: int = typer.Option(50, "--bn-batches", min=0, help="Batches of training data the classifier's "
+                                   "batch-norm statistics are recomputed on after training (precise BN; 0 keeps "
+                                   "the running averages)."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Number of seeds per regime (for the 95 % CIs)."),
     seed: int = typer.Option(0, "--seed", help="First seed; runs use seed, seed+1, ..."),
     device: str = device_option(),
@@ -119,7 +122,7 @@ def evaluate_augmentation_command(
         fail(f"--synthetic-ratio must be a number in [0, 1] or 'balance', got {synthetic_ratio!r}")
     cfg = DownstreamConfig(arch=arch.value, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                            synthetic_ratio=ratio, augmentation=augmentation.value,
-                           seeds=list(range(seed, seed + seeds)), device=device)
+                           seeds=list(range(seed, seed + seeds)), device=device, bn_recalibration_batches=bn_batches)
     with reported_errors():
         report = evaluate_augmentation_files(real, synthetic, out, train_split=train_split, test_split=test_split,
                                              classes=_names(classes), config=cfg, regimes=chosen,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -65,11 +67,12 @@ def test_augment_then_checks(trained, tmp_path):
     ev_dir = tmp_path / "ev"
     result = runner.invoke(app, ["evaluate-augmentation", "--real", str(patches), "--synthetic", str(syn),
                                  "--out", str(ev_dir), "--epochs", "1", "--width", "4", "--batch-size", "8",
-                                 "--seeds", "1", "--device", "cpu", "-q"])
+                                 "--seeds", "1", "--bn-batches", "2", "--device", "cpu", "-q"])
     assert result.exit_code == 0, result.output
     for regime in ("real", "real+albumentations", "real+dagan", "real+both"):
         assert f"| {regime} |" in result.output
     assert (ev_dir / "downstream.png").is_file() and (ev_dir / "downstream.md").is_file()
+    assert json.loads((ev_dir / "downstream.json").read_text())["config"]["bn_recalibration_batches"] == 2
 
 
 def test_errors_are_one_line(trained, tmp_path):
