@@ -333,8 +333,8 @@ def _validate_and_select(real, syn, real_path: Path, syn_path: Path, *, real_spl
         raise AssessError(f"{real_path}: the {real_split!r} split is empty")
 
     # Group variants by source, each source's variants in variant order.
-    order = np.lexsort((var, src))
-    sources, starts, counts = np.unique(src[order], return_index=True, return_counts=True)
+    sources, groups = div.group_by_source(src, var)
+    counts = np.array([len(g) for g in groups])
     n_total = len(sources)
     pick = np.arange(n_total)
     if max_sources is not None and n_total > max_sources:
@@ -345,7 +345,7 @@ def _validate_and_select(real, syn, real_path: Path, syn_path: Path, *, real_spl
         notes.append(f"sources have {v} to {int(counts[pick].max())} variants; the first {v} of each are used")
     if v < 2:
         notes.append("a single variant per source: diversity (variant-to-variant distance) is undefined")
-    variant_rows = np.stack([order[starts[k] : starts[k] + v] for k in pick])
+    variant_rows = np.stack([groups[k][:v] for k in pick])
     source_rows = sources[pick]
 
     # The real-pair scale: up to max_real_per_class images of each class of the real split.

@@ -132,23 +132,25 @@ def variant_diversity(patches: str | Path, synthetic: str | Path, *, seed: int =
     import numpy as np
     import torch
 
-    from dagan_gn.datasets.patches import PatchDataset
-    from dagan_gn.metrics.diversity import diversity_ratios, pixel_l1, source_distance_ratios
+    from dagan_gn.metrics.diversity import diversity_ratios, group_by_source, pixel_l1, source_distance_ratios
     from dagan_gn.store.patch_file import PatchFile
 
-    real = PatchDataset(patches, split="train")
+    with PatchFile(patches) as pf:
+        train_rows = pf.split_indices("train")
+        real_labels = pf.labels[train_rows]
+        real_images = torch.from_numpy(pf.read_patches(train_rows, signed=True))
     with PatchFile(synthetic) as pf:
-        source_rows, variant = pf.provenance("source_index"), pf.provenance("variant")
-    fake = PatchDataset(synthetic, split=None)
-    order = np.lexsort((variant, source_rows))  # grouped by source, variants in order
-    sources = np.unique(source_rows)
-    position = {int(r): i for i, r in enumerate(real.rows)}
-    real_images = torch.stack([real.read_image(i) for i in range(len(real))])
-    variants = torch.stack([fake.read_image(int(i)) for i in order]).view(len(sources), -1, *real_images.shape[1:])
-    picked = [position[int(r)] for r in sources]
-    labels = real.labels[picked]
-    diversity = diversity_ratios(variants, labels, real_images, real.labels, pixel_l1, seed=seed)
-    distance = source_distance_ratios(real_images[picked], variants, labels, real_images, real.labels, pixel_l1,
+        sources, groups = group_by_source(pf.provenance("source_index"), pf.provenance("variant"))
+        v = min(len(g) for g in groups)
+        variant_rows = np.stack([g[:v] for g in groups])
+        variants = torch.from_numpy(pf.read_patches(variant_rows, signed=True)).view(*variant_rows.shape,
+                                                                                    *real_images.shape[1:])
+    picked = np.minimum(np.searchsorted(train_rows, sources), len(train_rows) - 1)
+    if not np.array_equal(train_rows[picked], sources):
+        raise ValueError(f"{synthetic}: holds variants of patches outside the train split of {patches}")
+    labels = real_labels[picked]
+    diversity = diversity_ratios(variants, labels, real_images, real_labels, pixel_l1, seed=seed)
+    distance = source_distance_ratios(real_images[picked], variants, labels, real_images, real_labels, pixel_l1,
                                       seed=seed)
     return float(diversity.nanmean()), float(distance.nanmean())
 

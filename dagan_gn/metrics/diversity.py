@@ -51,6 +51,7 @@ __all__ = [
     "diversity_ratios",
     "source_distance_ratios",
     "PenultimateFeatures",
+    "group_by_source",
 ]
 
 #: ``distance(a, b) -> [B]``: one distance per pair of ``a [B, ...]`` and ``b [B, ...]`` (images: [B, C, H, W] in
@@ -254,6 +255,21 @@ def _ratio(raw: Tensor, source_labels, reference: Mapping[int, float]) -> Tensor
     # A zero scale (every real image of the class identical) is as undefined as a missing one.
     scale = torch.where(scale > 0, scale, torch.full_like(scale, float("nan")))
     return (raw.double() / scale).float()
+
+
+def group_by_source(source_index: np.ndarray | Sequence[int],
+                    variant: np.ndarray | Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Group the rows of a variant set (``dagan augment``'s provenance ``source_index`` and ``variant``, one entry
+    per row) by source: ``(sources, rows)`` with the sorted distinct source indices and, for each, the row numbers of
+    its variants in variant order. ``np.stack([r[:v] for r in rows])`` with ``v = min(map(len, rows))`` gives the
+    ``[S, V]`` row table whose images are the ``variants`` argument of the functions below."""
+    source_index = np.asarray(source_index, dtype=np.int64).reshape(-1)
+    variant = np.asarray(variant, dtype=np.int64).reshape(-1)
+    if source_index.shape != variant.shape:
+        raise ValueError(f"{len(source_index)} source indices for {len(variant)} variant numbers")
+    order = np.lexsort((variant, source_index))
+    sources, starts, counts = np.unique(source_index[order], return_index=True, return_counts=True)
+    return sources, [order[a : a + n] for a, n in zip(starts, counts)]
 
 
 def _reference(real, real_labels, distance, n_pairs, seed, reference) -> Mapping[int, float]:

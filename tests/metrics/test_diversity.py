@@ -12,6 +12,7 @@ from dagan_gn.metrics.diversity import (
     PenultimateFeatures,
     diversity_ratios,
     feature_l2,
+    group_by_source,
     mean_pairwise,
     mean_source_distance,
     ms_ssim_distance,
@@ -236,3 +237,13 @@ def test_ratios_on_the_training_sample_grid_shape():
     # Independent uniform noise images: variants are as varied as the "real" ones.
     assert a.mean().item() == pytest.approx(1.0, abs=0.02)
     assert torch.equal(a, diversity_ratios(variants, labels, real, real_labels))
+
+
+def test_group_by_source_orders_rows_by_source_then_variant():
+    source_index = [7, 3, 7, 3, 7, 5]
+    variant = [2, 1, 0, 0, 1, 0]
+    sources, rows = group_by_source(source_index, variant)
+    assert sources.tolist() == [3, 5, 7]
+    assert [r.tolist() for r in rows] == [[3, 1], [5], [2, 4, 0]]
+    with pytest.raises(ValueError, match="3 source indices for 2 variant numbers"):
+        group_by_source([1, 2, 3], [0, 1])
