@@ -223,9 +223,8 @@ class DiffAugment:
     @classmethod
     def from_config(cls, loss_cfg: Any) -> "DiffAugment":
         """Build from the ``loss`` section of a config (``diffaugment``, ``diffaugment_p``, ``ada_*`` keys)."""
-        return cls(getattr(loss_cfg, "diffaugment", ""), getattr(loss_cfg, "diffaugment_p", 1.0),
-                   ada_target=getattr(loss_cfg, "ada_target", 0.0), ada_interval=getattr(loss_cfg, "ada_interval", 4),
-                   ada_kimg=getattr(loss_cfg, "ada_kimg", 100.0))
+        return cls(loss_cfg.diffaugment, loss_cfg.diffaugment_p, ada_target=loss_cfg.ada_target,
+                   ada_interval=loss_cfg.ada_interval, ada_kimg=loss_cfg.ada_kimg)
 
     @property
     def enabled(self) -> bool:

@@ -115,8 +115,8 @@ class GANModel:
         self.z_dim = int(getattr(self.G_bare, "z_dim", model_cfg.z_dim))
         # Critic-input augmentation (loss.diffaugment, ADA) and the mode-seeking weight (loss.mode_seeking).
         self.augment = DiffAugment.from_config(loss_cfg)
-        self.mode_seeking = float(getattr(loss_cfg, "mode_seeking", 0.0))
-        self.mode_seeking_target = float(getattr(loss_cfg, "mode_seeking_target", 0.0))
+        self.mode_seeking = float(loss_cfg.mode_seeking)
+        self.mode_seeking_target = float(loss_cfg.mode_seeking_target)
 
     # ------------------------------------------------------------------ helpers
     def autocast(self) -> contextlib.AbstractContextManager:
