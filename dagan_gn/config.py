@@ -71,6 +71,10 @@ class ModelConfig:
     num_classes: int = 0
     #: Dropout probability in the generator decoder (DAGAN); 0 disables it.
     dropout: float = 0.0
+    #: Classes of the critic's auxiliary class head (DAGAN identity term, ``loss.class_weight``): the *training*
+    #: classes, so the generator stays class-unconditional and still serves classes it never saw. 0: no head;
+    #: -1: the number of classes in the training data (resolved when the run is built and saved resolved).
+    critic_classes: int = 0
     #: Extra keyword arguments for the generator / critic constructors (architecture-specific knobs).
     g_kwargs: dict = field(default_factory=dict)
     d_kwargs: dict = field(default_factory=dict)
@@ -94,6 +98,9 @@ class DataConfig:
     num_workers: int = 2
     #: Random horizontal flips of real images (a cheap, label-preserving augmentation for the critic's data).
     hflip: bool = True
+    #: Probability that a training pair is rotated by k·90° (k = 1, 2 or 3, both images together; the DAGAN
+    #: reference's ``augment_rotate``): more pairs for a critic that sees few classes. 0 disables.
+    rotate90: float = 0.0
 
 
 @dataclass
@@ -131,6 +138,13 @@ class LossConfig:
     #: distance between the source and its real same-class partner (1 = as varied as real pairs); 0 = unbounded
     #: (MSGAN's form).
     mode_seeking_target: float = 0.0
+    #: Identity: weight of the auxiliary class head's cross-entropy (needs ``model.critic_classes``): the critic
+    #: learns the training classes on real images, the generator is asked that its variant be classified as its
+    #: source's class (FUNIT, LoFGAN, F2GAN, MatchingGAN use 1). 0 disables.
+    class_weight: float = 0.0
+    #: Identity: weight of the reconstruction term ``L1(G(x, z=0), x)`` (FUNIT 0.1, LoFGAN 0.5): at zero noise the
+    #: generator returns its source, so the noise moves a variant *around* its source. 0 disables.
+    reconstruction: float = 0.0
 
 
 @dataclass
@@ -262,6 +276,14 @@ _MINIMUM: dict[str, int] = {
     "model.channels": 1,
     "model.z_dim": 1,
     "model.num_classes": 0,
+    "model.critic_classes": -1,
+}
+
+#: Float keys that are probabilities or non-negative weights: ``(low, high)`` inclusive.
+_FLOAT_RANGE: dict[str, tuple[float, float]] = {
+    "data.rotate90": (0.0, 1.0),
+    "loss.class_weight": (0.0, float("inf")),
+    "loss.reconstruction": (0.0, float("inf")),
 }
 
 
@@ -271,6 +293,14 @@ def _check_ranges(cfg: ExperimentConfig) -> None:
         value = getattr(getattr(cfg, section), name)
         if value < low:
             raise ConfigError(f"config key '{key}' must be at least {low}, got {value}")
+    for key, (low, high) in _FLOAT_RANGE.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not low <= value <= high:
+            raise ConfigError(f"config key '{key}' must be in [{low}, {high}], got {value}")
+    if cfg.loss.class_weight > 0 and cfg.model.critic_classes == 0:
+        raise ConfigError("loss.class_weight > 0 needs the critic's class head: set model.critic_classes "
+                          "(-1: the number of classes in the training data)")
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:

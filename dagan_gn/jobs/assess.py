@@ -118,6 +118,11 @@ class AssessReport:
     #: One row per source: ``source_index`` (row of the real file), ``class``, ``diversity`` / ``source_distance``
     #: (space → ratio).
     per_source: list[dict[str, Any]]
+    #: Space → identity of the variants (:func:`~dagan_gn.metrics.diversity.source_identity`): ``nearest_is_source``
+    #: and ``closer_than_other_class``, each ``{"mean", "ci95", "n"}`` over sources of the per-source share of
+    #: variants passing, plus ``n_candidates`` (sources) and ``n_other`` (real-pair patches that compete as other
+    #: classes' images, besides the sources).
+    identity: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     #: Output name → base name of the file written (filled by :func:`write_assess_report`).
@@ -144,6 +149,9 @@ class AssessReport:
         out = [f"{self.synthetic} vs {self.real}: {self.n_sources} sources × {self.variants_per_source} variants "
                "(ratios to random real same-class pairs: 1 = as varied as real data, 0 = copies; mean ± 95 % CI)",
                *lines]
+        for space, ident in self.identity.items():
+            out.append(f"identity ({SPACES[space][0]}): nearest source is its own {_fmt_ci(ident['nearest_is_source'])}"
+                       f", closer to its source than to any other class {_fmt_ci(ident['closer_than_other_class'])}")
         cc = self.class_consistency
         if cc is not None:
             out.append(f"class consistency: accuracy on variants {_fmt(cc['variants']['accuracy'])} "
@@ -190,6 +198,19 @@ class AssessReport:
             cells = [f"{_fmt(self.diversity[s]['per_class'].get(c))} ({_fmt(self.real_pair_distance[s].get(c), 4)})"
                      for s in self.spaces]
             lines.append(f"| {c} | {counts[c]} | " + " | ".join(cells) + " |")
+        if self.identity:
+            lines += ["", "## Identity", "",
+                      "Does a variant still look like *its* source? Per variant: is its nearest neighbour among all "
+                      "assessed sources its own source, and is it closer to its source than to the nearest real patch "
+                      "of any other class (the sources and the real-pair patches)? Share of variants per source, mean "
+                      "± 95 % CI over sources. Diversity near 1 with identity near 1/sources is a new random patch of "
+                      "the class, not a variant of its source.", "",
+                      "| space | nearest source is its own | closer to its source than to another class | sources | "
+                      "real-pair patches |", "| --- | ---: | ---: | ---: | ---: |"]
+            for space, ident in self.identity.items():
+                lines.append(f"| {SPACES[space][0]} | {_fmt_ci(ident['nearest_is_source'])} | "
+                             f"{_fmt_ci(ident['closer_than_other_class'])} | {ident['n_candidates']} | "
+                             f"{ident['n_other']} |")
         cc = self.class_consistency
         lines += ["", "## Class consistency", ""]
         if cc is None:
@@ -421,6 +442,18 @@ def _measure_space(space: str, sources: torch.Tensor, variants: torch.Tensor, sc
     return _SpaceResult({class_names[c]: m for c, m in ref.items()}, d, t, r_div, r_src)
 
 
+def _identity(sources: torch.Tensor, variants: torch.Tensor, source_labels: np.ndarray, others: torch.Tensor,
+              other_labels: np.ndarray, *, p: float) -> dict[str, Any]:
+    """The identity shares of :func:`~dagan_gn.metrics.diversity.source_identity`, mean ± 95 % CI over sources."""
+    result = div.source_identity(sources, variants, source_labels, others, other_labels, p=p)
+    out: dict[str, Any] = {"n_candidates": int(sources.shape[0]), "n_other": int(others.shape[0])}
+    for key in ("nearest_is_source", "closer_than_other_class"):
+        per_source = result[key].double().mean(dim=1).tolist()
+        mean, half = mean_ci(per_source)
+        out[key] = {"mean": mean, "ci95": half, "n": len(per_source)}
+    return out
+
+
 def _predict(model: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 256) -> np.ndarray:
     model.eval()
     out = []
@@ -639,6 +672,7 @@ def assess(
     on_dev = [t.to(dev) for t in (sources, variants, scale_images)]
     results = {space: measure(space, *on_dev) for space in ("pixel", "ms_ssim")}
     del on_dev
+    identity = {"pixel": _identity(sources, variants, sel.source_labels, scale_images, scale_labels, p=1.0)}
 
     class_consistency = None
     if run_classifier and len(class_names) < 2:
@@ -665,7 +699,9 @@ def assess(
         def embedded(x: torch.Tensor) -> torch.Tensor:
             return embed(x.flatten(0, x.ndim - 4), features, device=dev).view(*x.shape[:-3], -1)
 
-        results["feature"] = measure("feature", embedded(sources), embedded(variants), embedded(scale_images))
+        f_sources, f_variants, f_scale = embedded(sources), embedded(variants), embedded(scale_images)
+        results["feature"] = measure("feature", f_sources, f_variants, f_scale)
+        identity["feature"] = _identity(f_sources, f_variants, sel.source_labels, f_scale, scale_labels, p=2.0)
     else:
         notes.append("classifier not run: no class consistency and no feature-space distances")
 
@@ -694,7 +730,7 @@ def assess(
         real_pair_distance={sp: r.real_pairs for sp, r in results.items()},
         diversity={sp: r.diversity for sp, r in results.items()},
         source_distance={sp: r.source_distance for sp, r in results.items()},
-        class_consistency=class_consistency, fidelity=fidelity, per_source=per_source, notes=notes,
+        class_consistency=class_consistency, fidelity=fidelity, per_source=per_source, identity=identity, notes=notes,
         meta={"seed": seed, "n_pairs": n_pairs, "max_sources": max_sources, "max_real_per_class": max_real_per_class,
               "max_heldout": max_heldout, "device": dev.type, "tool_version": _tool_version()},
     )

@@ -52,6 +52,7 @@ __all__ = [
     "source_distance_ratios",
     "PenultimateFeatures",
     "group_by_source",
+    "source_identity",
 ]
 
 #: ``distance(a, b) -> [B]``: one distance per pair of ``a [B, ...]`` and ``b [B, ...]`` (images: [B, C, H, W] in
@@ -332,6 +333,79 @@ def source_distance_ratios(
     """
     ref = _reference(real, real_labels, distance, n_pairs, seed, reference)
     return _ratio(mean_source_distance(sources, variants, distance), source_labels, ref)
+
+
+# --------------------------------------------------------------------------------------------- identity
+
+
+def _nearest(queries: Tensor, candidates: Tensor, p: float, exclude: Tensor | None = None,
+             chunk: int = 1024) -> tuple[Tensor, Tensor]:
+    """``(distance, index)`` of each query's nearest candidate (``torch.cdist`` with norm ``p`` on flattened
+    vectors), chunked over queries; ``exclude [Q, K]`` True marks candidates a query may not pick."""
+    q, c = queries.flatten(1).float(), candidates.flatten(1).float()
+    dists, idx = [], []
+    for a in range(0, len(q), chunk):
+        d = torch.cdist(q[a : a + chunk], c, p=p)
+        if exclude is not None:
+            d = d.masked_fill(exclude[a : a + chunk], float("inf"))
+        m = d.min(dim=1)
+        dists.append(m.values)
+        idx.append(m.indices)
+    return torch.cat(dists), torch.cat(idx)
+
+
+def source_identity(
+    sources: Tensor,
+    variants: Tensor,
+    source_labels: Tensor | np.ndarray | Sequence[int],
+    others: Tensor | None = None,
+    other_labels: Tensor | np.ndarray | Sequence[int] | None = None,
+    *,
+    p: float = 2.0,
+) -> dict[str, Tensor]:
+    """Does each variant keep its source's identity? Two per-variant tests, as ``[S, V]`` bool tensors:
+
+    - ``nearest_is_source``: among all ``S`` sources, the variant's nearest one is its own source (a variant of a
+      drawing looks most like that drawing, not like another source);
+    - ``closer_than_other_class``: the variant is closer to its own source than to the nearest real image of any
+      *other* class (among the sources and ``others``), i.e. it would be labelled right by its source's
+      1-nearest-neighbour rule.
+
+    Args:
+        sources: ``[S, ...]`` images (or features).
+        variants: ``[S, V, ...]`` of the same kind.
+        source_labels: ``[S]``.
+        others: optional ``[N, ...]`` more real images of the same kind (e.g. the real training split) that count as
+            other-class competitors; images of the source's own class among them are ignored.
+        other_labels: ``[N]`` with ``others``.
+        p: the norm of the distance (1: pixel L1 ranking, 2: Euclidean features).
+
+    Returns:
+        ``{"nearest_is_source": [S, V] bool, "closer_than_other_class": [S, V] bool, "source_distance": [S, V],
+        "other_class_distance": [S, V]}`` on the CPU (distances inf where no other-class image exists).
+    """
+    s, v = variants.shape[:2]
+    if sources.shape[0] != s:
+        raise ValueError(f"{sources.shape[0]} sources for variants of {s} sources")
+    lab = torch.as_tensor(_labels_array(source_labels, s, "source_labels"))
+    flat = variants.flatten(0, 1)
+    own = torch.arange(s).repeat_interleave(v)
+    _, nearest = _nearest(flat, sources, p)
+    source_distance = (flat.flatten(1).float() - sources[own].flatten(1).float()).norm(p=p, dim=1)
+    pool, pool_labels = sources, lab
+    if others is not None:
+        if other_labels is None:
+            raise ValueError("pass other_labels with others")
+        pool = torch.cat([sources.flatten(1).float(), others.flatten(1).float()])
+        pool_labels = torch.cat([lab, torch.as_tensor(_labels_array(other_labels, len(others), "other_labels"))])
+    same_class = lab[own].unsqueeze(1) == pool_labels.unsqueeze(0)
+    other_distance, _ = _nearest(flat, pool, p, exclude=same_class)
+    return {
+        "nearest_is_source": (nearest == own).view(s, v),
+        "closer_than_other_class": (source_distance < other_distance).view(s, v),
+        "source_distance": source_distance.view(s, v),
+        "other_class_distance": other_distance.view(s, v),
+    }
 
 
 # --------------------------------------------------------------------------------------------- feature space

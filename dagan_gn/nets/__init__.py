@@ -85,9 +85,12 @@ def build_dagan(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     generator = construct(DAGANGenerator, "model.g_kwargs", dict(
         image_size=cfg.image_size, channels=cfg.channels, z_dim=cfg.z_dim, width=cfg.g_width, norm=cfg.g_norm,
         num_classes=cfg.num_classes, dropout=cfg.dropout), cfg.g_kwargs)
+    if cfg.critic_classes < 0:
+        raise ConfigError("model.critic_classes=-1 (the data's class count) must be resolved from the training data "
+                          "before the networks are built (the trainer does this)")
     critic = construct(DAGANCritic, "model.d_kwargs", dict(
         image_size=cfg.image_size, channels=cfg.channels, width=cfg.d_width, norm=cfg.d_norm,
-        num_classes=cfg.num_classes), cfg.d_kwargs)
+        num_classes=cfg.num_classes, aux_classes=cfg.critic_classes), cfg.d_kwargs)
     return generator, critic
 
 

@@ -261,15 +261,23 @@ class DAGANCritic(nn.Module):
         widths: explicit channels per level, from the stem output (``S / 2``) to 4×4.
         down_mode: ``"stride"`` (default, cheap) or ``"pool"`` (Gulrajani's conv-then-mean-pool blocks).
         act: activation name.
+        aux_classes: > 0 adds an auxiliary class head (a linear layer on the pooled features) over the *training*
+            classes: the DAGAN identity term (``loss.class_weight``). It classifies a single image ``v`` from the
+            features of the self-pair ``(v, v)``, so the source of a pair can never carry the answer.
 
-    Forward: ``x``, ``x_other`` [B, C, S, S], ``y`` LongTensor [B] or None → scores [B].
+    Forward: ``x``, ``x_other`` [B, C, S, S], ``y`` LongTensor [B] or None → scores [B]; with ``with_logits=True``
+    → ``(scores [B], class logits [B, aux_classes])`` from the same features (one forward for both; the model steps
+    put real/fake pairs and self-pairs in one batch).
     """
 
     def __init__(self, image_size: int = 64, channels: int = 1, width: int = 32, norm: NormSpec = "layer",
                  num_classes: int = 0, *, widths: Sequence[int] | None = None, max_width: int | None = None,
-                 down_mode: str = "stride", act: str = "relu") -> None:
+                 down_mode: str = "stride", act: str = "relu", aux_classes: int = 0) -> None:
         super().__init__()
         critic_norm_spec(norm, "DAGANCritic")
+        if aux_classes < 0:
+            raise ValueError(f"DAGANCritic: aux_classes must be >= 0 (resolve model.critic_classes=-1 from the "
+                             f"data first), got {aux_classes}")
         if widths is None:
             widths = default_critic_widths(image_size, width, max_width)
         widths = [int(w) for w in widths]
@@ -290,14 +298,25 @@ class DAGANCritic(nn.Module):
         self.act = activation(act)
         self.out = linear(widths[-1], 1, norm=norm)
         self.projection = projection_embedding(num_classes, widths[-1], norm)
+        self.aux_classes = int(aux_classes)
+        # Plain linear layer (no weight/spectral norm): the head is a classifier trained with cross-entropy, not
+        # part of the Lipschitz-constrained score.
+        self.class_head = init_weights(nn.Linear(widths[-1], self.aux_classes)) if self.aux_classes else None
 
-    def forward(self, x: torch.Tensor, x_other: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, x_other: torch.Tensor, y: torch.Tensor | None = None, *,
+                with_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if x.shape != x_other.shape:
             raise ValueError(f"DAGANCritic: x {list(x.shape)} and x_other {list(x_other.shape)} differ in shape")
         h = self.stem(torch.cat([x, x_other], dim=1))
         for block in self.blocks:
             h = block(h)
-        return projection_score(self.act(h).mean(dim=(2, 3)), self.out, self.projection, y, "DAGANCritic")
+        features = self.act(h).mean(dim=(2, 3))
+        scores = projection_score(features, self.out, self.projection, y, "DAGANCritic")
+        if not with_logits:
+            return scores
+        if self.class_head is None:
+            raise ValueError("DAGANCritic: with_logits needs a class head (aux_classes > 0)")
+        return scores, self.class_head(features)
 
 
 #: ModelConfig overrides per preset (``image_size``, widths, z size and constructor extras).

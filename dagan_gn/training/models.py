@@ -87,6 +87,7 @@ class GANModel:
         amp_dtype: torch.dtype | None = None,
         channels_last: bool = False,
         hflip: bool = False,
+        rotate90: float = 0.0,
         generator_ddp: nn.Module | None = None,
         critic_ddp: nn.Module | None = None,
         generator_bare: nn.Module | None = None,
@@ -105,6 +106,7 @@ class GANModel:
         self.amp_dtype = amp_dtype
         self.channels_last = channels_last
         self.hflip = hflip
+        self.rotate90 = float(rotate90)
         self.conditional = model_cfg.num_classes > 0
         # Real and fake batches go through the critic in one forward of 2B samples (bigger, more efficient GEMMs,
         # one DDP forward fewer) whenever that cannot change the result: the critic's norm must treat samples
@@ -117,6 +119,9 @@ class GANModel:
         self.augment = DiffAugment.from_config(loss_cfg)
         self.mode_seeking = float(loss_cfg.mode_seeking)
         self.mode_seeking_target = float(loss_cfg.mode_seeking_target)
+        # Identity terms (DAGAN family): the critic's class head and the reconstruction at zero noise.
+        self.class_weight = float(loss_cfg.class_weight)
+        self.reconstruction = float(loss_cfg.reconstruction)
 
     # ------------------------------------------------------------------ helpers
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -138,14 +143,37 @@ class GANModel:
         mask = mask.to(x.device).view(-1, *([1] * (x.dim() - 1)))
         return torch.where(mask, x.flip(-1), x)
 
+    def _rotations(self, n: int) -> torch.Tensor | None:
+        """Quarter turns per sample for ``data.rotate90 = p``: 0 with probability ``1 - p``, else 1, 2 or 3 (drawn
+        from the global RNG on the CPU, so resumes reproduce them); None when rotation is off."""
+        if self.rotate90 <= 0:
+            return None
+        turn = torch.rand(n) < self.rotate90
+        k = torch.randint(1, 4, (n,))
+        return torch.where(turn, k, torch.zeros_like(k))
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Sample ``i`` of ``x`` [B, C, S, S] rotated by ``k[i]`` quarter turns."""
+        out = x
+        for turns in (1, 2, 3):
+            mask = (k == turns).view(-1, *([1] * (x.dim() - 1)))
+            if mask.any():
+                out = torch.where(mask, torch.rot90(x, turns, dims=(-2, -1)), out)
+        return out
+
     def prepare(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Move a collated batch to the device (and flip images when ``data.hflip``)."""
+        """Move a collated batch to the device (flip images when ``data.hflip``; rotate both images of a pair by the
+        same quarter turns when ``data.rotate90``)."""
         out = dict(batch)
+        turns = self._rotations(out["image"].shape[0]) if "image" in out else None
         for key in ("image", "pair"):
             if key in out:
                 x = out[key]
                 if self.hflip:
                     x = self._flip(x)
+                if turns is not None:
+                    x = self._rotate(x, turns)
                 out[key] = self._to_device(x)
         if "label" in out and isinstance(out["label"], torch.Tensor):
             out["label"] = out["label"].to(self.device, non_blocking=True).long()
@@ -264,7 +292,41 @@ class GANModel:
 
 
 class DAGANModel(GANModel):
-    """Conditional DAGAN (Antoniou et al. 2017) with a pair critic."""
+    """Conditional DAGAN (Antoniou et al. 2017) with a pair critic, plus the optional identity terms of the later
+    few-shot generators (FUNIT, LoFGAN, F2GAN, MatchingGAN):
+
+    * ``loss.class_weight`` — the critic's auxiliary class head over the *training* classes
+      (``model.critic_classes``): cross-entropy on real images for the critic, and on each variant with its
+      source's class for the generator. The head reads the self-pair ``(v, v)`` of an image, so a pair's source can
+      never give the answer away; the generator itself stays class-unconditional.
+    * ``loss.reconstruction`` — ``L1(G(x, z=0), x)``: at zero noise the generator returns its source.
+
+    Both ride in the forwards the steps already make (self-pairs join the critic batch, the zero-noise sources join
+    the generator batch), so they cost extra rows, not extra passes.
+    """
+
+    def critic_outputs(
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor | None, classify: torch.Tensor
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Scores of each ``(a, b)`` pair batch and the class logits of the images ``classify`` (read as self-pairs),
+        under autocast: one critic forward when ``fuse_real_fake`` (per-sample critic norms), else one per group.
+        Every group has the rows of ``y`` (the class conditioning of a conditional critic, or None)."""
+        groups = [*pairs, (classify, classify)]
+        with self.autocast():
+            if self.fuse_real_fake:
+                yy = None if y is None else torch.cat([y] * len(groups))
+                scores, logits = self.D_ddp(torch.cat([a for a, _ in groups]), torch.cat([b for _, b in groups]), yy,
+                                            with_logits=True)
+                *scores, _ = scores.chunk(len(groups))
+                return list(scores), logits.chunk(len(groups))[-1]
+            scores = [self.D_ddp(a, b, y) for a, b in pairs]
+            _, logits = self.D_ddp(classify, classify, y, with_logits=True)
+            return scores, logits
+
+    def _class_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the class head against ``labels`` repeated to the rows of ``logits`` (fp32)."""
+        repeats = logits.shape[0] // labels.shape[0]
+        return nn.functional.cross_entropy(logits.float(), labels.repeat(repeats))
 
     def critic_step(self, batch, grad_scale: float = 1.0):
         x, x_other, y = batch["image"], batch["pair"], self.labels(batch)
@@ -272,33 +334,85 @@ class DAGANModel(GANModel):
         # One augmentation draw for the three images: both pairs hold the same augmented source (the penalty keeps
         # it fixed and interpolates the augmented partners).
         x, x_other, fake = self.augmented(x, x_other, fake)
-        d_real, d_fake = self.critic_scores((x, x_other), (x, fake), y)
+        logits = None
+        if self.class_weight > 0:
+            (d_real, d_fake), logits = self.critic_outputs([(x, x_other), (x, fake)], y, classify=x_other)
+        else:
+            d_real, d_fake = self.critic_scores((x, x_other), (x, fake), y)
 
         def critic_fn(a, b):
             with self.autocast():
                 return self.D_ddp(a, b, y)
 
         loss, logs = self._critic_objective(d_real, d_fake, critic_fn, (x, x_other), (x, fake), grad_scale)
+        if logits is not None:
+            labels = batch["label"]
+            class_loss = self._class_loss(logits, labels)
+            loss = loss + self.class_weight * class_loss
+            logs["loss/critic_class"] = class_loss.detach()
+            logs["critic/class_accuracy_real"] = (logits.detach().argmax(1) == labels).float().mean()
+            logs["loss/critic"] = loss.detach()
         logs.update(self.observe_critic(d_real, d_fake))
         return loss, logs
 
     def generator_step(self, batch):
         x, y = batch["image"], self.labels(batch)
+        source, source_y = x, y
         z = self.noise(x.shape[0])
         cap = None
         if self.mode_seeking > 0:
-            source = x
             z, (x, y) = paired_noise_inputs(z, source, y)  # two variants per source in one forward
             if self.mode_seeking_target > 0:
                 cap = real_pair_cap(source, batch["pair"], *z.chunk(2), self.mode_seeking_target)
+        n_variants = x.shape[0]
+        g_x, g_z, g_y = x, z, y
+        if self.reconstruction > 0:  # the sources at zero noise join the same generator forward
+            g_x, g_z = torch.cat([x, source]), torch.cat([z, torch.zeros_like(z[: source.shape[0]])])
+            g_y = None if y is None else torch.cat([y, source_y])
+        logits = None
         with frozen(self.D_bare), self.autocast():
-            fake = self.G_ddp(x, z, y)
-            d_fake = self.D_bare(*self.augmented(x, fake), y)
-        return self._generator_objective(d_fake, fake, z, cap)
+            out = self.G_ddp(g_x, g_z, g_y)
+            fake, recon = out[:n_variants], out[n_variants:]
+            pair_source, pair_fake = self.augmented(x, fake)
+            if self.class_weight > 0:
+                groups = [(pair_source, pair_fake), (pair_fake, pair_fake)]
+                yy = None if y is None else torch.cat([y, y])
+                if self.fuse_real_fake:
+                    scores, logits = self.D_bare(torch.cat([a for a, _ in groups]), torch.cat([b for _, b in groups]),
+                                                 yy, with_logits=True)
+                    d_fake, logits = scores[:n_variants], logits[n_variants:]
+                else:
+                    d_fake = self.D_bare(pair_source, pair_fake, y)
+                    _, logits = self.D_bare(pair_fake, pair_fake, y, with_logits=True)
+            else:
+                d_fake = self.D_bare(pair_source, pair_fake, y)
+        loss, logs = self._generator_objective(d_fake, fake, z, cap)
+        if logits is not None:
+            class_loss = self._class_loss(logits, batch["label"])
+            loss = loss + self.class_weight * class_loss
+            logs["loss/generator_class"] = class_loss.detach()
+            logs["identity/variant_class_accuracy"] = (
+                logits.detach().argmax(1) == batch["label"].repeat(logits.shape[0] // batch["label"].shape[0])
+            ).float().mean()
+        if self.reconstruction > 0:
+            recon_loss = (recon.float() - source.float()).abs().mean()
+            loss = loss + self.reconstruction * recon_loss
+            logs["loss/reconstruction"] = recon_loss.detach()
+        if logits is not None or self.reconstruction > 0:
+            logs["loss/generator"] = loss.detach()
+        return loss, logs
 
 
 class UnconditionalGANModel(GANModel):
     """Noise-to-image GANs (CIFAR-10 ResNet/DCGAN), optionally class-conditional."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.class_weight > 0 or self.reconstruction > 0:
+            from dagan_gn.config import ConfigError
+
+            raise ConfigError("loss.class_weight and loss.reconstruction are identity terms of an image-to-image "
+                              "(DAGAN) model: a noise-to-image GAN has no source image to keep")
 
     def critic_step(self, batch, grad_scale: float = 1.0):
         real, y = batch["image"], self.labels(batch)

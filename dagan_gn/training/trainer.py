@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import math
 import signal
@@ -225,12 +226,29 @@ def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig, family: ModelFami
     if family.conditions_on_image and "pair" not in item:
         raise TrainingError(f"model '{family.name}' needs same-class pairs: the dataset items have no 'pair' "
                             f"(SameClassPairDataset)")
-    if cfg.model.num_classes > 0:
-        labels = set(dataset_labels(ds).tolist()) if len(ds) <= 100_000 else set()
-        if labels and max(labels) >= cfg.model.num_classes:
-            raise TrainingError(
-                f"the data has class label {max(labels)} but model.num_classes={cfg.model.num_classes}"
-            )
+    for key, classes in (("model.num_classes", cfg.model.num_classes), ("model.critic_classes",
+                                                                         cfg.model.critic_classes)):
+        if classes > 0:
+            labels = set(dataset_labels(ds).tolist()) if len(ds) <= 100_000 else set()
+            if labels and max(labels) >= classes:
+                raise TrainingError(f"the data has class label {max(labels)} but {key}={classes}")
+
+
+def data_class_count(ds: Dataset) -> int:
+    """Classes of a training dataset: its ``class_names`` when it has them, else the largest label + 1."""
+    names = getattr(ds, "class_names", None)
+    if names:
+        return len(names)
+    return int(dataset_labels(ds).max()) + 1
+
+
+def resolve_data_keys(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
+    """``cfg`` with the keys that say "from the data" resolved: ``model.critic_classes=-1`` → the number of classes of
+    the training data (a copy; ``cfg`` is not changed)."""
+    if cfg.model.critic_classes >= 0:
+        return cfg
+    model = dataclasses.replace(cfg.model, critic_classes=data_class_count(ds))
+    return dataclasses.replace(cfg, model=model)
 
 
 # ============================================================================================ helpers
@@ -331,12 +349,18 @@ class Trainer:
         self.family: ModelFamily = get_family(cfg.model.name)
         _check_training_config(cfg)
         self._setup_device()
+        # The data first when a config key is resolved from it (model.critic_classes=-1), so that the resume guard
+        # compares resolved configs and the networks are built at their final size.
+        if cfg.model.critic_classes < 0:
+            dataset = dataset if dataset is not None else build_dataset(cfg)
+            self.cfg = cfg = resolve_data_keys(cfg, dataset)
         state = self._checkpoint_to_resume(resume)
         self._build_networks(networks)
         self._build_optimizers()
         self.model: GANModel = self.family.train_steps(
             self.g_run, self.d_run, model_cfg=cfg.model, loss_cfg=cfg.loss, device=self.device,
             amp_dtype=self.amp_dtype, channels_last=cfg.train.channels_last, hflip=cfg.data.hflip,
+            rotate90=cfg.data.rotate90,
             generator_ddp=self.g_ddp, critic_ddp=self.d_ddp, generator_bare=self.g_bare, critic_bare=self.d_bare,
         )
         self._build_data(dataset)

@@ -94,6 +94,11 @@ def test_copy_set_scores_zero_everywhere_and_writes_the_report(real, tmp_path):
         assert abs(report.diversity[space]["mean"]) < 1e-3, space
         assert abs(report.source_distance[space]["mean"]) < 1e-3, space
         assert all(c in report.real_pair_distance[space] for c in CLASSES)
+    # Copies keep their identity perfectly: every variant's nearest source is its own, closer than any other class.
+    assert set(report.identity) == {"pixel", "feature"}
+    for space, ident in report.identity.items():
+        assert ident["nearest_is_source"]["mean"] == 1.0 and ident["closer_than_other_class"]["mean"] == 1.0, space
+        assert ident["n_candidates"] == 3 * N_SOURCES and ident["n_other"] > 0
     # Copies are classified exactly as their sources: recall per class equals the sources' recall.
     cc = report.class_consistency
     assert cc["variants"]["n"] == 3 * N_SOURCES * V and cc["heldout"]["n"] == 3 * N_TEST
@@ -110,7 +115,8 @@ def test_copy_set_scores_zero_everywhere_and_writes_the_report(real, tmp_path):
     assert data["diversity"]["pixel"]["mean"] == pytest.approx(report.diversity["pixel"]["mean"])
     assert len(data["per_source"]) == 3 * N_SOURCES and data["per_source"][0]["source_index"] == int(rows[0])
     md = (out / "assess.md").read_text()
-    assert "| pixel L1 |" in md and "real floor" in md and "contact_sheet.png" in md
+    assert "| pixel L1 |" in md and "real floor" in md and "contact_sheet.png" in md and "## Identity" in md
+    assert data["identity"]["feature"]["nearest_is_source"]["mean"] == 1.0
     for text in (md, (out / "assess.json").read_text()):
         assert str(tmp_path) not in text  # base names only: the report is shareable
     # Contact sheet: up to 8 rows (sources taken in turn from each class), source + V variants per row.
@@ -134,6 +140,9 @@ def test_real_patches_as_variants_score_about_one(real, tmp_path):
         assert report.diversity[space]["mean"] == pytest.approx(1.0, abs=0.15), space
         assert report.source_distance[space]["mean"] == pytest.approx(1.0, abs=0.15), space
     assert report.diversity["feature"]["mean"] == pytest.approx(1.0, abs=0.3)  # a 3-epoch classifier's embedding
+    # New patches of the class are not variants of their source: the nearest of 24 sources is the own one about as
+    # often as chance among a class's 8 sources (1/8), far from the copies' 1.0.
+    assert report.identity["pixel"]["nearest_is_source"]["mean"] < 0.4
     assert report.fidelity is None and "KID not run" in report.notes
 
 

@@ -247,3 +247,29 @@ def test_group_by_source_orders_rows_by_source_then_variant():
     assert [r.tolist() for r in rows] == [[3, 1], [5], [2, 4, 0]]
     with pytest.raises(ValueError, match="3 source indices for 2 variant numbers"):
         group_by_source([1, 2, 3], [0, 1])
+
+
+def test_source_identity_on_known_geometry():
+    from dagan_gn.metrics.diversity import source_identity
+
+    # Sources on a line at 0, 10, 20 (classes 0, 0, 1); variants placed by hand.
+    sources = torch.tensor([[0.0], [10.0], [20.0]])
+    variants = torch.tensor([
+        [[1.0], [4.0]],    # source 0: both nearest to itself
+        [[6.0], [14.0]],   # source 1: both nearest to 10 (own; 14 is 6 from source 2)
+        [[16.0], [9.0]],   # source 2: 16 is nearest to 20 (own); 9 is nearest to source 1 (another class)
+    ])
+    labels = [0, 0, 1]
+    out = source_identity(sources, variants, labels, p=1.0)
+    assert out["nearest_is_source"].tolist() == [[True, True], [True, True], [True, False]]
+    # other-class distance: sources 0/1 compete only with source 2 (class 1), source 2 with sources 0 and 1
+    assert out["other_class_distance"].tolist() == [[19.0, 16.0], [14.0, 6.0], [6.0, 1.0]]
+    assert out["closer_than_other_class"].tolist() == [[True, True], [True, True], [True, False]]
+    # an extra real image of class 1 at 5 beats variants 4 (4 from its source, 1 from the extra) and 6 (4 vs 1)
+    extra = source_identity(sources, variants, labels, torch.tensor([[5.0]]), [1], p=1.0)
+    assert extra["closer_than_other_class"].tolist() == [[True, False], [False, True], [True, False]]
+    # same-class extras never compete
+    same = source_identity(sources, variants, labels, torch.tensor([[5.0]]), [0], p=1.0)
+    assert same["closer_than_other_class"].tolist() == out["closer_than_other_class"].tolist()
+    with pytest.raises(ValueError, match="other_labels"):
+        source_identity(sources, variants, labels, torch.tensor([[5.0]]))
