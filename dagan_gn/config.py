@@ -145,6 +145,13 @@ class LossConfig:
     #: Identity: weight of the reconstruction term ``L1(G(x, z=0), x)`` (FUNIT 0.1, LoFGAN 0.5): at zero noise the
     #: generator returns its source, so the noise moves a variant *around* its source. 0 disables.
     reconstruction: float = 0.0
+    #: Identity: weight of ``1 − cos(e(G(x, z)), e(x))`` in a frozen embedding ``e`` — the penultimate layer of a
+    #: small classifier trained on the training classes before the GAN (``dagan_gn.training.identity``). 0 disables.
+    embedding_identity: float = 0.0
+    #: Training steps of that classifier (batch 64).
+    embedding_steps: int = 1000
+    #: Albumentations preset for that classifier's training (``strokes``, ``mammo``, ``natural``; empty: none).
+    embedding_augmentation: str = ""
 
 
 @dataclass
@@ -277,6 +284,7 @@ _MINIMUM: dict[str, int] = {
     "model.z_dim": 1,
     "model.num_classes": 0,
     "model.critic_classes": -1,
+    "loss.embedding_steps": 1,
 }
 
 #: Float keys that are probabilities or non-negative weights: ``(low, high)`` inclusive.
@@ -284,6 +292,7 @@ _FLOAT_RANGE: dict[str, tuple[float, float]] = {
     "data.rotate90": (0.0, 1.0),
     "loss.class_weight": (0.0, float("inf")),
     "loss.reconstruction": (0.0, float("inf")),
+    "loss.embedding_identity": (0.0, float("inf")),
 }
 
 

@@ -27,6 +27,7 @@ from torch import nn
 
 from dagan_gn.config import LossConfig, ModelConfig
 from dagan_gn.training.diffaugment import DiffAugment
+from dagan_gn.training.identity import embedding_identity_loss
 from dagan_gn.training.losses import WassersteinLoss, drift_penalty, get_loss, gradient_penalty
 from dagan_gn.training.regularizers import (mode_seeking_penalty, mode_seeking_ratio, paired_noise_inputs,
                                            real_pair_cap)
@@ -122,6 +123,10 @@ class GANModel:
         # Identity terms (DAGAN family): the critic's class head and the reconstruction at zero noise.
         self.class_weight = float(loss_cfg.class_weight)
         self.reconstruction = float(loss_cfg.reconstruction)
+        self.embedding_identity = float(loss_cfg.embedding_identity)
+        #: The frozen identity embedding (:mod:`dagan_gn.training.identity`), set by the trainer when
+        #: ``loss.embedding_identity > 0``; its weights are part of :meth:`state_dict`.
+        self.identity_embedding: nn.Module | None = None
 
     # ------------------------------------------------------------------ helpers
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -219,11 +224,14 @@ class GANModel:
     def state_dict(self) -> dict[str, Any]:
         """Training state of the steps themselves, checkpointed by the trainer as ``train_model``: the adaptive
         augmentation's probability and sign statistics (only ADA moves; fixed DiffAugment has nothing to keep)."""
-        return {"diffaugment": self.augment.state_dict()} if self.augment.adaptive else {}
+        state: dict[str, Any] = {"diffaugment": self.augment.state_dict()} if self.augment.adaptive else {}
+        if self.identity_embedding is not None:
+            state["identity_embedding"] = self.identity_embedding.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (a checkpoint's ``train_model`` entry)."""
-        unknown = sorted(set(state) - {"diffaugment"})
+        unknown = sorted(set(state) - {"diffaugment", "identity_embedding"})
         if unknown:
             from dagan_gn.training.checkpoint import CheckpointError
 
@@ -232,6 +240,8 @@ class GANModel:
             )
         if state.get("diffaugment"):
             self.augment.load_state_dict(state["diffaugment"])
+        if state.get("identity_embedding") is not None and self.identity_embedding is not None:
+            self.identity_embedding.load_state_dict(state["identity_embedding"])
 
     def critic_fake(self, *generator_inputs: torch.Tensor | None) -> torch.Tensor:
         """Fakes for a critic step: the generator under ``no_grad`` (the critic loss needs no gradient with respect to
@@ -300,6 +310,8 @@ class DAGANModel(GANModel):
       source's class for the generator. The head reads the self-pair ``(v, v)`` of an image, so a pair's source can
       never give the answer away; the generator itself stays class-unconditional.
     * ``loss.reconstruction`` — ``L1(G(x, z=0), x)``: at zero noise the generator returns its source.
+    * ``loss.embedding_identity`` — ``1 − cos(e(G(x, z)), e(x))`` in a frozen embedding ``e`` trained on the training
+      classes before the GAN (:mod:`dagan_gn.training.identity`).
 
     Both ride in the forwards the steps already make (self-pairs join the critic batch, the zero-noise sources join
     the generator batch), so they cost extra rows, not extra passes.
@@ -394,11 +406,18 @@ class DAGANModel(GANModel):
             logs["identity/variant_class_accuracy"] = (
                 logits.detach().argmax(1) == batch["label"].repeat(logits.shape[0] // batch["label"].shape[0])
             ).float().mean()
+        if self.embedding_identity > 0:
+            if self.identity_embedding is None:
+                raise RuntimeError("loss.embedding_identity > 0 but no identity embedding was set (the trainer sets it)")
+            with self.autocast():
+                identity_loss = embedding_identity_loss(self.identity_embedding, fake, source)
+            loss = loss + self.embedding_identity * identity_loss
+            logs["loss/embedding_identity"] = identity_loss.detach()
         if self.reconstruction > 0:
             recon_loss = (recon.float() - source.float()).abs().mean()
             loss = loss + self.reconstruction * recon_loss
             logs["loss/reconstruction"] = recon_loss.detach()
-        if logits is not None or self.reconstruction > 0:
+        if logits is not None or self.reconstruction > 0 or self.embedding_identity > 0:
             logs["loss/generator"] = loss.detach()
         return loss, logs
 
@@ -408,11 +427,11 @@ class UnconditionalGANModel(GANModel):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        if self.class_weight > 0 or self.reconstruction > 0:
+        if self.class_weight > 0 or self.reconstruction > 0 or self.embedding_identity > 0:
             from dagan_gn.config import ConfigError
 
-            raise ConfigError("loss.class_weight and loss.reconstruction are identity terms of an image-to-image "
-                              "(DAGAN) model: a noise-to-image GAN has no source image to keep")
+            raise ConfigError("loss.class_weight, loss.reconstruction and loss.embedding_identity are identity terms of "
+                              "an image-to-image (DAGAN) model: a noise-to-image GAN has no source image to keep")
 
     def critic_step(self, batch, grad_scale: float = 1.0):
         real, y = batch["image"], self.labels(batch)

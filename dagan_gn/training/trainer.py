@@ -364,6 +364,7 @@ class Trainer:
             generator_ddp=self.g_ddp, critic_ddp=self.d_ddp, generator_bare=self.g_bare, critic_bare=self.d_bare,
         )
         self._build_data(dataset)
+        self._build_identity_embedding(state)
         self.fixed: FixedGrid = self.family.fixed_grid(self.g_bare, self.dataset, cfg.train.seed,
                                                        num_classes=cfg.model.num_classes,
                                                        truncation=cfg.train.truncation)
@@ -480,6 +481,27 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
+
+    def _build_identity_embedding(self, state: dict[str, Any] | None) -> None:
+        """The frozen embedding of ``loss.embedding_identity``: trained on the training data for a new run, the
+        checkpoint's weights for a resumed one (then nothing is retrained)."""
+        cfg = self.cfg
+        if cfg.loss.embedding_identity <= 0:
+            return
+        from dagan_gn.training.identity import build_identity_embedding, train_identity_embedding
+
+        classes = data_class_count(self.dataset)
+        saved = ((state or {}).get("train_model") or {}).get("identity_embedding")
+        if saved is not None:
+            embedding = build_identity_embedding(classes, cfg.model.channels, cfg.model.image_size).to(self.device)
+            embedding.load_state_dict(saved)
+        else:
+            self.say(f"training the identity embedding: {classes} classes, {cfg.loss.embedding_steps} steps")
+            embedding = train_identity_embedding(
+                self.dataset, classes, channels=cfg.model.channels, image_size=cfg.model.image_size,
+                steps=cfg.loss.embedding_steps, augmentation=cfg.loss.embedding_augmentation, seed=cfg.train.seed,
+                device=self.device)
+        self.model.identity_embedding = embedding
 
     def _open_run_folder(self, resumed: bool) -> None:
         self.logger = RunLogger(self.run_dir, enabled=self.is_main)
