@@ -49,6 +49,7 @@ def test_smoke_protocol_report_and_leak_checks(smoke_run):
     assert "| k | real | real+albumentations | real+dagan | real+both |" in markdown
     assert "\n| 1 | " in markdown and "\n| 2 | " in markdown and "\n| 3 | " not in markdown  # one row per k
     assert (out / "omniglot_fewshot.png").stat().st_size > 0 and (out / "variants_test.png").stat().st_size > 0
+    assert report["environment"]["device"] == "cpu" and report["environment"]["torch"]
     table = report["summary"]["table"]
     assert list(table) == ["1", "2"] and all(list(row) == list(REGIMES) for row in table.values())
     assert all(cell["n"] == 2 and 0.0 <= cell["mean"] <= 1.0 for row in table.values() for cell in row.values())
