@@ -1,8 +1,9 @@
-"""Seeding and device selection shared by every command."""
+"""Seeding, device selection and the environment record shared by every command."""
 
 from __future__ import annotations
 
 import os
+import platform
 import random
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from dagan_gn.errors import DaganError
 
-__all__ = ["DeviceError", "seed_everything", "resolve_device", "default_cache_dir"]
+__all__ = ["DeviceError", "seed_everything", "resolve_device", "default_cache_dir", "environment_info"]
 
 
 class DeviceError(DaganError, RuntimeError):
@@ -43,3 +44,22 @@ def default_cache_dir() -> Path:
     """``$DAGAN_GN_CACHE`` or ``~/.cache/dagan_gn``: where decoded images, converted weights and reference
     statistics are kept (never inside a user's data folders)."""
     return Path(os.environ.get("DAGAN_GN_CACHE") or Path.home() / ".cache" / "dagan_gn").expanduser()
+
+
+def environment_info(device: torch.device | str | None = None) -> dict[str, str]:
+    """What a measured figure depends on besides its inputs, for every report JSON: the versions of torch, NumPy,
+    MONAI and Python, and the device the job ran on (``device``: None for CPU-only jobs; ``"auto"`` is resolved; a
+    GPU is named). Kernels differ in the last bit between versions and devices, so a figure is reproducible (or
+    questionable) only together with these."""
+    from importlib import metadata
+
+    try:
+        monai_version = metadata.version("monai")
+    except metadata.PackageNotFoundError:
+        monai_version = "not installed"
+    dev = resolve_device(str(device)) if device is not None else torch.device("cpu")
+    name = dev.type if dev.index is None else f"{dev.type}:{dev.index}"
+    if dev.type == "cuda":
+        name += f" ({torch.cuda.get_device_name(dev)})"
+    return {"torch": torch.__version__, "numpy": np.__version__, "monai": monai_version,
+            "python": platform.python_version(), "device": name}

@@ -103,6 +103,7 @@ def main() -> None:
 
     from dagan_gn.jobs.demo import demo_train_config
     from dagan_gn.jobs.train import train
+    from dagan_gn.runtime import environment_info
     from dagan_gn.training.checkpoint import latest_checkpoint
 
     torch.set_num_threads(1)
@@ -125,7 +126,7 @@ def main() -> None:
         record = {"setting": name, "overrides": overrides, "steps": args.steps, "seed": args.seed,
                   "data": str(args.data), "variants": args.variants, "train_seconds": round(seconds, 1),
                   "train_cpu_seconds": round(cpu_seconds, 1), **figures,
-                  "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+                  "time": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment_info(cfg.train.device)}
         with args.log.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         print(f"| {name} | {args.steps} | {seconds:.0f} ({cpu_seconds:.0f}) | {figures['diversity_ratio']:.3f} | "

@@ -44,7 +44,8 @@ def run_setting(out: Path, overrides: list[str], args: argparse.Namespace) -> di
         distance.append(s)
     return {"overrides": overrides, "steps": args.steps, "seconds": round(seconds, 1),
             "diversity_ratio": sum(diversity) / len(diversity), "source_distance_ratio": sum(distance) / len(distance),
-            "diversity_per_seed": diversity, "table": report["summary"]["table"], "gains": report["summary"]["gains"]}
+            "diversity_per_seed": diversity, "table": report["summary"]["table"], "gains": report["summary"]["gains"],
+            "environment": report.get("environment")}
 
 
 def markdown(results: dict[str, dict], shots: list[str]) -> str:

@@ -767,6 +767,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from dagan_gn.fileio import atomic_write_text
     from dagan_gn.ingest.privacy import load_or_create_salt
     from dagan_gn.jobs.import_images import write_images
+    from dagan_gn.runtime import environment_info
     from dagan_gn.store.patch_file import PatchFile
 
     if args.threads > 0:
@@ -864,6 +865,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "reference_amurthy1_100way": REFERENCE, "files": files, "seconds": times.now,
         "stage_seconds_last_work": times.last_work(),
         "command": " ".join(["python", "pipelines/omniglot_fewshot.py", *getattr(args, "argv", [])]),
+        "environment": environment_info(args.device),
     }
     times.lap("report")
     times.now["total"] = time.perf_counter() - t_start

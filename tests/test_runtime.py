@@ -34,3 +34,22 @@ def test_default_cache_dir_honours_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("DAGAN_GN_CACHE")
     assert default_cache_dir().parts[-2:] == (".cache", "dagan_gn")
+
+
+def test_environment_info_names_the_versions_and_the_device():
+    import platform
+
+    import monai
+
+    from dagan_gn.runtime import environment_info
+
+    info = environment_info("cpu")
+    assert info == {"torch": torch.__version__, "numpy": np.__version__, "monai": monai.__version__,
+                    "python": platform.python_version(), "device": "cpu"}
+    assert environment_info() == info  # CPU-only jobs pass no device
+    assert environment_info(torch.device("cpu")) == info
+    auto = environment_info("auto")["device"]
+    if torch.cuda.is_available():
+        assert auto.startswith("cuda (") and torch.cuda.get_device_name() in auto  # the GPU is named
+    else:
+        assert auto == "cpu"

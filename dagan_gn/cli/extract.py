@@ -115,6 +115,8 @@ def merge_patches_cmd(
     inputs: List[Path] = typer.Argument(..., help="Patch files to join (e.g. the shards of extract-patches --shard)."),
     out: Path = typer.Option(..., "--out", "-o", help="Merged HDF5 patch file (written atomically)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing OUT (never one of the inputs)."),
+    seed: int = typer.Option(0, "--seed", help="Accepted like every command's; merging draws nothing at random, so "
+                             "the merged file is the same for every seed (the rows keep their input order)."),
 ) -> None:
     """Join patch files (same patch size, format and salt) into one; class tables are unified."""
     from dagan_gn.store.patch_file import PatchFile, merge_patch_files

@@ -260,16 +260,20 @@ class AssessReport:
         return "\n".join(lines) + "\n"
 
 
-def write_assess_report(report: AssessReport, out_dir: str | os.PathLike) -> dict[str, Path]:
-    """``assess.md`` and ``assess.json`` in ``out_dir`` (atomically); returns their paths."""
+def write_assess_report(report: AssessReport, out_dir: str | os.PathLike,
+                        device: torch.device | str | None = None) -> dict[str, Path]:
+    """``assess.md`` and ``assess.json`` in ``out_dir`` (atomically); returns their paths. The JSON records the
+    package versions and the ``device`` (``environment``)."""
     from dagan_gn.fileio import atomic_write_text
+    from dagan_gn.runtime import environment_info
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "assess.md", "json": out_dir / "assess.json"}
     report.files.update({k: p.name for k, p in paths.items()})
     atomic_write_text(paths["markdown"], report.to_markdown())
-    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths["json"], json.dumps({**report.to_dict(), "environment": environment_info(device)}, indent=2,
+                                                  allow_nan=False) + "\n")
     return paths
 
 
@@ -744,7 +748,7 @@ def assess(
         sheet = torch.cat([sources[rows, None], variants[rows, :k]], dim=1).flatten(0, 1)
         report.files["contact_sheet"] = save_image_grid(sheet, out / "contact_sheet.png", nrow=1 + k).name
         report.files["diversity_hist"] = _plot_histograms(report, results, out / "diversity_hist.png").name
-        write_assess_report(report, out)
+        write_assess_report(report, out, device=dev)
         bar.update(1)
     bar.close()
     return report

@@ -21,8 +21,9 @@ and the :class:`AugmentReport`.
 - Only the chosen split is augmented (``train`` by default); ``val``/``test`` are refused unless
   ``allow_eval_split=True`` — synthetic copies of evaluation patches would leak into training.
 - The output is written to ``<out>.partial`` and renamed when complete; progress is committed (durably) about every
-  ``commit_seconds``. Running the same arguments again continues an interrupted run without duplicates, and says
-  "already complete" (and writes a missing contact sheet) when the output is finished.
+  ``commit_seconds`` (or every ``commit_batches`` batches). Running the same arguments again continues an
+  interrupted run without duplicates, and says "already complete" (and writes a missing contact sheet) when the
+  output is finished.
 """
 
 from __future__ import annotations
@@ -93,6 +94,7 @@ class AugmentRequest:
     overwrite: bool = False
     progress: bool = True
     commit_seconds: float = 1.0
+    commit_batches: int = 0
 
     def check(self) -> None:
         """Refuse impossible arguments before any work: numbers out of range, an evaluation split, the input as
@@ -521,7 +523,7 @@ def run_augment(plan: AugmentPlan, pf: PatchFile) -> int:
         bar = tqdm(total=n_sources * n, initial=len(done) * n, unit="patch", desc="augment",
                    disable=not request.progress, dynamic_ncols=True)
         pending: list[list[int]] = []  # [first, end) position ranges written since the last commit
-        last_commit = time.monotonic()
+        last_commit, batches = time.monotonic(), 0
         i = 0
         while i < len(todo):
             j = i + 1
@@ -533,7 +535,9 @@ def run_augment(plan: AugmentPlan, pf: PatchFile) -> int:
                 pending[-1][1] = positions[-1] + 1
             else:
                 pending.append([positions[0], positions[-1] + 1])
-            if j == len(todo) or time.monotonic() - last_commit >= request.commit_seconds:
+            batches += 1
+            if (j == len(todo) or (batches % request.commit_batches == 0 if request.commit_batches > 0
+                                   else time.monotonic() - last_commit >= request.commit_seconds)):
                 for first, end in pending:
                     writer.commit(f"{first}-{end}")
                 pending, last_commit = [], time.monotonic()
@@ -611,6 +615,7 @@ def augment(
     overwrite: bool = False,
     progress: bool = True,
     commit_seconds: float = 1.0,
+    commit_batches: int = 0,
 ) -> AugmentReport:
     """Write ``n`` synthetic variants of every patch of ``split`` (optionally only ``classes``) of ``in_path``.
 
@@ -632,6 +637,8 @@ def augment(
         progress: show a tqdm progress bar.
         commit_seconds: seconds between durable commits (a kill loses at most about this much work; each commit
             costs a few fsyncs). 0 commits after every batch.
+        commit_batches: when > 0, commit after every ``commit_batches`` batches instead (a cadence by count, not by
+            clock: the fault-injection tests use it to hit the same mid-run commits on any machine).
 
     Raises:
         AugmentError: evaluation split without ``allow_eval_split``; unknown split or class; empty selection;
@@ -648,7 +655,7 @@ def augment(
         classes=tuple(classes or ()), truncation=float(truncation), batch_size=int(batch_size), device=device,
         seed=int(seed), contact_sheet=Path(contact_sheet) if contact_sheet is not None else None,
         contact_sheet_rows=int(contact_sheet_rows), allow_eval_split=allow_eval_split, overwrite=overwrite,
-        progress=progress, commit_seconds=float(commit_seconds),
+        progress=progress, commit_seconds=float(commit_seconds), commit_batches=int(commit_batches),
     )
     request.check()
     try:

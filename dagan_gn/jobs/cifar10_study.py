@@ -254,7 +254,7 @@ def run_cell(
     from dagan_gn.datasets.cifar10 import CIFAR10Dataset
     from dagan_gn.metrics.fidelity import compute_fidelity, reference_images_for_config
     from dagan_gn.metrics.reconstruction import reconstruction_error
-    from dagan_gn.runtime import resolve_device, seed_everything
+    from dagan_gn.runtime import environment_info, resolve_device, seed_everything
     from dagan_gn.training.checkpoint import load_generator
     from dagan_gn.training.families import get_family
     from dagan_gn.training.logging import save_image_grid
@@ -307,6 +307,7 @@ def run_cell(
         "it_per_s": trained / wall if wall > 0 and trained else float("nan"),
         "fid_curve": _fid_curve(run_dir),
         "device": _device_name(dev),
+        "environment": environment_info(dev),
         "feature_extractor": feature_extractor,
         "grid": str(grid_path.relative_to(out)),
     }

@@ -112,12 +112,15 @@ def run_demo(
         f"distance from their source; the full report: dagan assess --real {patches} --synthetic {synthetic} "
         f"--out {out_dir / 'assess'}")
 
+    from dagan_gn.runtime import environment_info
+
     summary = {
         "seconds": round(time.perf_counter() - t0, 1),
         "extraction": _as_dict(extraction),
         "augment": _as_dict(report),
         "pixel_diversity_ratio": pixel_diversity,
         "pixel_source_distance_ratio": pixel_distance,
+        "environment": environment_info(device),
     }
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
     log(f"done in {summary['seconds']} s: patches {patches}, run {run_dir}, synthetic {synthetic}, "

@@ -17,17 +17,21 @@ from dagan_gn.metrics.downstream import (REGIMES, DownstreamConfig, DownstreamEr
 __all__ = ["evaluate_augmentation_files", "write_downstream_report"]
 
 
-def write_downstream_report(report: DownstreamReport, out_dir: str | os.PathLike) -> dict[str, Path]:
+def write_downstream_report(report: DownstreamReport, out_dir: str | os.PathLike,
+                            device: str | None = None) -> dict[str, Path]:
     """``downstream.md`` (table), ``downstream.json`` (every run) and ``downstream.png`` (bar chart) in ``out_dir``,
-    each written atomically. They name input files by base name only, so they can leave the hospital."""
+    each written atomically. They name input files by base name only, so they can leave the hospital. The JSON
+    records the package versions and the ``device`` the classifiers trained on (``environment``)."""
     from dagan_gn.fileio import atomic_write_text
+    from dagan_gn.runtime import environment_info
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "downstream.md", "json": out_dir / "downstream.json",
              "png": out_dir / "downstream.png"}
     atomic_write_text(paths["markdown"], report.to_markdown())
-    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2, default=str))
+    atomic_write_text(paths["json"], json.dumps({**report.to_dict(), "environment": environment_info(device)}, indent=2,
+                                                  default=str))
     report.plot(paths["png"])
     return paths
 
@@ -94,5 +98,5 @@ def evaluate_augmentation_files(
                        synthetic=None if synthetic_path is None else Path(synthetic_path).name,
                        train_split=train_split, test_split=test_split)
     if out_dir is not None:
-        write_downstream_report(report, out_dir)
+        write_downstream_report(report, out_dir, device=config.device)
     return report

@@ -78,7 +78,7 @@ def evaluate_checkpoint(
     notes): base names only, so the result can be shared.
     """
     from dagan_gn.fileio import sha256_file
-    from dagan_gn.runtime import resolve_device, seed_everything
+    from dagan_gn.runtime import environment_info, resolve_device, seed_everything
     from dagan_gn.training.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint
     from dagan_gn.training.families import get_family
 
@@ -116,6 +116,7 @@ def evaluate_checkpoint(
         "feature_extractor": extractor,
         "seed": seed,
         "device": str(dev),
+        "environment": environment_info(dev),
     }
     fidelity_metrics = [m for m in wanted if m in METRIC_NAMES]
     if fidelity_metrics and n < 2:

@@ -208,7 +208,9 @@ class ExtractionReport:
         return EXIT_SKIPPED if self.files_skipped else EXIT_OK
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False)
+        from dagan_gn.runtime import environment_info
+
+        return json.dumps({**asdict(self), "environment": environment_info()}, indent=2, sort_keys=False)
 
     def skip(self, path: str | os.PathLike, reason: str) -> None:
         """Record (and log) a file that gave nothing."""

@@ -75,7 +75,9 @@ class ImportReport:
                 f"{self.elapsed_s:.1f} s{dups}{extra}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
+        from dagan_gn.runtime import environment_info
+
+        return json.dumps({**asdict(self), "environment": environment_info()}, indent=2)
 
 
 def split_within_classes(labels: np.ndarray, fractions: Sequence[float], seed: int = 0) -> np.ndarray:

@@ -16,16 +16,20 @@ from dagan_gn.metrics.memorization import MemorizationError, MemorizationReport,
 __all__ = ["check_memorization_files", "write_memorization_report"]
 
 
-def write_memorization_report(report: MemorizationReport, out_dir: str | Path) -> dict[str, Path]:
+def write_memorization_report(report: MemorizationReport, out_dir: str | Path,
+                              device: torch.device | str | None = None) -> dict[str, Path]:
     """Write ``memorization.md`` and ``memorization.json`` (atomically) into ``out_dir``; returns their paths. They
-    name input files by base name only, so they can leave the hospital."""
+    name input files by base name only, so they can leave the hospital. The JSON records the package versions and
+    the ``device`` the distances were computed on (``environment``)."""
     from dagan_gn.fileio import atomic_write_text
+    from dagan_gn.runtime import environment_info
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out_dir / "memorization.md", "json": out_dir / "memorization.json"}
     atomic_write_text(paths["markdown"], report.to_markdown())
-    atomic_write_text(paths["json"], json.dumps(report.to_dict(), indent=2, default=_json_default))
+    atomic_write_text(paths["json"], json.dumps({**report.to_dict(), "environment": environment_info(device)}, indent=2,
+                                                  default=_json_default))
     return paths
 
 
@@ -118,7 +122,7 @@ def check_memorization_files(
     report.meta.update(real=Path(real_path).name, synthetic=Path(synthetic_path).name, train_split=train_split,
                        heldout_splits=list(heldout_splits), seed=seed, percentile=percentile, copy_factor=copy_factor)
     if out_dir is not None:
-        write_memorization_report(report, out_dir)
+        write_memorization_report(report, out_dir, device=device)
     return report
 
 

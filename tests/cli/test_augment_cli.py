@@ -75,6 +75,24 @@ def test_augment_then_checks(trained, tmp_path):
     assert json.loads((ev_dir / "downstream.json").read_text())["config"]["bn_recalibration_batches"] == 2
 
 
+def test_evaluate_augmentation_defaults_to_precise_bn_with_50_batches(tmp_path, monkeypatch):
+    """`--bn-batches` defaults to 50 (docs/augment.md): the config the command builds without the option."""
+    import dagan_gn.jobs.downstream as downstream_job
+    from dagan_gn.errors import DaganError
+
+    seen = []
+
+    def spy(*args, config, **kwargs):
+        seen.append(config)
+        raise DaganError("stopped by the test")
+
+    monkeypatch.setattr(downstream_job, "evaluate_augmentation_files", spy)
+    result = runner.invoke(app, ["evaluate-augmentation", "--real", str(tmp_path / "r.h5"), "--out",
+                                 str(tmp_path / "ev"), "--device", "cpu", "-q"])
+    assert result.exit_code == 2 and "stopped by the test" in result.output
+    assert [c.bn_recalibration_batches for c in seen] == [50]
+
+
 def test_errors_are_one_line(trained, tmp_path):
     root, patches, run = trained
     base = ["augment", "--in", str(patches), "--checkpoint", str(run), "--out", str(tmp_path / "x.h5"),

@@ -53,6 +53,7 @@ def test_max_pixels_skips_large_images_by_name(archive, tmp_path):
     assert result.exit_code == 3, out
     report = json.loads((tmp_path / "o.h5.report.json").read_text())
     assert report["files_skipped"] == 8 and report["max_pixels"] == 1000
+    assert set(report["environment"]) == {"torch", "numpy", "monai", "python", "device"}
     assert all("more than the limit of 1,000" in s["reason"] for s in report["skipped"])
 
 

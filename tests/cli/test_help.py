@@ -35,3 +35,14 @@ def test_help_flag(path, flag):
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
     assert "No such option" not in result.output
+    command = typer.main.get_command(app)
+    for name in path:
+        command = command.commands[name]
+    if not hasattr(command, "commands"):  # a command, not a group: every option is explained, --seed among them
+        # (on a wide terminal: at 80 columns rich shortens long option names, e.g. "--max-real-per-cla…")
+        result = CliRunner().invoke(app, [*path, flag], env={"COLUMNS": "250", "TERMINAL_WIDTH": "250"})
+        assert "--seed" in result.output, "every command takes --seed (README)"
+        for param in command.params:
+            for opt in param.opts:
+                if opt.startswith("--"):
+                    assert opt in result.output, f"{opt} missing from {' '.join(path)} --help"

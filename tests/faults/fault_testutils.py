@@ -92,8 +92,20 @@ def small_disk(tmp_path, request):
 
 
 # ------------------------------------------------------------------------------------------------ kill -9
-def _child(target: Callable, args: tuple, env: dict[str, str]) -> None:
+def _child(target: Callable, args: tuple, env: dict[str, str], kill_after: tuple | None = None) -> None:
     os.environ.update(env)
+    if kill_after is not None:  # (owner, name, k): SIGKILL this process right after owner.name's k-th call returns
+        owner, name, k = kill_after
+        fn, calls = getattr(owner, name), [0]
+
+        def dies_after(*a: Any, **kw: Any) -> Any:
+            result = fn(*a, **kw)
+            calls[0] += 1
+            if calls[0] == k:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return result
+
+        setattr(owner, name, dies_after)
     try:
         target(*args)
     except BaseException:  # noqa: BLE001 - a child's failure shows as a non-zero exit code
@@ -102,11 +114,13 @@ def _child(target: Callable, args: tuple, env: dict[str, str]) -> None:
 
 
 def run_killed(target: Callable, args: tuple, delay: float, env: dict[str, str] | None = None,
-               timeout: float = 60.0) -> int | None:
+               timeout: float = 60.0, kill_after: tuple | None = None) -> int | None:
     """Run ``target(*args)`` in a forked process (this one has torch imported: no start-up cost) and kill it with
-    SIGKILL after ``delay`` seconds. Returns its exit code when it finished before the kill, else None."""
+    SIGKILL after ``delay`` seconds, or (``kill_after=(owner, name, k)``) right after its k-th call of
+    ``owner.name``, an event. Returns its exit code when it ended before the timer (-9: killed at the event), else
+    None."""
     ctx = multiprocessing.get_context("fork")
-    proc = ctx.Process(target=_child, args=(target, args, env or {}))
+    proc = ctx.Process(target=_child, args=(target, args, env or {}, kill_after))
     proc.start()
     proc.join(delay)
     if proc.is_alive():
@@ -117,12 +131,22 @@ def run_killed(target: Callable, args: tuple, delay: float, env: dict[str, str] 
 
 
 def kill_until_done(target: Callable, args: tuple, seed: int, *, low: float, high: float,
-                    max_kills: int = 5) -> int:
+                    max_kills: int = 5, first_kill: tuple | None = None) -> int:
     """Kill a job at seeded random instants, restarting it each time (a resume), until it finishes or ``max_kills``
-    kills happened; the caller then finishes it in-process. Returns the number of kills."""
+    kills happened; the caller then finishes it in-process. Returns the number of kills (the tests assert >= 1).
+
+    ``first_kill=(owner, name, calls)``: the first run is killed by an event instead — right after its k-th call of
+    ``owner.name``, k drawn from the seed in ``1..calls`` — so at least one kill happens on a fast machine too; the
+    later ones come at random instants (which may also fall mid-write)."""
     rng = random.Random(seed)
     kills = 0
     while kills < max_kills:
+        if kills == 0 and first_kill is not None:
+            owner, name, calls = first_kill
+            code = run_killed(target, args, 600.0, kill_after=(owner, name, rng.randint(1, calls)))
+            assert code == -9, f"the job was to be killed after a call of {name}, but ended with exit code {code}"
+            kills += 1
+            continue
         code = run_killed(target, args, rng.uniform(low, high))
         if code is not None:
             assert code == 0, f"the job failed (exit code {code}) after {kills} kill(s)"

@@ -6,16 +6,18 @@ a file equal, dataset by dataset, to a straight run — never black patches with
 from __future__ import annotations
 
 import errno
+import functools
 import time
 
 import pytest
 from typer.testing import CliRunner
 
+import dagan_gn.jobs.augment as augment_mod
 import dagan_gn.store.journal as journal_mod
 from dagan_gn.cli import app
 from dagan_gn.jobs.augment import augment
 from dagan_gn.store.journal import journal_path
-from dagan_gn.store.patch_file import StoreError, partial_path
+from dagan_gn.store.patch_file import PatchWriter, StoreError, partial_path
 
 from factories import make_checkpoint, make_patch_file  # tests/ is on pythonpath
 from fault_testutils import (  # noqa: F401
@@ -68,10 +70,14 @@ def test_disk_full_on_a_real_small_filesystem_then_rerun(inputs, small_disk):
     assert black_rows(out) == 0
 
 
-@pytest.mark.parametrize("k", [5, 30, 80])
-def test_injected_enospc_at_the_kth_write_then_rerun(inputs, tmp_path, monkeypatch, k):
+@pytest.mark.parametrize("k, resumed", [(5, 0), (80, 2), (400, 10)])
+def test_injected_enospc_at_the_kth_write_then_rerun(inputs, tmp_path, monkeypatch, k, resumed):
+    """The command commits after every batch (``commit_batches=1``, a cadence by count: the same commits on a fast
+    or a loaded machine), so a disk that fills at the k-th write leaves the same committed sources every time, and
+    the re-run continues from them."""
     patches, run, straight, seconds = inputs
     out = tmp_path / "synthetic.h5"
+    monkeypatch.setattr(augment_mod, "augment", functools.partial(augment, commit_batches=1))  # what the CLI calls
     failing = inject(monkeypatch, journal_mod.os, "pwrite", k)
     result = runner.invoke(app, _args(patches, run, out))
     assert failing.raised >= 1
@@ -79,6 +85,7 @@ def test_injected_enospc_at_the_kth_write_then_rerun(inputs, tmp_path, monkeypat
     failing.armed = False
     result = runner.invoke(app, _args(patches, run, out))
     assert result.exit_code == 0, result.output
+    assert (f"(resumed after {resumed} sources)" in result.output) == (resumed > 0), result.output
     assert_same_patch_file(out, straight)
 
 
@@ -104,8 +111,9 @@ def _augment_job(patches, run, out) -> None:
 def test_kill9_at_random_instants_then_rerun(inputs, tmp_path, seed):
     patches, run, straight, seconds = inputs
     out = tmp_path / "synthetic.h5"
-    kill_until_done(_augment_job, (patches, run, out), seed, low=0.2 * seconds, high=1.0 * seconds,
-                    max_kills=4)
+    kills = kill_until_done(_augment_job, (patches, run, out), seed, low=0.2 * seconds, high=1.0 * seconds,
+                            max_kills=4, first_kill=(PatchWriter, "commit", 12))  # 1 + 12 batch commits + finalize
+    assert kills >= 1  # never a straight run that only looks like a resume
     rep = augment(patches, run, out, n=N, batch_size=8, device="cpu", seed=5, progress=False)
     assert rep.n_written == 24 * N
     assert_same_patch_file(out, straight)

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dagan_gn.cli import app
+from dagan_gn.runtime import environment_info
 from dagan_gn.jobs.augment import augment
 from dagan_gn.training.checkpoint import latest_checkpoint, load_checkpoint
 
@@ -65,6 +66,8 @@ def test_reports_hold_base_names_only(run_on_patient_folder, tmp_path):
                down / "downstream.md"]
     assert {p.name: hits(p) for p in outputs} == {p.name: 0 for p in outputs}
     assert json.loads((down / "downstream.json").read_text())["meta"]["real"] == "patches.h5"
+    for path in (ev, mem / "memorization.json", down / "downstream.json"):  # what the figures were measured with
+        assert json.loads(path.read_text())["environment"] == environment_info("cpu"), path.name
 
 
 @pytest.mark.parametrize("command", ["evaluate", "check-memorization", "evaluate-augmentation", "augment"])

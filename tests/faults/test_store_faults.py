@@ -118,7 +118,9 @@ def test_real_full_disk_then_more_space(small_disk, straight):
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_kill9_at_random_instants_resumes_to_the_same_file(tmp_path, straight, seed):
     out = tmp_path / "p.h5"
-    kill_until_done(_write_many, (out,), seed, low=0.02, high=0.4)
+    kills = kill_until_done(_write_many, (out,), seed, low=0.02, high=0.4,
+                            first_kill=(PatchWriter, "commit", BATCHES - 1))
+    assert kills >= 1  # never a straight run that only looks like a resume
     if not out.exists():
         write_batches(out, resume=True)
     assert_same_patch_file(out, straight)

@@ -128,7 +128,10 @@ def _train_job(run) -> None:
 def test_kill9_at_random_instants_then_resume_equals_straight_run(tmp_path, straight_run, seed):
     straight, seconds = straight_run
     run = tmp_path / "run"
-    kill_until_done(_train_job, (run,), seed, low=0.2 * seconds, high=0.9 * seconds, max_kills=3)
+    # the first kill right after a checkpoint's torch.save (before its rename), the later ones at random instants
+    kills = kill_until_done(_train_job, (run,), seed, low=0.2 * seconds, high=0.9 * seconds, max_kills=3,
+                            first_kill=(torch, "save", STEPS - 1))
+    assert kills >= 1  # never a straight run that only looks like a resume
     if latest_checkpoint(run) is None or load_checkpoint(latest_checkpoint(run))["step"] < STEPS:
         train(_cfg(), run, resume=True, dataset=TinyPairs())
     assert_same_training_state(latest_checkpoint(run), straight)

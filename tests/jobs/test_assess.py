@@ -113,6 +113,7 @@ def test_copy_set_scores_zero_everywhere_and_writes_the_report(real, tmp_path):
     assert names == {"assess.json", "assess.md", "contact_sheet.png", "diversity_hist.png"}
     data = json.loads((out / "assess.json").read_text())  # strict JSON: NaN would not parse back as a number
     assert data["diversity"]["pixel"]["mean"] == pytest.approx(report.diversity["pixel"]["mean"])
+    assert data["environment"]["device"] == "cpu" and data["environment"]["torch"] == torch.__version__
     assert len(data["per_source"]) == 3 * N_SOURCES and data["per_source"][0]["source_index"] == int(rows[0])
     md = (out / "assess.md").read_text()
     assert "| pixel L1 |" in md and "real floor" in md and "contact_sheet.png" in md and "## Identity" in md

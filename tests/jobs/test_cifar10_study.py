@@ -57,6 +57,7 @@ def test_smoke_sweep_end_to_end_and_resumable(archive, tmp_path):
     assert report == out / "results.md" and report.is_file()
     results = json.loads((out / "results.json").read_text())
     assert [r["cell"] for r in results] == ["simple-cnn-Dlayer-Ggroup-s0", "simple-cnn-Dgroup-Ggroup-s0"]
+    assert all(r["environment"]["device"] == "cpu" and r["environment"]["monai"] for r in results)
     for r in results:
         for key in ("fid", "kid_mean", "kid_std", "isc_mean", "recon_mse", "wall_s", "it_per_s"):
             assert math.isfinite(r[key]), (r["cell"], key)

@@ -25,6 +25,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
 
     summary = json.loads((out / "demo_summary.json").read_text())
     assert summary["extraction"]["files_skipped"] == 0 and summary["extraction"]["files_used"] == 16
+    assert summary["environment"]["device"] == "cpu" and summary["environment"]["numpy"] == np.__version__
     with h5py.File(out / "patches.h5", "r") as real, h5py.File(out / "synthetic.h5", "r") as synth:
         assert real["patches"].dtype == "uint16" and real["patches"].shape[1:] == (1, 64, 64)
         n_train = int((real["split"][:] == list(real.attrs["split_names"]).index("train")).sum())

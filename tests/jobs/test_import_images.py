@@ -40,6 +40,7 @@ def test_import_writes_a_patch_file_the_trainer_reads(omniglot_zip, tmp_path):
         assert images.mean() < 0.3  # inverted: mostly dark background
     stored = json.loads((tmp_path / "images.h5.report.json").read_text())
     assert stored["images_written"] == 25 and stored["parameters"]["invert"] is True
+    assert stored["environment"]["device"] == "cpu" and stored["environment"]["numpy"] == np.__version__
     pairs = SameClassPairDataset(PatchDataset(out, split="train"))
     item = pairs[0]
     assert item["pair"].shape == (1, 16, 16) and pairs.labels[0] == item["label"]

@@ -187,6 +187,19 @@ def test_recalibration_is_a_no_op_without_batch_norm_or_batches():
                                       device=torch.device("cpu"))
 
 
+def test_precise_bn_is_the_default():
+    """docs/augment.md: the classifier's batch-norm statistics are recomputed on 50 batches after training unless
+    asked otherwise — a default config recalibrates (its running statistics differ from a run with 0 batches)."""
+    assert DownstreamConfig().bn_recalibration_batches == 50
+    x, y = blobs(32, 4)
+    kw = dict(steps=2, seed=0, image_size=16, in_channels=1, device=torch.device("cpu"))
+    default = train_classifier(Items(x, y), 4, config=DownstreamConfig(width=4, batch_size=8), **kw)
+    kept = train_classifier(Items(x, y), 4, config=DownstreamConfig(width=4, batch_size=8,
+                                                                    bn_recalibration_batches=0), **kw)
+    assert not all(torch.equal(a.running_mean, b.running_mean)
+                   for a, b in zip(_batch_norms(kept), _batch_norms(default)))
+
+
 def test_train_classifier_recalibrates_only_the_batch_norm_buffers():
     x, y = blobs(32, 4)
     kw = dict(steps=4, seed=0, image_size=16, in_channels=1, device=torch.device("cpu"))

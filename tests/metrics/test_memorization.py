@@ -31,7 +31,9 @@ def test_nearest_neighbors_matches_brute_force_and_chunking():
     want_d, want_i = d_full.min(1)
     for chunk in (1, 7, 1000):
         d, i = nearest_neighbors(q, r, chunk_size=chunk)
-        assert torch.equal(i, want_i)
+        # a nearest neighbour (float32 distances over other chunk shapes may round differently: on a near-tie another
+        # reference at the same distance is as good), and its distance
+        assert torch.allclose(d_full[torch.arange(len(q)), i], want_d, atol=1e-5)
         assert torch.allclose(d.double(), want_d, atol=1e-5)
     d, i = nearest_neighbors(r[[5, 9]], r, chunk_size=8)
     assert i.tolist() == [5, 9] and d.tolist() == [0.0, 0.0]  # exact copies have distance exactly 0

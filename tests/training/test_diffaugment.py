@@ -197,6 +197,30 @@ def test_mode_seeking_term_is_larger_for_a_generator_that_ignores_z():
     assert copy_logs["loss/mode_seeking"] > 100 * real_logs["loss/mode_seeking"]  # 1/eps vs 1/ratio
 
 
+@pytest.mark.parametrize("target", [0.0, 1e-3])
+def test_bounded_mode_seeking_caps_the_ratio_in_the_generator_step(target):
+    """loss.mode_seeking_target > 0 (the bounded variant): the DAGAN's generator step clips the ratio at
+    ``target · mean|x − x_other| / mean|z_a − z_b|`` (computed here from the batch and the noise G received), so the
+    term is ``λ / (cap + ε)`` once the variants are that diverse; 0 leaves it unbounded."""
+    cfg = make_cfg("loss.mode_seeking=1.0", f"loss.mode_seeking_target={target}")
+    model, g = _dagan_model(cfg)
+    seen = []
+    hook = g.register_forward_pre_hook(lambda module, args: seen.append(args[1].detach().clone()))
+    batch = _batch()
+    try:
+        _, logs = model.generator_step(batch)
+    finally:
+        hook.remove()
+    z_a, z_b = seen[0].chunk(2)
+    ratio = logs["diversity/mode_seeking_ratio"].item()
+    cap = target * (batch["image"] - batch["pair"]).abs().mean().item() / (z_a - z_b).abs().mean().item()
+    if target == 0:
+        assert logs["loss/mode_seeking"].item() == pytest.approx(1.0 / (ratio + 1e-5), rel=1e-4)
+    else:
+        assert ratio > cap  # the tiny target binds
+        assert logs["loss/mode_seeking"].item() == pytest.approx(1.0 / (cap + 1e-5), rel=1e-4)
+
+
 def test_resume_bit_for_bit_with_diffaugment_ada_and_mode_seeking(tmp_path):
     cfg = make_cfg("train.steps=6", "data.hflip=true", f"loss.diffaugment={POLICY}", "loss.diffaugment_p=0.5",
                    "loss.ada_target=0.6", "loss.ada_interval=1", "loss.ada_kimg=0.05", "loss.mode_seeking=0.5",
