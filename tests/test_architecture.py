@@ -26,7 +26,7 @@ LAYERS = {
     "ingest": 3, "store": 3, "datasets": 3, "phantom": 3, "training": 3, "metrics": 3,
     "nets": 2,
     "modules": 1,
-    "config": 0, "errors": 0, "fileio": 0, "locks": 0, "runtime": 0, "": 0,  # "": the package root (dagan_gn/__init__.py)
+    "config": 0, "errors": 0, "fileio": 0, "locks": 0, "runtime": 0, "workers": 0, "": 0,  # "": the package root (dagan_gn/__init__.py)
 }
 
 
