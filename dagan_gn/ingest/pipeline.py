@@ -7,6 +7,9 @@ seed and a hash of the file's key), cuts and converts the patches to uint16, der
 (:mod:`dagan_gn.ingest.privacy`), assigns the patient-level split and compresses the patch chunks so the single
 writer only copies bytes. :func:`process_file` turns any per-file problem into a :class:`FileSkipped` with a one-line
 reason. Both run in a worker process set up by :func:`init_worker` (see :mod:`dagan_gn.workers`) or inline.
+
+:class:`ExtractionOptions` says what to cut from every image (and how the job runs); :class:`ExtractError` is the
+job's fatal error, raised here for a bad option. Both are part of the job's API (``dagan_gn.jobs.extract_patches``).
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from dagan_gn.errors import DaganError
-from dagan_gn.ingest.dicom import DicomReadError, read_dicom_raw, resample_to_spacing
+from dagan_gn.ingest.dicom import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MODALITIES,
+    DicomReadError,
+    read_dicom_raw,
+    resample_to_spacing,
+)
 from dagan_gn.ingest.labels import LabelTable
 from dagan_gn.ingest.mask import breast_mask
 from dagan_gn.ingest.privacy import Pseudonymizer, assign_split, text_bytes
@@ -27,7 +36,8 @@ from dagan_gn.ingest.sampling import cut_patch, lesion_centres, normal_centres
 from dagan_gn.store.patch_file import encode_patch_chunks, to_uint16
 
 __all__ = [
-    "CutOptions",
+    "ExtractError",
+    "ExtractionOptions",
     "FileResult",
     "FileSkipped",
     "ImageConfig",
@@ -39,30 +49,107 @@ __all__ = [
 ]
 
 
-class CutOptions(Protocol):
-    """What the pipeline reads of the job's options (:class:`dagan_gn.jobs.extract_patches.ExtractionOptions`)."""
+class ExtractError(DaganError, ValueError):
+    """A fatal problem with the job itself (bad parameters, unreadable labels, no inputs, a refused output, resume
+    mismatch, a write that failed)."""
 
-    patch_size: int
-    per_image: int
-    per_lesion: int
-    min_tissue: float
-    stride: int | None
-    target_spacing_mm: float | None
-    split: tuple[float, float, float]
-    seed: int
-    allow_modalities: tuple[str, ...]
-    lesion_jitter: float
-    max_pixels: int | None
+
+@dataclass(frozen=True)
+class ExtractionOptions:
+    """What to cut from every image, and how to run. Checked on construction (:class:`ExtractError` on a bad value).
+
+    Args:
+        patch_size: S of the S×S patches (after resampling).
+        per_image: normal-tissue patches per image (random mode).
+        per_lesion: lesion-centred patches per lesion (each with its own jitter).
+        min_tissue: minimum fraction of a normal patch covered by the breast mask.
+        stride: grid mode: every qualifying centre of a grid with this step (``per_image`` ignored).
+        target_spacing_mm: downsample every image to this pixel spacing first (images with no spacing are skipped).
+        split: train/val/test fractions, assigned per patient.
+        seed: sampling and split seed.
+        shard: ``(i, n)``: process only the i-th of n deterministic parts of the archive.
+        allow_modalities: DICOM modalities accepted (``"*"`` for any).
+        lesion_jitter: lesion patch shift, at most this fraction of S per axis (the lesion stays inside).
+        lesion_margin: normal patches keep this many pixels from any lesion (default S // 4).
+        compression: ``"gzip"``, ``"lzf"`` or None.
+        workers: decoding processes (1 = decode in this process).
+        max_pixels: images declaring more pixels (Rows × Columns × samples × frames) are skipped before decoding.
+
+    The first twelve decide the patches and are stored in the file (a resume must repeat them); ``compression``,
+    ``workers`` and ``max_pixels`` only decide how the run goes.
+    """
+
+    patch_size: int = 256
+    per_image: int = 8
+    per_lesion: int = 1
+    min_tissue: float = 0.9
+    stride: int | None = None
+    target_spacing_mm: float | None = None
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    seed: int = 0
+    shard: tuple[int, int] = (0, 1)
+    allow_modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    lesion_jitter: float = 0.25
+    lesion_margin: int | None = None
+    compression: str | None = "gzip"
+    workers: int = 1
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        normal = object.__setattr__  # frozen: normalise once here (callers pass lists, numpy numbers, strings)
+        normal(self, "split", tuple(float(f) for f in self.split))
+        normal(self, "shard", (int(self.shard[0]), int(self.shard[1])))
+        normal(self, "allow_modalities", tuple(str(m) for m in self.allow_modalities))
+        if self.patch_size < 8:
+            raise ExtractError(f"patch size must be at least 8, got {self.patch_size}")
+        if self.per_image < 0 or self.per_lesion < 0:
+            raise ExtractError("per-image and per-lesion counts must not be negative")
+        if not 0.0 <= self.min_tissue <= 1.0:
+            raise ExtractError(f"min-tissue must be in [0, 1], got {self.min_tissue}")
+        if self.stride is not None and self.stride <= 0:
+            raise ExtractError(f"stride must be positive, got {self.stride}")
+        if self.target_spacing_mm is not None and self.target_spacing_mm <= 0:
+            raise ExtractError(f"target spacing must be positive, got {self.target_spacing_mm}")
+        if self.workers < 1:
+            raise ExtractError(f"workers must be at least 1, got {self.workers}")
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise ExtractError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
+        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1.0) > 1e-6:
+            raise ExtractError(f"split must be three non-negative fractions summing to 1, got {self.split}")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ExtractError(f"max-pixels must be positive, got {self.max_pixels}")
 
     @property
-    def margin(self) -> int: ...
+    def margin(self) -> int:
+        """Distance in pixels kept between normal patches and lesions."""
+        return self.patch_size // 4 if self.lesion_margin is None else int(self.lesion_margin)
+
+    def stored_parameters(self, labels_sha256: str | None) -> dict[str, Any]:
+        """The ``parameters`` attribute of the patch file: everything that decides the patches (a resume must match)."""
+        return {
+            "patch_size": int(self.patch_size),
+            "per_image": int(self.per_image),
+            "per_lesion": int(self.per_lesion),
+            "min_tissue": float(self.min_tissue),
+            "stride": None if self.stride is None else int(self.stride),
+            "target_spacing_mm": None if self.target_spacing_mm is None else float(self.target_spacing_mm),
+            "split": list(self.split),
+            "seed": int(self.seed),
+            "shard": list(self.shard),
+            "allow_modalities": sorted(m.upper() for m in self.allow_modalities),
+            "labels_sha256": labels_sha256,
+            "lesion_jitter": float(self.lesion_jitter),
+            "lesion_margin": self.margin,
+            "intensity": "uint16 v -> v / 65535 in [0, 1], tissue bright",
+        }
 
 
 @dataclass(frozen=True)
 class ImageConfig:
     """Everything a decoding process needs (inherited by forked workers, picklable for spawned ones)."""
 
-    options: CutOptions
+    options: ExtractionOptions
     salt: bytes
     labels: LabelTable
     chunk_encoding: tuple[str | None, int] | None

@@ -10,20 +10,17 @@ It reads plan → run → report:
   stream the files through the decoders into it;
 * **report**: count what was written into the :class:`ExtractionReport`, also saved as ``<out>.report.json``.
 
-The per-image work (read, resample, mask, lesion scaling, sampling, pseudonyms, split, encoding) is
-:mod:`dagan_gn.ingest.pipeline`; the pool of decoding processes that survives a worker's death is
-:mod:`dagan_gn.workers`.
-
-Streaming: files are decoded in ``workers`` processes (at most ``2 * workers`` images in flight, results consumed in
-order), one writer in the main process appends each image's patches and commits it, so memory is flat whatever the
-archive size. Per-file problems (corrupt, truncated, zero-size, non-MG, unsupported syntax, bad ROI mask, too many
-pixels, smaller than a patch, a broken symbolic link, a decoding process that died on it) become one line in the log
-and in ``<out>.report.json`` and the run goes on. A worker killed while decoding (the OOM killer, a crashing decoder)
-is detected: the files it may have held are decoded again one at a time in a fresh process, the one that kills it
-is reported as skipped, and the pool is restarted. ``resume=True`` continues the ``<out>.partial`` file of a killed
-run (files committed before the kill are not redone; a half-written one is dropped and redone). ``shard=(i, n)``
-takes a deterministic, balanced 1/n of the archive (hash of each file's path relative to the inputs) so a job array
-can spread the work; ``dagan merge-patches`` joins the shards.
+Streaming: files go through the per-image pipeline (:mod:`dagan_gn.ingest.pipeline`: read, resample, mask, lesion
+scaling, sampling, pseudonyms, split, encoding) in ``workers`` processes (:mod:`dagan_gn.workers`; at most
+``2 * workers`` images in flight, results consumed in order), one writer in the main process appends each image's
+patches and commits it, so memory is flat whatever the archive size. Per-file problems (corrupt, truncated, zero-size,
+non-MG, unsupported syntax, bad ROI mask, too many pixels, smaller than a patch, a broken symbolic link, a decoding
+process that died on it) become one line in the log and in ``<out>.report.json`` and the run goes on. A worker killed
+while decoding (the OOM killer, a crashing decoder) is detected: the files it may have held are decoded again one at a
+time in a fresh process, the one that kills it is reported as skipped, and the pool is restarted. ``resume=True``
+continues the ``<out>.partial`` file of a killed run (files committed before the kill are not redone; a half-written
+one is dropped and redone). ``shard=(i, n)`` takes a deterministic, balanced 1/n of the archive (hash of each file's
+path relative to the inputs) so a job array can spread the work; ``dagan merge-patches`` joins the shards.
 
 Privacy: the HDF5 holds salted pseudonyms only (patient, image, source keys), never paths, names, dates or UIDs. The
 salt comes from ``salt`` or from ``salt_file`` (default ``<out>.salt``, created once: keep it secret and never share
@@ -42,15 +39,15 @@ import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from dagan_gn.errors import DaganError
 from dagan_gn.fileio import atomic_write_text, printable_path, sha256_file
-from dagan_gn.ingest.dicom import DEFAULT_MAX_PIXELS, DEFAULT_MODALITIES
+from dagan_gn.ingest.dicom import DEFAULT_MAX_PIXELS
 from dagan_gn.ingest.labels import LabelsError, LabelTable, load_labels
-from dagan_gn.ingest.pipeline import FileResult, FileSkipped, ImageConfig, init_worker, process_file
+from dagan_gn.ingest.pipeline import ExtractError, ExtractionOptions, FileResult, FileSkipped, ImageConfig
+from dagan_gn.ingest.pipeline import init_worker, process_file
 from dagan_gn.ingest.privacy import salt_fingerprint, text_bytes
 from dagan_gn.locks import output_lock
 from dagan_gn.store.patch_file import EXTRACTION_PROVENANCE, PatchFile, PatchWriter, StoreError, partial_path
@@ -71,102 +68,6 @@ log = logging.getLogger(__name__)
 
 #: Exit codes of ``dagan extract-patches``.
 EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 2, 3
-
-
-class ExtractError(DaganError, ValueError):
-    """A fatal problem with the job itself (bad parameters, unreadable labels, no inputs, a refused output, resume
-    mismatch, a write that failed)."""
-
-
-@dataclass(frozen=True)
-class ExtractionOptions:
-    """What to cut from every image, and how to run. Checked on construction (:class:`ExtractError` on a bad value).
-
-    Args:
-        patch_size: S of the S×S patches (after resampling).
-        per_image: normal-tissue patches per image (random mode).
-        per_lesion: lesion-centred patches per lesion (each with its own jitter).
-        min_tissue: minimum fraction of a normal patch covered by the breast mask.
-        stride: grid mode: every qualifying centre of a grid with this step (``per_image`` ignored).
-        target_spacing_mm: downsample every image to this pixel spacing first (images with no spacing are skipped).
-        split: train/val/test fractions, assigned per patient.
-        seed: sampling and split seed.
-        shard: ``(i, n)``: process only the i-th of n deterministic parts of the archive.
-        allow_modalities: DICOM modalities accepted (``"*"`` for any).
-        lesion_jitter: lesion patch shift, at most this fraction of S per axis (the lesion stays inside).
-        lesion_margin: normal patches keep this many pixels from any lesion (default S // 4).
-        compression: ``"gzip"``, ``"lzf"`` or None.
-        workers: decoding processes (1 = decode in this process).
-        max_pixels: images declaring more pixels (Rows × Columns × samples × frames) are skipped before decoding.
-
-    The first twelve decide the patches and are stored in the file (a resume must repeat them); ``compression``,
-    ``workers`` and ``max_pixels`` only decide how the run goes.
-    """
-
-    patch_size: int = 256
-    per_image: int = 8
-    per_lesion: int = 1
-    min_tissue: float = 0.9
-    stride: int | None = None
-    target_spacing_mm: float | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
-    shard: tuple[int, int] = (0, 1)
-    allow_modalities: tuple[str, ...] = DEFAULT_MODALITIES
-    lesion_jitter: float = 0.25
-    lesion_margin: int | None = None
-    compression: str | None = "gzip"
-    workers: int = 1
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-
-    def __post_init__(self) -> None:
-        normal = object.__setattr__  # frozen: normalise once here (callers pass lists, numpy numbers, strings)
-        normal(self, "split", tuple(float(f) for f in self.split))
-        normal(self, "shard", (int(self.shard[0]), int(self.shard[1])))
-        normal(self, "allow_modalities", tuple(str(m) for m in self.allow_modalities))
-        if self.patch_size < 8:
-            raise ExtractError(f"patch size must be at least 8, got {self.patch_size}")
-        if self.per_image < 0 or self.per_lesion < 0:
-            raise ExtractError("per-image and per-lesion counts must not be negative")
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise ExtractError(f"min-tissue must be in [0, 1], got {self.min_tissue}")
-        if self.stride is not None and self.stride <= 0:
-            raise ExtractError(f"stride must be positive, got {self.stride}")
-        if self.target_spacing_mm is not None and self.target_spacing_mm <= 0:
-            raise ExtractError(f"target spacing must be positive, got {self.target_spacing_mm}")
-        if self.workers < 1:
-            raise ExtractError(f"workers must be at least 1, got {self.workers}")
-        index, count = self.shard
-        if count < 1 or not 0 <= index < count:
-            raise ExtractError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
-        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1.0) > 1e-6:
-            raise ExtractError(f"split must be three non-negative fractions summing to 1, got {self.split}")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ExtractError(f"max-pixels must be positive, got {self.max_pixels}")
-
-    @property
-    def margin(self) -> int:
-        """Distance in pixels kept between normal patches and lesions."""
-        return self.patch_size // 4 if self.lesion_margin is None else int(self.lesion_margin)
-
-    def stored_parameters(self, labels_sha256: str | None) -> dict[str, Any]:
-        """The ``parameters`` attribute of the patch file: everything that decides the patches (a resume must match)."""
-        return {
-            "patch_size": int(self.patch_size),
-            "per_image": int(self.per_image),
-            "per_lesion": int(self.per_lesion),
-            "min_tissue": float(self.min_tissue),
-            "stride": None if self.stride is None else int(self.stride),
-            "target_spacing_mm": None if self.target_spacing_mm is None else float(self.target_spacing_mm),
-            "split": list(self.split),
-            "seed": int(self.seed),
-            "shard": list(self.shard),
-            "allow_modalities": sorted(m.upper() for m in self.allow_modalities),
-            "labels_sha256": labels_sha256,
-            "lesion_jitter": float(self.lesion_jitter),
-            "lesion_margin": self.margin,
-            "intensity": "uint16 v -> v / 65535 in [0, 1], tissue bright",
-        }
 
 
 @dataclass
@@ -248,12 +149,6 @@ def _died(task: Sequence[str], exitcode: int | None) -> FileSkipped:
     key, path = task
     cause = "; out of memory? see --max-pixels" if exitcode == -signal.SIGKILL else ""
     return FileSkipped(key, path, f"the decoding process died on this file ({describe_exit(exitcode)}{cause})")
-
-
-def _results(tasks: Sequence[tuple[str, str]], config: ImageConfig, workers: int) -> Iterator[FileResult]:
-    """Each file's result, in order (see :func:`dagan_gn.workers.ordered_results`)."""
-    return ordered_results(tasks, process_file, workers=workers, initializer=init_worker, initargs=(config,),
-                           on_death=_died, what="decoding")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -534,7 +429,8 @@ def _run(plan: ExtractionPlan, *, salt: str | None, salt_file: str | os.PathLike
         report.skip(path, reason)
 
     config = ImageConfig(options=options, salt=salt_bytes, labels=plan.table, chunk_encoding=writer.chunk_encoding)
-    results = _results(todo, config, options.workers)
+    results = ordered_results(todo, process_file, workers=options.workers, initializer=init_worker,
+                              initargs=(config,), on_death=_died, what="decoding")
     writing = _Writing(writer, report, done_key, dict(todo), on_file_written)
     _write_all(writing, results, len(todo), progress)
     _summarise(report, out, started, len(todo), writing.written)
