@@ -574,7 +574,7 @@ def _probe_precision(ctx: Context, st: dict, cfg, precision: str) -> None:
 
 
 def _finite_losses(run: Path) -> tuple[bool, dict[str, float], int]:
-    from dagan_gn.training.logging import read_metrics
+    from dagan_gn.training.run_log import read_metrics
 
     records = read_metrics(run / "metrics.jsonl")
     finite = bool(records)
@@ -836,7 +836,7 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
     from dagan_gn.metrics.fidelity import compute_fidelity
     from dagan_gn.training.checkpoint import load_generator
     from dagan_gn.training.families import get_family
-    from dagan_gn.training.logging import save_image_grid
+    from dagan_gn.training.run_log import save_image_grid
 
     s, dev, seed = ctx.sizes, ctx.device, ctx.args.seed
     try:

@@ -99,7 +99,7 @@ def benchmark_cifar10_command(
     preset: StudyPreset = typer.Option("smoke", "--preset", help="smoke (minutes on a CPU: tiny nets, a few steps), "
                                        "seed-10k (10k steps, 10k samples, GPU) or full-100k (100k steps, 50k "
                                        "samples, GPU)."),
-    archs: Optional[str] = typer.Option(None, "--archs", help="Comma-separated: resnet, simple-cnn (default: the "
+    archs: Optional[str] = typer.Option(None, "--archs", help="Comma-separated: resnet, dcgan (default: the "
                                         "preset's)."),
     critic_norms: Optional[str] = typer.Option(
         None, "--critic-norms", help="Comma-separated from none, batch, layer, instance, group, weight, spectral "

@@ -2,7 +2,7 @@
 
 Items are dicts ``{"image": FloatTensor[C, S, S] in [-1, 1], "label": int, "index": int}`` (``index`` = row in the
 file). :class:`SameClassPairDataset` adds ``"pair"`` (another patch of the same class) and ``"pair_index"``, the input
-a DAGAN generator/critic pair needs. :class:`ClassBalancedSampler` draws classes equally often.
+a DAGAN generator/critic pair needs.
 
 The HDF5 file is opened lazily in each process that reads from it (and reopened after a fork), so datasets are safe
 to hand to a ``DataLoader`` with ``num_workers > 0``.
@@ -12,16 +12,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import h5py
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
 from dagan_gn.store.patch_file import PatchFile, uint16_to_signed
 
-__all__ = ["PatchDataset", "SameClassPairDataset", "ClassBalancedSampler"]
+__all__ = ["PatchDataset", "SameClassPairDataset"]
 
 
 class PatchDataset(Dataset):
@@ -168,29 +168,3 @@ class SameClassPairDataset(Dataset):
         k = int(rng.integers(same.size - 1))
         pos = int(np.searchsorted(same, i))
         return int(same[k + 1] if k >= pos else same[k])
-
-
-class ClassBalancedSampler(Sampler[int]):
-    """Samples dataset positions with equal probability per class (with replacement), ``num_samples`` per epoch
-    (default: the dataset length). Seeded; call :meth:`set_epoch` for a new draw each epoch."""
-
-    def __init__(self, labels: Sequence[int] | np.ndarray, num_samples: int | None = None, seed: int = 0) -> None:
-        labels = np.asarray(labels)
-        if labels.size == 0:
-            raise ValueError("ClassBalancedSampler needs at least one sample")
-        classes, counts = np.unique(labels, return_counts=True)
-        weight_of = {int(c): 1.0 / (len(classes) * n) for c, n in zip(classes, counts)}
-        self.weights = torch.as_tensor([weight_of[int(label)] for label in labels], dtype=torch.double)
-        self.num_samples = int(num_samples) if num_samples is not None else int(labels.size)
-        self.seed = int(seed)
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        yield from torch.multinomial(self.weights, self.num_samples, replacement=True, generator=g).tolist()

@@ -5,6 +5,8 @@
   resumed runs and shards of one archive agree; without the salt a pseudonym cannot be linked back to an identifier
   by hashing candidate IDs.
 * :class:`Pseudonymizer` maps ``(kind, value)`` to ``"<P|I|S|...>-" + 16 hex digits`` of HMAC-SHA256.
+* :func:`salt_fingerprint` is the one-way fingerprint of the salt that patch files store, so a resume or a merge can
+  check that every part used the same salt.
 * :func:`assign_split` is a pure function of the patient pseudonym and the seed, so every image of a patient lands in
   the same split, and independent shards (``--shard i/n``) agree without talking to each other.
 """
@@ -24,6 +26,7 @@ __all__ = [
     "Pseudonymizer",
     "assign_split",
     "parse_split_fractions",
+    "salt_fingerprint",
     "split_uniform",
     "text_bytes",
 ]
@@ -105,6 +108,12 @@ class Pseudonymizer:
         message = kind.encode("utf-8") + b"\x00" + text_bytes(value)
         digest = hmac.new(self._salt, message, hashlib.sha256).hexdigest()[:_HEX_DIGITS]
         return f"{_PREFIXES.get(kind, kind[0].upper())}-{digest}"
+
+
+def salt_fingerprint(salt: bytes) -> str:
+    """A one-way fingerprint of the salt, stored in the HDF5 so resume/merge can check that every part used the
+    same salt (the salt itself never goes into the file)."""
+    return hashlib.sha256(b"dagan-gn salt fingerprint\x00" + salt).hexdigest()[:16]
 
 
 def text_bytes(value: str | bytes | object) -> bytes:

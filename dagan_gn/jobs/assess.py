@@ -740,7 +740,7 @@ def assess(
     )
     if out_dir is not None:
         bar.set_postfix_str("figures")
-        from dagan_gn.training.logging import save_image_grid
+        from dagan_gn.training.run_log import save_image_grid
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

@@ -554,7 +554,7 @@ def run_augment(plan: AugmentPlan, pf: PatchFile) -> int:
 def write_contact_sheet(
     sources: torch.Tensor, variants: torch.Tensor, path: str | os.PathLike, *, padding: int = 2
 ) -> Path:
-    """PNG grid (the project's one grid writer, :func:`dagan_gn.training.logging.save_image_grid`): one row per
+    """PNG grid (the project's one grid writer, :func:`dagan_gn.training.run_log.save_image_grid`): one row per
     source, the source first then its variants.
 
     Args:
@@ -562,7 +562,7 @@ def write_contact_sheet(
         variants: ``[R, K, C, S, S]`` in [-1, 1].
         path: output PNG (written atomically).
     """
-    from dagan_gn.training.logging import save_image_grid
+    from dagan_gn.training.run_log import save_image_grid
 
     rows = torch.cat([sources[:, None], variants], dim=1)  # [R, 1 + K, C, S, S]
     return save_image_grid(rows.flatten(0, 1), path, nrow=rows.shape[1], padding=padding)

@@ -51,8 +51,9 @@ __all__ = [
     "write_report",
 ]
 
-#: Study architecture name → ``ModelConfig.name`` (the seed study's "Simple-CNN" is the DCGAN-style network).
-ARCHS = {"resnet": "cifar_resnet", "simple-cnn": "cifar_dcgan"}
+#: Study architecture name → ``ModelConfig.name`` (the family's name without ``cifar_``; the seed study calls the
+#: DCGAN-style network "Simple-CNN").
+ARCHS = {"resnet": "cifar_resnet", "dcgan": "cifar_dcgan"}
 CRITIC_NORMS = ("none", "batch", "layer", "instance", "group", "weight", "spectral")
 GENERATOR_NORMS = ("batch", "group")
 #: The seed study's Inception Scores (ResNet/Simple-CNN WGAN-GP on CIFAR-10, 10k steps), keyed by
@@ -60,8 +61,8 @@ GENERATOR_NORMS = ("batch", "group")
 PUBLISHED_IS = {
     ("resnet", "layer"): 3.632,
     ("resnet", "group"): 3.841,
-    ("simple-cnn", "none"): 3.261,
-    ("simple-cnn", "group"): 3.324,
+    ("dcgan", "none"): 3.261,
+    ("dcgan", "group"): 3.324,
 }
 
 
@@ -94,7 +95,7 @@ class StudyPreset:
     recon_steps: int
     #: Training images per class (0: all 5,000).
     limit_per_class: int
-    archs: tuple = ("resnet", "simple-cnn")
+    archs: tuple = ("resnet", "dcgan")
     critic_norms: tuple = CRITIC_NORMS
     generator_norms: tuple = GENERATOR_NORMS
     seeds: tuple = (0,)
@@ -108,20 +109,20 @@ PRESETS: dict[str, StudyPreset] = {
     # Minutes on a 2-core CPU: tiny nets, a handful of steps, two critic norms, small sample counts (KID suits small
     # n). Checks the machinery end to end; its numbers say nothing about the norms.
     "smoke": StudyPreset(
-        name="smoke", steps=4, batch_size=16, widths={"resnet": (16, 16), "simple-cnn": (16, 16)}, z_dim=32,
+        name="smoke", steps=4, batch_size=16, widths={"resnet": (16, 16), "dcgan": (16, 16)}, z_dim=32,
         n_critic=2, lr=2e-4, ema_decay=0.0, ema_start=0, num_samples=64, kid_subset_size=32, eval_every=2,
         eval_samples=32, recon_images=16, recon_steps=50, limit_per_class=20, critic_norms=("layer", "group"),
         generator_norms=("group",), checkpoint_every=2, sample_every=4, log_every=1, num_workers=0,
     ),
     # The seed study's protocol: 10k generator steps, Gulrajani widths, 10k samples (GPU).
     "seed-10k": StudyPreset(
-        name="seed-10k", steps=10_000, batch_size=64, widths={"resnet": (128, 128), "simple-cnn": (64, 64)},
+        name="seed-10k", steps=10_000, batch_size=64, widths={"resnet": (128, 128), "dcgan": (64, 64)},
         z_dim=128, n_critic=5, lr=2e-4, ema_decay=0.999, ema_start=1000, num_samples=10_000, kid_subset_size=1000,
         eval_every=1000, eval_samples=5000, recon_images=1000, recon_steps=50, limit_per_class=0, seeds=(0, 1, 2),
     ),
     # The WGAN-GP paper's length: 100k generator steps, 50k samples for FID (GPU, hours per cell).
     "full-100k": StudyPreset(
-        name="full-100k", steps=100_000, batch_size=64, widths={"resnet": (128, 128), "simple-cnn": (64, 64)},
+        name="full-100k", steps=100_000, batch_size=64, widths={"resnet": (128, 128), "dcgan": (64, 64)},
         z_dim=128, n_critic=5, lr=2e-4, ema_decay=0.9999, ema_start=5000, num_samples=50_000, kid_subset_size=1000,
         eval_every=5000, eval_samples=10_000, recon_images=1000, recon_steps=50, limit_per_class=0,
         checkpoint_every=5000, sample_every=5000,
@@ -217,7 +218,7 @@ def _fid_curve(run_dir: Path) -> list[tuple[int, float]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    from dagan_gn.training.logging import read_metrics
+    from dagan_gn.training.run_log import read_metrics
 
     curve = {}
     for rec in read_metrics(path):
@@ -257,7 +258,7 @@ def run_cell(
     from dagan_gn.runtime import environment_info, resolve_device, seed_everything
     from dagan_gn.training.checkpoint import load_generator
     from dagan_gn.training.families import get_family
-    from dagan_gn.training.logging import save_image_grid
+    from dagan_gn.training.run_log import save_image_grid
     from dagan_gn.jobs.train import train
 
     out = Path(out)
@@ -397,7 +398,8 @@ def write_report(results: list[dict], out: str | os.PathLike, preset: StudyPrese
     lines += [
         "",
         "Seed study (published, ResNet/Simple-CNN WGAN-GP, 10k steps): ResNet+LN IS 3.632, ResNet+GN IS 3.841, "
-        "Simple-CNN 3.261, Simple-CNN+GN 3.324 (read here as critic norms; 'Simple-CNN' as no critic norm).",
+        "Simple-CNN 3.261, Simple-CNN+GN 3.324 (read here as critic norms; 'Simple-CNN' is our 'dcgan' with no critic "
+        "norm).",
         "",
     ]
     curve = _plot_curves(results, out / "fid_vs_step.png")

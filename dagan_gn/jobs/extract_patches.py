@@ -10,16 +10,17 @@ It reads plan → run → report:
   stream the files through the decoders into it;
 * **report**: count what was written into the :class:`ExtractionReport`, also saved as ``<out>.report.json``.
 
-Streaming: files are decoded in ``workers`` processes (at most ``2 * workers`` images in flight, results consumed in
-order), one writer in the main process appends each image's patches and commits it, so memory is flat whatever the
-archive size. Per-file problems (corrupt, truncated, zero-size, non-MG, unsupported syntax, bad ROI mask, too many
-pixels, smaller than a patch, a broken symbolic link, a decoding process that died on it) become one line in the log
-and in ``<out>.report.json`` and the run goes on. A worker killed while decoding (the OOM killer, a crashing decoder)
-is detected: the files it may have held are decoded again one at a time in a fresh process, the one that kills it
-is reported as skipped, and the pool is restarted. ``resume=True`` continues the ``<out>.partial`` file of a killed
-run (files committed before the kill are not redone; a half-written one is dropped and redone). ``shard=(i, n)``
-takes a deterministic, balanced 1/n of the archive (hash of each file's path relative to the inputs) so a job array
-can spread the work; ``dagan merge-patches`` joins the shards.
+Streaming: files go through the per-image pipeline (:mod:`dagan_gn.ingest.pipeline`: read, resample, mask, lesion
+scaling, sampling, pseudonyms, split, encoding) in ``workers`` processes (:mod:`dagan_gn.workers`; at most
+``2 * workers`` images in flight, results consumed in order), one writer in the main process appends each image's
+patches and commits it, so memory is flat whatever the archive size. Per-file problems (corrupt, truncated, zero-size,
+non-MG, unsupported syntax, bad ROI mask, too many pixels, smaller than a patch, a broken symbolic link, a decoding
+process that died on it) become one line in the log and in ``<out>.report.json`` and the run goes on. A worker killed
+while decoding (the OOM killer, a crashing decoder) is detected: the files it may have held are decoded again one at a
+time in a fresh process, the one that kills it is reported as skipped, and the pool is restarted. ``resume=True``
+continues the ``<out>.partial`` file of a killed run (files committed before the kill are not redone; a half-written
+one is dropped and redone). ``shard=(i, n)`` takes a deterministic, balanced 1/n of the archive (hash of each file's
+path relative to the inputs) so a job array can spread the work; ``dagan merge-patches`` joins the shards.
 
 Privacy: the HDF5 holds salted pseudonyms only (patient, image, source keys), never paths, names, dates or UIDs. The
 salt comes from ``salt`` or from ``salt_file`` (default ``<out>.salt``, created once: keep it secret and never share
@@ -36,29 +37,21 @@ import logging
 import os
 import signal
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from dagan_gn.errors import DaganError
 from dagan_gn.fileio import atomic_write_text, printable_path, sha256_file
-from dagan_gn.ingest.dicom import DEFAULT_MAX_PIXELS, DEFAULT_MODALITIES
+from dagan_gn.ingest.dicom import DEFAULT_MAX_PIXELS
 from dagan_gn.ingest.labels import LabelsError, LabelTable, load_labels
-from dagan_gn.ingest.privacy import text_bytes
-from dagan_gn.ingest.sampling import cut_patch, lesion_centres, normal_centres
+from dagan_gn.ingest.pipeline import ExtractError, ExtractionOptions, FileResult, FileSkipped, ImageConfig
+from dagan_gn.ingest.pipeline import init_worker, process_file
+from dagan_gn.ingest.privacy import salt_fingerprint, text_bytes
 from dagan_gn.locks import output_lock
-from dagan_gn.store.patch_file import (
-    EXTRACTION_PROVENANCE,
-    PatchFile,
-    PatchWriter,
-    StoreError,
-    encode_patch_chunks,
-    partial_path,
-    to_uint16,
-)
+from dagan_gn.store.patch_file import EXTRACTION_PROVENANCE, PatchFile, PatchWriter, StoreError, partial_path
+from dagan_gn.workers import WorkerStartError, describe_exit, ordered_results
 
 __all__ = [
     "ExtractError",
@@ -68,7 +61,6 @@ __all__ = [
     "extract_patches",
     "plan_extraction",
     "shard_of",
-    "salt_fingerprint",
     "report_path",
 ]
 
@@ -76,102 +68,6 @@ log = logging.getLogger(__name__)
 
 #: Exit codes of ``dagan extract-patches``.
 EXIT_OK, EXIT_FATAL, EXIT_SKIPPED = 0, 2, 3
-
-
-class ExtractError(DaganError, ValueError):
-    """A fatal problem with the job itself (bad parameters, unreadable labels, no inputs, a refused output, resume
-    mismatch, a write that failed)."""
-
-
-@dataclass(frozen=True)
-class ExtractionOptions:
-    """What to cut from every image, and how to run. Checked on construction (:class:`ExtractError` on a bad value).
-
-    Args:
-        patch_size: S of the S×S patches (after resampling).
-        per_image: normal-tissue patches per image (random mode).
-        per_lesion: lesion-centred patches per lesion (each with its own jitter).
-        min_tissue: minimum fraction of a normal patch covered by the breast mask.
-        stride: grid mode: every qualifying centre of a grid with this step (``per_image`` ignored).
-        target_spacing_mm: downsample every image to this pixel spacing first (images with no spacing are skipped).
-        split: train/val/test fractions, assigned per patient.
-        seed: sampling and split seed.
-        shard: ``(i, n)``: process only the i-th of n deterministic parts of the archive.
-        allow_modalities: DICOM modalities accepted (``"*"`` for any).
-        lesion_jitter: lesion patch shift, at most this fraction of S per axis (the lesion stays inside).
-        lesion_margin: normal patches keep this many pixels from any lesion (default S // 4).
-        compression: ``"gzip"``, ``"lzf"`` or None.
-        workers: decoding processes (1 = decode in this process).
-        max_pixels: images declaring more pixels (Rows × Columns × samples × frames) are skipped before decoding.
-
-    The first twelve decide the patches and are stored in the file (a resume must repeat them); ``compression``,
-    ``workers`` and ``max_pixels`` only decide how the run goes.
-    """
-
-    patch_size: int = 256
-    per_image: int = 8
-    per_lesion: int = 1
-    min_tissue: float = 0.9
-    stride: int | None = None
-    target_spacing_mm: float | None = None
-    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    seed: int = 0
-    shard: tuple[int, int] = (0, 1)
-    allow_modalities: tuple[str, ...] = DEFAULT_MODALITIES
-    lesion_jitter: float = 0.25
-    lesion_margin: int | None = None
-    compression: str | None = "gzip"
-    workers: int = 1
-    max_pixels: int | None = DEFAULT_MAX_PIXELS
-
-    def __post_init__(self) -> None:
-        normal = object.__setattr__  # frozen: normalise once here (callers pass lists, numpy numbers, strings)
-        normal(self, "split", tuple(float(f) for f in self.split))
-        normal(self, "shard", (int(self.shard[0]), int(self.shard[1])))
-        normal(self, "allow_modalities", tuple(str(m) for m in self.allow_modalities))
-        if self.patch_size < 8:
-            raise ExtractError(f"patch size must be at least 8, got {self.patch_size}")
-        if self.per_image < 0 or self.per_lesion < 0:
-            raise ExtractError("per-image and per-lesion counts must not be negative")
-        if not 0.0 <= self.min_tissue <= 1.0:
-            raise ExtractError(f"min-tissue must be in [0, 1], got {self.min_tissue}")
-        if self.stride is not None and self.stride <= 0:
-            raise ExtractError(f"stride must be positive, got {self.stride}")
-        if self.target_spacing_mm is not None and self.target_spacing_mm <= 0:
-            raise ExtractError(f"target spacing must be positive, got {self.target_spacing_mm}")
-        if self.workers < 1:
-            raise ExtractError(f"workers must be at least 1, got {self.workers}")
-        index, count = self.shard
-        if count < 1 or not 0 <= index < count:
-            raise ExtractError(f"shard must be i/n with 0 <= i < n, got {index}/{count}")
-        if len(self.split) != 3 or min(self.split) < 0 or abs(sum(self.split) - 1.0) > 1e-6:
-            raise ExtractError(f"split must be three non-negative fractions summing to 1, got {self.split}")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ExtractError(f"max-pixels must be positive, got {self.max_pixels}")
-
-    @property
-    def margin(self) -> int:
-        """Distance in pixels kept between normal patches and lesions."""
-        return self.patch_size // 4 if self.lesion_margin is None else int(self.lesion_margin)
-
-    def stored_parameters(self, labels_sha256: str | None) -> dict[str, Any]:
-        """The ``parameters`` attribute of the patch file: everything that decides the patches (a resume must match)."""
-        return {
-            "patch_size": int(self.patch_size),
-            "per_image": int(self.per_image),
-            "per_lesion": int(self.per_lesion),
-            "min_tissue": float(self.min_tissue),
-            "stride": None if self.stride is None else int(self.stride),
-            "target_spacing_mm": None if self.target_spacing_mm is None else float(self.target_spacing_mm),
-            "split": list(self.split),
-            "seed": int(self.seed),
-            "shard": list(self.shard),
-            "allow_modalities": sorted(m.upper() for m in self.allow_modalities),
-            "labels_sha256": labels_sha256,
-            "lesion_jitter": float(self.lesion_jitter),
-            "lesion_margin": self.margin,
-            "intensity": "uint16 v -> v / 65535 in [0, 1], tissue bright",
-        }
 
 
 @dataclass
@@ -233,12 +129,6 @@ def shard_of(key: str, num_shards: int) -> int:
     return int.from_bytes(hashlib.sha256(text_bytes(key)).digest()[:8], "big") % num_shards
 
 
-def salt_fingerprint(salt: bytes) -> str:
-    """A one-way fingerprint of the salt, stored in the HDF5 so resume/merge can check that every part used the
-    same salt (the salt itself never goes into the file)."""
-    return hashlib.sha256(b"dagan-gn salt fingerprint\x00" + salt).hexdigest()[:16]
-
-
 def _relative_keys(files: Sequence[Path], inputs: Sequence[str | os.PathLike]) -> list[str]:
     roots = []
     for item in inputs:
@@ -249,285 +139,18 @@ def _relative_keys(files: Sequence[Path], inputs: Sequence[str | os.PathLike]) -
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Worker side: decode one image and cut its patches. Runs in a pool process (or inline with workers=1).
+# The per-image pipeline (dagan_gn.ingest.pipeline) runs in a pool of decoding processes (dagan_gn.workers).
 
 # gzip level of the patch chunks: 16-bit mammogram noise barely compresses past level 1 (8 real CBIS-DDSM films:
 # 6.67 MB at level 1 vs 6.64 MB at level 4, +0.3 %), while level 1 deflates ~1.8x faster in the workers.
 _GZIP_LEVEL = 1
 
 
-@dataclass(frozen=True)
-class _WorkerConfig:
-    """Everything a decoding process needs (inherited by forked workers, picklable for spawned ones)."""
-
-    options: ExtractionOptions
-    salt: bytes
-    labels: LabelTable
-    chunk_encoding: tuple[str | None, int] | None
-
-
-@dataclass
-class _ImagePatches:
-    """One usable image: its patches (raw or already compressed) and pseudonymous provenance."""
-
-    key: str
-    n: int
-    patches: np.ndarray | None
-    encoded: list[bytes] | None
-    labels: np.ndarray
-    centers: np.ndarray
-    lesion_index: np.ndarray
-    patient: str
-    image: str
-    split: str
-    laterality: str
-    view: str
-    spacing: float
-    lesions: int
-    warnings: list[str]
-
-
-@dataclass
-class _FileSkipped:
-    """A file that gave nothing, and why (one line)."""
-
-    key: str
-    path: str
-    reason: str
-
-
-_FileResult = _ImagePatches | _FileSkipped
-
-_WORKER: dict[str, Any] = {}
-
-
-def _exit_with_parent() -> None:
-    """Make this decoding process end when the job's process does (``kill -9``, the OOM killer): an orphaned worker
-    would otherwise wait on its task queue forever, holding memory and the job's stdout open."""
-    parent = os.getppid()
-    try:  # Linux: the kernel kills us the moment the parent dies
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL) == 0:
-            if os.getppid() != parent:  # the parent died before prctl took effect
-                os._exit(1)
-            return
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:  # elsewhere: look every half second
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    import threading
-
-    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
-
-
-def _init_worker(config: _WorkerConfig, in_pool: bool = True) -> None:
-    from dagan_gn.ingest.privacy import Pseudonymizer
-
-    if in_pool:
-        _exit_with_parent()
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    _WORKER.clear()
-    _WORKER["config"] = config
-    _WORKER["pseudonymizer"] = Pseudonymizer(config.salt)
-
-
-def _key_seed(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(text_bytes(key)).digest()[:8], "big")
-
-
-def _process_file(key: str, path: str) -> _FileResult:
-    """Decode, mask, sample and cut one file; returns patches + pseudonymous provenance, or the skip reason."""
-    try:
-        return _cut_image(key, path, _WORKER["config"], _WORKER["pseudonymizer"])
-    except DaganError as exc:  # DicomReadError carries the bare reason; LabelsError names the CSV line
-        return _FileSkipped(key, path, getattr(exc, "reason", None) or str(exc))
-    except MemoryError:
-        return _FileSkipped(key, path, "out of memory while decoding")
-    except Exception as exc:  # one bad file must never stop an archive-sized run
-        return _FileSkipped(key, path, f"unexpected {type(exc).__name__}: {exc}")
-
-
-def _cut_image(key: str, path: str, cfg: _WorkerConfig, pseudo: Any) -> _FileResult:
-    from dagan_gn.ingest.dicom import DicomReadError, read_dicom_raw, resample_to_spacing
-    from dagan_gn.ingest.mask import breast_mask
-    from dagan_gn.ingest.privacy import assign_split
-
-    opt = cfg.options
-    raw = read_dicom_raw(path, allow_modalities=opt.allow_modalities, max_pixels=opt.max_pixels)
-    meta = raw.meta
-    lesions = [les.resolve((meta.rows, meta.cols)) for les in cfg.labels.lookup(path, meta)]
-    target = opt.target_spacing_mm
-    if target is not None and meta.pixel_spacing_mm is None:
-        raise DicomReadError(path, "no PixelSpacing/ImagerPixelSpacing, cannot resample to --target-spacing")
-    if target is None:
-        # Stay on the stored grey levels: the mask maps only block means to display values, and only the cut
-        # patches are converted (the display map is elementwise, so they equal patches of the display image).
-        pixels, display = raw.values, raw.display
-    else:
-        pixels, _ = resample_to_spacing(raw.to_image().pixels, meta.pixel_spacing_mm, target)
-        display = None
-    del raw
-    S = opt.patch_size
-    if pixels.shape[0] < S or pixels.shape[1] < S:
-        resampled = " after resampling" if target is not None else ""
-        return _FileSkipped(key, path, f"image is {pixels.shape[1]}x{pixels.shape[0]} pixels{resampled}, smaller "
-                                       f"than one {S}x{S} patch")
-    sy, sx = pixels.shape[0] / meta.rows, pixels.shape[1] / meta.cols
-    spacing = (meta.pixel_spacing_mm[0] / sy) if meta.pixel_spacing_mm else float("nan")
-    # Sampling needs only window coverages: keep the mask at block resolution.
-    mask = breast_mask(pixels, meta.laterality, full_resolution=False, display=display)
-    warnings = []
-    scaled = []
-    for les in lesions:
-        cy, cx = les.center_yx
-        if not (0 <= cy < meta.rows and 0 <= cx < meta.cols):
-            warnings.append(f"{les.source}: lesion centre (x={cx:g}, y={cy:g}) is outside the "
-                            f"{meta.cols}x{meta.rows} image; ignored")
-            continue
-        scaled.append((les.class_name, (cy * sy, cx * sx, les.radius * min(sy, sx))))
-    geometry = [g for _, g in scaled]
-    rng = np.random.default_rng([opt.seed, _key_seed(key)])
-    lesion_pos = lesion_centres(geometry, pixels.shape, S, rng, per_lesion=opt.per_lesion, jitter=opt.lesion_jitter)
-    normal_pos = normal_centres(mask, S, opt.per_image, rng, min_tissue=opt.min_tissue, lesions=geometry,
-                                margin=opt.margin, stride=opt.stride)
-    centres = [(y, x) for y, x, _ in lesion_pos] + list(normal_pos)
-    lesion_index = [i for _, _, i in lesion_pos] + [-1] * len(normal_pos)
-    class_names = cfg.labels.class_names
-    labels = [class_names.index(scaled[i][0]) for _, _, i in lesion_pos] + [0] * len(normal_pos)
-    if centres:
-        cut = np.stack([cut_patch(pixels, c, S) for c in centres])
-        patches = to_uint16(cut if display is None else display(cut))[:, None]
-    else:
-        patches = np.zeros((0, 1, S, S), np.uint16)
-        if opt.per_image or (geometry and opt.per_lesion):
-            warnings.append(f"no patch: no {S}x{S} window is covered by breast tissue to --min-tissue "
-                            f"{opt.min_tissue:g} and no labelled lesion is inside the image")
-    # Patient key: the patient part of PatientID; without one, fall back to other identifiers so images are
-    # never pooled under an empty key (each such image is its own "patient").
-    patient_key = meta.patient_id or meta.patient_name or meta.study_uid or f"file:{key}"
-    patient = pseudo.pseudonym("patient", patient_key)
-    if not meta.patient_id:
-        warnings.append("no PatientID; the image was given its own patient pseudonym")
-    image_id = pseudo.pseudonym("image", meta.sop_instance_uid or f"file:{key}")
-    # Compress here, in the worker, so the single writer only copies bytes into the file.
-    encoded = encode_patch_chunks(patches, *cfg.chunk_encoding) if cfg.chunk_encoding is not None else None
-    return _ImagePatches(
-        key=key,
-        n=int(patches.shape[0]),
-        patches=patches if encoded is None else None,
-        encoded=encoded,
-        labels=np.asarray(labels, dtype=np.int32),
-        centers=np.asarray(centres, dtype=np.int32).reshape(-1, 2),
-        lesion_index=np.asarray(lesion_index, dtype=np.int32),
-        patient=patient,
-        image=image_id,
-        split=assign_split(patient, opt.split, opt.seed),
-        laterality=meta.laterality,
-        view=meta.view,
-        spacing=spacing,
-        lesions=len(scaled),
-        warnings=warnings,
-    )
-
-
-def _results_inline(tasks: Sequence[tuple[str, str]], config: _WorkerConfig) -> Iterator[_FileResult]:
-    _init_worker(config, in_pool=False)
-    for key, path in tasks:
-        yield _process_file(key, path)
-
-
-def _fork_context():
-    import multiprocessing as mp
-
-    return mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-
-
-def _quarantine_main(conn, config: _WorkerConfig, key: str, path: str) -> None:
-    _init_worker(config)
-    conn.send(_process_file(key, path))
-    conn.close()
-
-
-def _death_reason(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            name = signal.Signals(-exitcode).name
-        except ValueError:
-            name = f"signal {-exitcode}"
-        cause = "; out of memory? see --max-pixels" if -exitcode == signal.SIGKILL else ""
-        return f"the decoding process died on this file (killed by {name}{cause})"
-    return f"the decoding process died on this file (exit code {exitcode})"
-
-
-def _process_alone(key: str, path: str, config: _WorkerConfig) -> _FileResult:
-    """Decode one file in a process of its own: its result, or its death reported as a skipped file."""
-    ctx = _fork_context()
-    receive, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_quarantine_main, args=(send, config, key, path), daemon=True)
-    proc.start()
-    send.close()
-    try:
-        result = receive.recv()
-    except EOFError:  # the process died before it could answer
-        result = None
-    finally:
-        receive.close()
-        proc.join()
-    return result if result is not None else _FileSkipped(key, path, _death_reason(proc.exitcode))
-
-
-def _results_pool(tasks: Sequence[tuple[str, str]], config: _WorkerConfig, workers: int) -> Iterator[_FileResult]:
-    """Ordered results with at most ``2 * workers`` images in flight, so memory stays flat even when the writer is
-    slower than the decoders. A dead worker breaks the pool (``BrokenProcessPool``) and fails every file in flight;
-    those are decoded again one at a time in processes of their own, so the file that kills its process is named and
-    skipped and the others are kept, then a new pool goes on with the rest."""
-    from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
-
-    # Import the decoding stack once here so forked workers inherit it instead of each importing it again.
-    import dagan_gn.ingest.dicom  # noqa: F401
-    import dagan_gn.ingest.mask  # noqa: F401
-
-    def new_pool() -> ProcessPoolExecutor:
-        try:
-            return ProcessPoolExecutor(workers, mp_context=_fork_context(), initializer=_init_worker,
-                                       initargs=(config,))
-        except OSError as exc:
-            raise ExtractError(f"cannot start {workers} decoding processes ({exc})") from exc
-
-    waiting = deque(tasks)
-    in_flight: deque = deque()
-    pool = new_pool()
-    try:
-        while waiting or in_flight:
-            try:
-                while waiting and len(in_flight) < 2 * workers:
-                    in_flight.append((waiting[0], pool.submit(_process_file, *waiting[0])))
-                    waiting.popleft()
-                result = in_flight[0][1].result()
-            except BrokenProcessPool:  # from result(), or from submit() when the death was noticed first
-                suspects = list(in_flight)
-                in_flight.clear()
-                pool.shutdown(wait=True, cancel_futures=True)
-                log.warning("a decoding process died; decoding the %d file(s) it may have held one at a time",
-                            len(suspects))
-                for (key, path), done in suspects:
-                    finished = done.done() and not done.cancelled() and done.exception() is None
-                    yield done.result() if finished else _process_alone(key, path, config)
-                pool = new_pool()
-                continue
-            in_flight.popleft()
-            yield result
-    finally:
-        # Wait for the workers to exit: forked after the writer opened the HDF5 file, they share its descriptor and
-        # with it HDF5's file lock, which must be gone before the finished file is opened for the report.
-        pool.shutdown(wait=True, cancel_futures=True)
+def _died(task: Sequence[str], exitcode: int | None) -> FileSkipped:
+    """The skip reason of a file whose decoding process died on it."""
+    key, path = task
+    cause = "; out of memory? see --max-pixels" if exitcode == -signal.SIGKILL else ""
+    return FileSkipped(key, path, f"the decoding process died on this file ({describe_exit(exitcode)}{cause})")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -679,9 +302,9 @@ class _Writing:
         if writer.resumed:  # (PatchWriter has no public reader of its source table)
             self.first_file = dict.fromkeys(writer._file["sources"].asstr()[:], "an image already in the file")
 
-    def take(self, n_done: int, res: _FileResult) -> None:
+    def take(self, n_done: int, res: FileResult) -> None:
         report = self.report
-        if isinstance(res, _FileSkipped):
+        if isinstance(res, FileSkipped):
             report.skip(res.path, res.reason)  # not committed: a resume tries it again
             return
         path = self.paths[res.key]
@@ -746,7 +369,7 @@ def _report_finished(plan: ExtractionPlan, report: ExtractionReport, fingerprint
     log.info("%s is already complete; nothing to resume", printable_path(plan.out))
 
 
-def _write_all(writing: _Writing, results: Iterable[_FileResult], n_todo: int, progress: bool) -> None:
+def _write_all(writing: _Writing, results: Iterable[FileResult], n_todo: int, progress: bool) -> None:
     """Stream every result into the writer (finalized at the end); a failed write becomes one ExtractError."""
     from tqdm.auto import tqdm
 
@@ -758,6 +381,8 @@ def _write_all(writing: _Writing, results: Iterable[_FileResult], n_todo: int, p
                 writing.take(n_done, res)
                 bar.update(1)
                 bar.set_postfix(patches=writing.written, skipped=report.files_skipped, refresh=False)
+    except WorkerStartError as exc:
+        raise ExtractError(str(exc)) from exc
     except (StoreError, OSError) as exc:
         # A full disk, a lost share, a failed flush: what was committed before stays in the .partial file.
         raise ExtractError(
@@ -805,8 +430,9 @@ def _run(plan: ExtractionPlan, *, salt: str | None, salt_file: str | os.PathLike
     for path, reason in plan.unreadable:  # nothing to decode: reported on every run
         report.skip(path, reason)
 
-    config = _WorkerConfig(options=options, salt=salt_bytes, labels=plan.table, chunk_encoding=writer.chunk_encoding)
-    results = _results_inline(todo, config) if options.workers == 1 else _results_pool(todo, config, options.workers)
+    config = ImageConfig(options=options, salt=salt_bytes, labels=plan.table, chunk_encoding=writer.chunk_encoding)
+    results = ordered_results(todo, process_file, workers=options.workers, initializer=init_worker,
+                              initargs=(config,), on_death=_died, what="decoding")
     writing = _Writing(writer, report, done_key, dict(todo), on_file_written)
     _write_all(writing, results, len(todo), progress)
     _summarise(report, out, started, len(todo), writing.written)

@@ -122,8 +122,7 @@ def write_images(
         extra_columns: more provenance columns, name → ``(spec, values)`` (e.g. ``{"shot_rank": ("int32", ranks)}``).
         attrs: extra file attributes.
     """
-    from dagan_gn.ingest.privacy import Pseudonymizer
-    from dagan_gn.jobs.extract_patches import salt_fingerprint
+    from dagan_gn.ingest.privacy import Pseudonymizer, salt_fingerprint
     from dagan_gn.store.patch_file import PatchWriter, to_uint16
 
     extra_columns = dict(extra_columns or {})

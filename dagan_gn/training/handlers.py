@@ -70,7 +70,7 @@ class SampleGridHandler(Handler):
     def __call__(self, trainer: "Trainer") -> None:
         if not trainer.is_main:
             return
-        from dagan_gn.training.logging import save_image_grid
+        from dagan_gn.training.run_log import save_image_grid
 
         grid = trainer.sample_grid()
         save_image_grid(grid.images, trainer.run_dir / "samples" / f"step_{trainer.step:07d}.png", grid.nrow)

@@ -47,7 +47,7 @@ from dagan_gn.training.checkpoint import (
 from dagan_gn.training.ema import EMA
 from dagan_gn.training.families import FixedGrid, ModelFamily, SampleGrid, get_family
 from dagan_gn.training.handlers import CheckpointHandler, EvaluationHandler, Handler, SampleGridHandler
-from dagan_gn.training.logging import RunLogger, plot_loss_curves
+from dagan_gn.training.run_log import RunLogger, plot_loss_curves
 from dagan_gn.training.losses import get_loss
 from dagan_gn.training.models import GANModel
 

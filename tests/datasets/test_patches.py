@@ -1,4 +1,4 @@
-"""Tests for dagan_gn/datasets/patches.py: PatchDataset, SameClassPairDataset, ClassBalancedSampler."""
+"""Tests for dagan_gn/datasets/patches.py: PatchDataset, SameClassPairDataset."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from dagan_gn.datasets.patches import ClassBalancedSampler, PatchDataset, SameClassPairDataset
+from dagan_gn.datasets.patches import PatchDataset, SameClassPairDataset
 from dagan_gn.store.patch_file import PatchWriter
 
 S = 8
@@ -88,13 +88,3 @@ def test_same_class_pairs(patch_file):
 def test_single_patch_class_is_named(patch_file):
     with pytest.raises(ValueError, match="class 'malignant' has a single patch"):
         SameClassPairDataset(PatchDataset(patch_file, split="test"))
-
-
-def test_class_balanced_sampler():
-    labels = np.array([0] * 90 + [1] * 10)
-    sampler = ClassBalancedSampler(labels, num_samples=2000, seed=0)
-    drawn = labels[list(sampler)]
-    assert len(drawn) == 2000 and 0.4 < drawn.mean() < 0.6
-    assert list(ClassBalancedSampler(labels, 50, seed=1)) == list(ClassBalancedSampler(labels, 50, seed=1))
-    sampler.set_epoch(1)
-    assert list(sampler)[:20] != list(ClassBalancedSampler(labels, 2000, seed=0))[:20]

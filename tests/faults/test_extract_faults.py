@@ -102,7 +102,7 @@ def test_kill_9_at_a_seeded_point_then_resume_is_byte_identical(archive, straigh
 
 
 _DIE_ON: str | None = None  # key of the file whose worker kills itself (read in forked workers)
-_real_process_file = job._process_file
+_real_process_file = job.process_file
 
 
 def _process_file_or_die(key: str, path: str):
@@ -137,7 +137,7 @@ def test_a_worker_killed_mid_file_is_named_and_the_run_goes_on(archive, straight
     dicom_dir, _ = archive
     keys = sorted(p.relative_to(dicom_dir).as_posix() for p in dicom_dir.rglob("*") if p.is_file())
     _DIE_ON = keys[3]  # a file in the middle, with others in flight around it
-    monkeypatch.setattr(job, "_process_file", _process_file_or_die)
+    monkeypatch.setattr(job, "process_file", _process_file_or_die)
     try:
         report = _run(archive, tmp_path / "w.h5", workers=2)
     finally:

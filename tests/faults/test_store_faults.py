@@ -1,4 +1,4 @@
-"""Fault injection on the patch-file writer (dagan_gn/store/patch_file.py, dagan_gn/store/journal.py): a full disk
+"""Fault injection on the patch-file writer (dagan_gn/store/patch_file/, dagan_gn/store/journal.py): a full disk
 (injected and real), I/O errors, kill -9 at random instants, damage found by the row digests. Every case asserts one
 StoreError naming the file, committed rows intact, and a resumed file equal to a straight write."""
 

@@ -1,4 +1,4 @@
-"""dagan_gn.ingest.dicom: display pipeline, metadata, clear per-file errors, resampling, file discovery."""
+"""dagan_gn.ingest.dicom (the package): display pipeline, metadata, clear per-file errors, resampling, file discovery."""
 
 from __future__ import annotations
 

@@ -51,12 +51,12 @@ def test_smoke_sweep_end_to_end_and_resumable(archive, tmp_path):
     out = tmp_path / "results"
     logs: list[str] = []
     report = run_study(
-        archive, out, preset="smoke", archs=["simple-cnn"], device="cpu", feature_extractor="tiny",
+        archive, out, preset="smoke", archs=["dcgan"], device="cpu", feature_extractor="tiny",
         progress=False, log=logs.append,
     )
     assert report == out / "results.md" and report.is_file()
     results = json.loads((out / "results.json").read_text())
-    assert [r["cell"] for r in results] == ["simple-cnn-Dlayer-Ggroup-s0", "simple-cnn-Dgroup-Ggroup-s0"]
+    assert [r["cell"] for r in results] == ["dcgan-Dlayer-Ggroup-s0", "dcgan-Dgroup-Ggroup-s0"]
     assert all(r["environment"]["device"] == "cpu" and r["environment"]["monai"] for r in results)
     for r in results:
         for key in ("fid", "kid_mean", "kid_std", "isc_mean", "recon_mse", "wall_s", "it_per_s"):
@@ -65,21 +65,21 @@ def test_smoke_sweep_end_to_end_and_resumable(archive, tmp_path):
         assert [s for s, _ in r["fid_curve"]] == [2, 4]
         assert (out / r["grid"]).is_file()
     text = report.read_text()
-    assert "| simple-cnn | group | group | 1 |" in text and "3.324" in text and "smoke" in text.lower()
+    assert "| dcgan | group | group | 1 |" in text and "3.324" in text and "smoke" in text.lower()
     assert (out / "fid_vs_step.png").stat().st_size > 1000
 
     # Done cells are skipped; a cell whose result is missing (killed after training) is finished from its run.
-    done = out / "cells" / "simple-cnn-Dlayer-Ggroup-s0" / "result.json"
+    done = out / "cells" / "dcgan-Dlayer-Ggroup-s0" / "result.json"
     before = done.read_text()
-    (out / "cells" / "simple-cnn-Dgroup-Ggroup-s0" / "result.json").unlink()
+    (out / "cells" / "dcgan-Dgroup-Ggroup-s0" / "result.json").unlink()
     logs.clear()
     run_study(
-        archive, out, preset="smoke", archs=["simple-cnn"], device="cpu", feature_extractor="tiny",
+        archive, out, preset="smoke", archs=["dcgan"], device="cpu", feature_extractor="tiny",
         progress=False, log=logs.append,
     )
-    assert logs == ["skip (done) simple-cnn-Dlayer-Ggroup-s0", "run simple-cnn-Dgroup-Ggroup-s0"]
+    assert logs == ["skip (done) dcgan-Dlayer-Ggroup-s0", "run dcgan-Dgroup-Ggroup-s0"]
     assert done.read_text() == before
-    redone = json.loads((out / "cells" / "simple-cnn-Dgroup-Ggroup-s0" / "result.json").read_text())
+    redone = json.loads((out / "cells" / "dcgan-Dgroup-Ggroup-s0" / "result.json").read_text())
     assert redone["steps_trained_this_call"] == 0 and math.isfinite(redone["fid"])
 
 

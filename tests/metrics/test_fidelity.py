@@ -137,7 +137,7 @@ def _tiny_cifar_run(tmp_path):
 
     archive = tmp_path / "cifar-10-python.tar.gz"
     write_python_archive(archive, per_batch=20, test=20)
-    cfg = cell_config(Cell("simple-cnn", "layer", "group", 0), PRESETS["smoke"], archive, device="cpu",
+    cfg = cell_config(Cell("dcgan", "layer", "group", 0), PRESETS["smoke"], archive, device="cpu",
                       feature_extractor="tiny")
     cfg.train.steps, cfg.metrics.eval_every = 2, 0
     return archive, train(cfg, tmp_path / "run")

@@ -1,4 +1,4 @@
-"""Tests for dagan_gn/store/patch_file.py: the HDF5 patch file writer, reader, resume bookkeeping and merge."""
+"""Tests for dagan_gn/store/patch_file/: the HDF5 patch file writer, reader, resume bookkeeping and merge."""
 
 from __future__ import annotations
 
