@@ -159,6 +159,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bn-batches", type=int, default=50,
                    help="batches of training data the classifier's batch-norm statistics are recomputed on after "
                         "training (0: keep the running averages; docs/augment.md)")
+    p.add_argument("--synthetic-weight", type=float, default=1.0,
+                   help="loss weight of a DAGAN variant relative to a real drawing in the classifier")
+    p.add_argument("--reject-off-class", action="store_true",
+                   help="drop variants whose embedding lies nearest another character's prototype (reported)")
     p.add_argument("--augmentation", default="strokes",
                    help="classical augmentation preset (strokes, strokes:S to scale its ranges, natural, mammo)")
     p.add_argument("--regimes", type=_str_list, default=None,
@@ -484,7 +488,9 @@ def classifier_job(job: dict[str, Any]) -> list[dict[str, Any]]:
     cfg = DownstreamConfig(width=job["width"], epochs=epochs, batch_size=job["batch_size"], lr=job["lr"],
                            weight_decay=job["weight_decay"], synthetic_ratio=job["synthetic_ratio"],
                            augmentation=job["augmentation"], seeds=[seed], device=job["device"],
-                           bn_recalibration_batches=job.get("bn_recalibration_batches", 0))
+                           bn_recalibration_batches=job.get("bn_recalibration_batches", 0),
+                           synthetic_weight=job.get("synthetic_weight", 1.0),
+                           reject_off_class=job.get("reject_off_class", False))
     rows: list[dict[str, Any]] = []
     clock = [time.perf_counter(), time.process_time()]
 
@@ -529,6 +535,7 @@ def run_classifiers(args: argparse.Namespace, task_files: dict[int, Path], varia
                              "weight_decay": args.weight_decay, "synthetic_ratio": ratio,
                              "augmentation": args.augmentation, "device": args.device, "settings": settings_fp,
                              "bn_recalibration_batches": args.bn_batches,
+                             "synthetic_weight": args.synthetic_weight, "reject_off_class": args.reject_off_class,
                              "threads": 1 if args.workers > 1 else 0})
     total = len(args.shots) * len(args.seeds) * len(args.regimes)
     bar = tqdm(total=total, initial=total - sum(len(j["regimes"]) for j in jobs), desc="classifiers", unit="run",
@@ -839,7 +846,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         classifier={"arch": "resnet", "width": args.width, "layers": [1, 1, 1, 1], "lr": args.lr,
                     "weight_decay": args.weight_decay, "batch_size": args.batch_size,
                     "synthetic_ratio": args.synthetic_ratio, "augmentation": args.augmentation,
-                    "bn_recalibration_batches": args.bn_batches},
+                    "bn_recalibration_batches": args.bn_batches,
+                    # only when not the default, so runs made before these options keep their fingerprint
+                    **({"synthetic_weight": args.synthetic_weight} if args.synthetic_weight != 1.0 else {}),
+                    **({"reject_off_class": True} if args.reject_off_class else {})},
         classifier_steps=args.classifier_steps, device=args.device, smoke=args.smoke,
         dev_classes=args.dev_classes if args.dev else 0, threads=args.threads, task_classes=list(task_classes),
         regimes=list(args.regimes), workers=args.workers,

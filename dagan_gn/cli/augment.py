@@ -105,6 +105,12 @@ def evaluate_augmentation_command(
     bn_batches: int = typer.Option(50, "--bn-batches", min=0, help="Batches of training data the classifier's "
                                    "batch-norm statistics are recomputed on after training (precise BN; 0 keeps "
                                    "the running averages)."),
+    synthetic_weight: float = typer.Option(1.0, "--synthetic-weight", min=0.0, help="Loss weight of a synthetic "
+                                           "item relative to a real one (< 1 trusts the variants less)."),
+    reject_off_class: bool = typer.Option(False, "--reject-off-class/--keep-off-class", help="Drop the variants "
+                                          "whose embedding lies nearest another class's prototype (embedding of a "
+                                          "classifier trained on the real items with classical augmentation); the "
+                                          "rejected share is reported per run."),
     seeds: int = typer.Option(3, "--seeds", min=1, help="Number of seeds per regime (for the 95 % CIs)."),
     seed: int = typer.Option(0, "--seed", help="First seed; runs use seed, seed+1, ..."),
     device: str = device_option(),
@@ -122,7 +128,8 @@ def evaluate_augmentation_command(
         fail(f"--synthetic-ratio must be a number in [0, 1] or 'balance', got {synthetic_ratio!r}")
     cfg = DownstreamConfig(arch=arch.value, width=width, epochs=epochs, batch_size=batch_size, lr=lr,
                            synthetic_ratio=ratio, augmentation=augmentation.value,
-                           seeds=list(range(seed, seed + seeds)), device=device, bn_recalibration_batches=bn_batches)
+                           seeds=list(range(seed, seed + seeds)), device=device, bn_recalibration_batches=bn_batches,
+                           synthetic_weight=synthetic_weight, reject_off_class=reject_off_class)
     with reported_errors():
         report = evaluate_augmentation_files(real, synthetic, out, train_split=train_split, test_split=test_split,
                                              classes=_names(classes), config=cfg, regimes=chosen,

@@ -88,6 +88,13 @@ class DownstreamConfig:
     #: of a short run: on Omniglot (k = 5, real+both) they left a classifier at 6 % test accuracy (and 6 % on its own
     #: training drawings) that scores 75 % with recomputed statistics (docs/augment.md, "Omniglot few-shot").
     bn_recalibration_batches: int = 50
+    #: Weight of a synthetic item's loss relative to a real item's (1: the same; < 1 trusts variants less).
+    synthetic_weight: float = 1.0
+    #: Drop the variants whose embedding lies nearest another class's prototype before mixing: the embedding is the
+    #: penultimate layer of a classifier trained on the real training items with classical augmentation (the
+    #: ``real+albumentations`` run of the same seed when it ran), the prototypes are the classes' mean real
+    #: embeddings. The share dropped is reported per run (``rejected_share``).
+    reject_off_class: bool = False
 
 
 def classical_augmentation(preset: str = "mammo", image_size: int = 64) -> Any:
@@ -193,7 +200,11 @@ def train_classifier(
     for _, item in zip(range(steps), _forever(loader, train_set)):
         x = item["image"].to(device, torch.float32)
         y = torch.as_tensor(item["label"]).to(device)
-        loss = nn.functional.cross_entropy(model(x), y)
+        if config.synthetic_weight != 1.0 and "synthetic" in item:
+            weight = torch.where(torch.as_tensor(item["synthetic"]).to(device), config.synthetic_weight, 1.0)
+            loss = (nn.functional.cross_entropy(model(x), y, reduction="none") * weight).sum() / weight.sum()
+        else:
+            loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -244,6 +255,37 @@ def evaluate_classifier(
             per_class.append(float(compute_roc_auc(p[:, c], onehot[:, c])))
         auc = float(np.mean(per_class))
     return {"accuracy": acc, "auc": auc}
+
+
+@torch.no_grad()
+def off_class_mask(embed: Callable[[torch.Tensor], torch.Tensor], real_images: torch.Tensor, real_labels: torch.Tensor,
+                   synthetic_images: torch.Tensor, synthetic_labels: torch.Tensor,
+                   batch_size: int = 256) -> torch.Tensor:
+    """True for each synthetic image whose embedding (``embed``: images → ``[B, D]``) lies nearest, by cosine, to
+    another class's prototype (the mean normalised embedding of that class's real images) than to its own label's.
+    A synthetic label with no real image has no prototype to be near: refused."""
+    def embedded(images: torch.Tensor) -> torch.Tensor:
+        return torch.cat([embed(images[a : a + batch_size]).float().flatten(1)
+                          for a in range(0, len(images), batch_size)])
+
+    real_labels, synthetic_labels = real_labels.long().cpu(), synthetic_labels.long().cpu()
+    missing = sorted(set(synthetic_labels.tolist()) - set(real_labels.tolist()))
+    if missing:
+        raise DownstreamError(f"synthetic class(es) {missing} have no real images to build a prototype from")
+    real = nn.functional.normalize(embedded(real_images).cpu(), dim=1)
+    classes = int(max(real_labels.max(), synthetic_labels.max())) + 1
+    prototypes = torch.zeros(classes, real.shape[1]).index_add_(0, real_labels, real)
+    present = torch.bincount(real_labels, minlength=classes) > 0
+    prototypes = nn.functional.normalize(prototypes, dim=1)
+    similarity = nn.functional.normalize(embedded(synthetic_images).cpu(), dim=1) @ prototypes.t()
+    similarity[:, ~present] = -float("inf")
+    return similarity.argmax(1) != synthetic_labels
+
+
+def _stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
+    return (torch.stack([torch.as_tensor(it["image"]) for it in items]).float(),
+            torch.as_tensor([int(it["label"]) for it in items]))
 
 
 def mean_ci(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -386,22 +428,54 @@ def evaluate_augmentation(
     runs: list[dict[str, Any]] = []
     bar = tqdm(total=len(regimes) * len(config.seeds), desc="evaluate-augmentation", unit="run",
                disable=not progress)
+    classical_models: dict[int, nn.Module] = {}  # seed → the real+albumentations classifier (rejection embedding)
+    kept_synthetic: dict[int, tuple[Dataset, float]] = {}
+
+    def synthetic_for(seed: int) -> tuple[Dataset | None, float | None]:
+        """The synthetic items of the DAGAN regimes for ``seed``: all, or those ``reject_off_class`` keeps."""
+        if not config.reject_off_class or synthetic is None:
+            return synthetic, None
+        if seed not in kept_synthetic:
+            from dagan_gn.datasets.mixing import MixedRealSyntheticDataset as _Mixed
+            from dagan_gn.metrics.diversity import PenultimateFeatures
+
+            model = classical_models.get(seed)
+            if model is None:
+                tf = classical_augmentation(config.augmentation, image_size)
+                model = train_classifier(_Mixed(real_train, None, synthetic_ratio=0.0, transform=tf, seed=seed),
+                                         num_classes, steps=steps, config=config, seed=seed, image_size=image_size,
+                                         in_channels=in_channels, device=device)
+            features = PenultimateFeatures(model)
+            real_x, real_y = _stack(real_train)
+            syn_x, syn_y = _stack(synthetic)
+            reject = off_class_mask(lambda x: features(x.to(device)), real_x, real_y, syn_x, syn_y)
+            keep = torch.nonzero(~reject).flatten().tolist()
+            if not keep:
+                raise DownstreamError(f"seed {seed}: every synthetic item lies nearest another class's prototype")
+            kept_synthetic[seed] = (torch.utils.data.Subset(synthetic, keep), float(reject.float().mean()))
+        return kept_synthetic[seed]
+
     for regime in regimes:
         for seed in config.seeds:
             tf = classical_augmentation(config.augmentation, image_size) if regime in (
                 "real+albumentations", "real+both") else None
             use_syn = regime in ("real+dagan", "real+both")
+            syn_data, rejected = synthetic_for(int(seed)) if use_syn else (None, None)
             try:
-                data = MixedRealSyntheticDataset(real_train, synthetic if use_syn else None,
+                data = MixedRealSyntheticDataset(real_train, syn_data if use_syn else None,
                                                  synthetic_ratio=config.synthetic_ratio if use_syn else 0.0,
                                                  transform=tf, seed=int(seed))
             except ValueError as exc:  # e.g. a class the synthetic data lacks for per-class balancing
                 raise DownstreamError(f"regime {regime}: {exc}") from exc
             model = train_classifier(data, num_classes, steps=steps, config=config, seed=int(seed),
                                      image_size=image_size, in_channels=in_channels, device=device)
+            if regime == "real+albumentations":
+                classical_models[int(seed)] = model
             row = {"regime": regime, "seed": int(seed),
                    **evaluate_classifier(model, test, num_classes, device=device),
                    "train_items": len(data), "synthetic_items": data.num_synthetic, "steps": steps}
+            if rejected is not None:
+                row["rejected_share"] = rejected
             runs.append(row)
             if on_run is not None:
                 on_run(row)

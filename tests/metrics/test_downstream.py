@@ -212,3 +212,60 @@ def test_train_classifier_recalibrates_only_the_batch_norm_buffers():
             continue
         assert torch.equal(a, b), name  # same weights: recalibration happens after training, without gradients
     assert not all(torch.equal(a.running_mean, b.running_mean) for a, b in zip(_batch_norms(kept), _batch_norms(recal)))
+
+
+def test_off_class_mask_rejects_variants_nearest_another_prototype():
+    from dagan_gn.metrics.downstream import DownstreamError, off_class_mask
+
+    real = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    real_y = torch.tensor([0, 0, 1, 1])
+    syn = torch.tensor([[0.8, 0.2], [0.2, 0.8], [0.3, 0.7], [0.6, 0.4]])
+    syn_y = torch.tensor([0, 0, 1, 1])
+    mask = off_class_mask(lambda x: x, real, real_y, syn, syn_y, batch_size=3)
+    assert mask.tolist() == [False, True, False, True]
+    with pytest.raises(DownstreamError, match=r"class\(es\) \[2\]"):
+        off_class_mask(lambda x: x, real, real_y, syn, torch.tensor([0, 0, 2, 1]))
+
+
+class Mixed(Items):
+    """Items with the ``synthetic`` flag MixedRealSyntheticDataset adds."""
+
+    def __init__(self, x, y, synthetic):
+        super().__init__(x, y)
+        self.synthetic = synthetic
+
+    def __getitem__(self, i):
+        return {**super().__getitem__(i), "synthetic": bool(self.synthetic[i])}
+
+
+def test_synthetic_weight_zero_ignores_the_synthetic_items_labels():
+    x, y = blobs(32, 4)
+    synthetic = torch.arange(32) % 2 == 1
+    wrong = torch.where(synthetic, (y + 1) % 4, y)
+    cfg = DownstreamConfig(width=4, batch_size=8, seeds=[0], device="cpu", synthetic_weight=0.0)
+
+    def trained(labels, config):
+        model = train_classifier(Mixed(x, labels, synthetic), 4, steps=6, config=config, seed=0, image_size=16,
+                                 in_channels=1, device=torch.device("cpu"))
+        return model.state_dict()
+
+    a, b = trained(y, cfg), trained(wrong, cfg)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # same shapes and batches: only the ignored labels differ
+    full = DownstreamConfig(width=4, batch_size=8, seeds=[0], device="cpu", synthetic_weight=1.0)
+    c, d = trained(y, full), trained(wrong, full)
+    assert not all(torch.equal(c[k], d[k]) for k in c)
+
+
+def test_reject_off_class_reports_the_share_dropped():
+    x, y = blobs(24, 4)
+    test_x, test_y = blobs(16, 4, seed=1)
+    # synthetic: true-looking images, half of them labelled as another class
+    sx, sy = blobs(24, 4, seed=2)
+    sy_wrong = torch.where(torch.arange(24) % 2 == 0, (sy + 2) % 4, sy)
+    cfg = DownstreamConfig(width=4, epochs=6, batch_size=8, seeds=[0], device="cpu", reject_off_class=True,
+                           augmentation="natural")
+    report = evaluate_augmentation(Items(x, y), Items(test_x, test_y), Items(sx, sy_wrong), num_classes=4,
+                                   config=cfg, regimes=["real+albumentations", "real+dagan"], progress=False)
+    row = next(r for r in report.runs if r["regime"] == "real+dagan")
+    assert 0.3 <= row["rejected_share"] <= 0.7  # the mislabelled half, as told by a 6-epoch classifier
+    assert "rejected_share" not in next(r for r in report.runs if r["regime"] == "real+albumentations")
