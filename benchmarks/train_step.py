@@ -198,6 +198,8 @@ def bench_model(name: str, args, device: torch.device, peak: float, *, sides: tu
         *overrides,
     ]
     cfg = load_config(ROOT / CONFIGS[name], overrides)
+    if cfg.model.critic_classes < 0:  # the mammography configs size the class head from the data: 3 classes
+        cfg.model.critic_classes = 3
     torch.manual_seed(0)
     G, D = build_networks(cfg.model)
     G_literal, D_literal = copy.deepcopy(G), copy.deepcopy(D)  # same weights, two-step resampling
@@ -243,6 +245,50 @@ def side_rows(result: dict, n_critic: int, reference_s: float | None = None) -> 
     return rows
 
 
+# ---------------------------------------------------------------------------------------------- recipes
+#: Whole training recipes compared as generator steps per second of ``Trainer.train_step`` (their own n_critic,
+#: widths, identity terms): the Omniglot config before the identity-keeping work (today's: width 32, z 128, 5 critic
+#: steps, no identity terms) against ``configs/dagan_omniglot_32.yaml`` as it is.
+RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "omniglot, before (w32, 5 critic steps)": ("configs/dagan_omniglot_32.yaml", (
+        "model.z_dim=128", "model.g_width=32", "model.d_width=32", "model.critic_classes=0", "optim.n_critic=5",
+        "loss.class_weight=0", "loss.reconstruction=0", "data.rotate90=0", "train.ema_start=500")),
+    "omniglot, configs/dagan_omniglot_32.yaml": ("configs/dagan_omniglot_32.yaml", ()),
+}
+
+
+class LabelledInMemory(InMemory):
+    """:class:`InMemory` with labels cycling over ``classes`` (the class head's size comes from them)."""
+
+    def __init__(self, cfg, n: int, classes: int) -> None:
+        super().__init__(cfg, n)
+        self.labels = torch.arange(n) % classes
+
+    def __getitem__(self, i: int) -> dict:
+        return {**super().__getitem__(i), "label": int(self.labels[i])}
+
+
+def bench_recipes(iters: int, steps: int = 10, classes: int = 192, threads: int = 2) -> list[dict]:
+    """Seconds per generator step of each :data:`RECIPES` entry on the CPU (``steps`` steps per timing, ``iters``
+    timings in turn, best kept) on 32-px random data of ``classes`` classes; the first recipe is the baseline."""
+    from dagan_gn.training.trainer import Trainer
+
+    torch.set_num_threads(threads)
+    fns, stack = [], contextlib.ExitStack()
+    with stack:
+        for label, (path, overrides) in RECIPES.items():
+            cfg = load_config(ROOT / path, [*overrides, "train.device=cpu", "train.progress=false",
+                                            "train.sample_every=0", "train.checkpoint_every=0", "train.log_every=0",
+                                            "loss.embedding_steps=10"])
+            trainer = Trainer(cfg, Path(stack.enter_context(tempfile.TemporaryDirectory())),
+                              dataset=LabelledInMemory(cfg, 4 * cfg.data.batch_size, classes), log=lambda m: None)
+            stack.callback(trainer.close)
+            fns.append(lambda trainer=trainer: [trainer.train_step() for _ in range(steps)])
+        times = [t / steps for t in _time_in_turn(fns, iters, torch.device("cpu"))]
+    return [{"recipe": label, "s_per_step": t, "g_steps_per_s": 1 / t, "ratio": times[0] / t,
+             "minutes_per_10k": 10_000 * t / 60} for label, t in zip(RECIPES, times)]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -256,7 +302,19 @@ def main() -> None:
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="engine memory format (default: on for CUDA, off for CPU)")
     p.add_argument("--compile", action="store_true", help="engine: torch.compile the generator")
+    p.add_argument("--recipes", action="store_true",
+                   help="instead: generator steps/s of whole training recipes (RECIPES: the Omniglot config before "
+                        "and after the identity-keeping work), same run, ratio to the first")
     args = p.parse_args()
+    if args.recipes:
+        print(f"CPU, {args.threads} threads; Trainer.train_step on 32-px random data of 192 classes, best of "
+              f"{args.iters} timings of 10 steps each, in turn")
+        print("| recipe | s / generator step | G steps/s | speed-up | minutes for 10,000 steps |")
+        print("| --- | ---: | ---: | ---: | ---: |")
+        for row in bench_recipes(args.iters, threads=args.threads):
+            print(f"| {row['recipe']} | {row['s_per_step']:.3f} | {row['g_steps_per_s']:.2f} | {row['ratio']:.2f}× | "
+                  f"{row['minutes_per_10k']:.1f} |", flush=True)
+        return
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))

@@ -39,7 +39,7 @@ def run_setting(out: Path, overrides: list[str], args: argparse.Namespace) -> di
     report = json.loads((out / "omniglot_fewshot.json").read_text())
     diversity, distance = [], []
     for seed_dir in sorted((out / "test").glob("seed*")):
-        d, s = variant_diversity(seed_dir / "shots.h5", seed_dir / "variants.h5")
+        d, s, _ = variant_diversity(seed_dir / "shots.h5", seed_dir / "variants.h5")
         diversity.append(d)
         distance.append(s)
     return {"overrides": overrides, "steps": args.steps, "seconds": round(seconds, 1),

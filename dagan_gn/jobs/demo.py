@@ -33,6 +33,11 @@ DEMO_TRAIN_OVERRIDES: tuple[str, ...] = (
     "loss.mode_seeking=0.1",
     "loss.mode_seeking_target=0.3",
     "model.g_kwargs={smooth_output: true}",
+    # Identity terms (docs/augment.md "Identity-keeping"): the critic's class head over the demo's classes and the
+    # reconstruction L1(G(x, 0), x), so that a variant stays recognisably its source.
+    "model.critic_classes=-1",
+    "loss.class_weight=1.0",
+    "loss.reconstruction=0.5",
 )
 
 
@@ -106,10 +111,11 @@ def run_demo(
         progress=progress,
     )
 
-    pixel_diversity, pixel_distance = variant_diversity(patches, synthetic, seed=seed)
+    pixel_diversity, pixel_distance, pixel_identity = variant_diversity(patches, synthetic, seed=seed)
     log(f"variants of one patch differ by {pixel_diversity:.2f}x what two real patches of its class differ "
         f"(pixel diversity ratio; 1 = as varied as real data, 0 = copies) and sit at {pixel_distance:.2f}x that "
-        f"distance from their source; the full report: dagan assess --real {patches} --synthetic {synthetic} "
+        f"distance from their source; {pixel_identity:.0%} of them are nearer their own source than any other "
+        f"training patch (identity); the full report: dagan assess --real {patches} --synthetic {synthetic} "
         f"--out {out_dir / 'assess'}")
 
     from dagan_gn.runtime import environment_info
@@ -120,6 +126,7 @@ def run_demo(
         "augment": _as_dict(report),
         "pixel_diversity_ratio": pixel_diversity,
         "pixel_source_distance_ratio": pixel_distance,
+        "pixel_identity": pixel_identity,
         "environment": environment_info(device),
     }
     (out_dir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -128,14 +135,17 @@ def run_demo(
     return DemoResult(out_dir, dicom_dir, labels_csv, patches, run_dir, synthetic, contact_sheet, summary)
 
 
-def variant_diversity(patches: str | Path, synthetic: str | Path, *, seed: int = 0) -> tuple[float, float]:
-    """Mean pixel diversity ratio and distance-to-source ratio of the variants in ``synthetic`` (the definitions of
-    ``dagan assess``, :mod:`dagan_gn.metrics.diversity`, on the train split's same-class real pairs). Unlike
-    ``dagan assess`` it needs no held-out split (a demo seed may put every synthetic patient in train) and no MONAI."""
+def variant_diversity(patches: str | Path, synthetic: str | Path, *, seed: int = 0) -> tuple[float, float, float]:
+    """Mean pixel diversity ratio, distance-to-source ratio and identity of the variants in ``synthetic`` (the
+    definitions of ``dagan assess``, :mod:`dagan_gn.metrics.diversity`, on the train split's same-class real pairs;
+    identity: the share of variants whose nearest source, in pixel L1 among every source of the file, is their own).
+    Unlike ``dagan assess`` it needs no held-out split (a demo seed may put every synthetic patient in train) and no
+    MONAI."""
     import numpy as np
     import torch
 
-    from dagan_gn.metrics.diversity import diversity_ratios, group_by_source, pixel_l1, source_distance_ratios
+    from dagan_gn.metrics.diversity import (diversity_ratios, group_by_source, pixel_l1, source_distance_ratios,
+                                            source_identity)
     from dagan_gn.store.patch_file import PatchFile
 
     with PatchFile(patches) as pf:
@@ -155,7 +165,8 @@ def variant_diversity(patches: str | Path, synthetic: str | Path, *, seed: int =
     diversity = diversity_ratios(variants, labels, real_images, real_labels, pixel_l1, seed=seed)
     distance = source_distance_ratios(real_images[picked], variants, labels, real_images, real_labels, pixel_l1,
                                       seed=seed)
-    return float(diversity.nanmean()), float(distance.nanmean())
+    identity = source_identity(real_images[picked], variants, labels, p=1.0)["nearest_is_source"]
+    return float(diversity.nanmean()), float(distance.nanmean()), float(identity.float().mean())
 
 
 def demo_train_config(patches: str | Path, *, patch_size: int = 64, steps: int = 150, seed: int = 0,

@@ -40,9 +40,13 @@ def test_demo_runs_the_whole_pipeline(tmp_path):
     assert not (out / "patches.h5.salt").exists()  # a fixed salt for the synthetic patients: a reproducible split
     # the demo measures its own variants, as dagan assess does
     assert 0 < summary["pixel_diversity_ratio"] < 5 and 0 < summary["pixel_source_distance_ratio"] < 5
+    assert 0 <= summary["pixel_identity"] <= 1
     # the demo's training config carries the measured diversity settings
     run_cfg = yaml.safe_load((out / "run" / "config.yaml").read_text())
     assert run_cfg["loss"]["mode_seeking"] > 0 and run_cfg["model"]["g_kwargs"] == {"smooth_output": True}
+    # ... and the identity terms, with the class head sized from the data (normal, benign, malignant)
+    assert run_cfg["model"]["critic_classes"] == 3 and run_cfg["loss"]["class_weight"] > 0
+    assert run_cfg["loss"]["reconstruction"] > 0
 
 
 def test_variant_diversity_matches_assess_definitions(tmp_path):
@@ -51,14 +55,16 @@ def test_variant_diversity_matches_assess_definitions(tmp_path):
     real = write_real(tmp_path / "real.h5")
     rows = source_rows(real)
     copies = np.repeat(read_rows(real, rows)[:, None], 3, axis=1)
-    assert variant_diversity(real, write_synthetic(tmp_path / "copies.h5", real, rows, copies)) == (0.0, 0.0)
+    assert variant_diversity(real, write_synthetic(tmp_path / "copies.h5", real, rows, copies)) == (0.0, 0.0, 1.0)
     # variants = other real patches of the class: both ratios about 1
     with PatchFile(real) as pf:
         train = pf.split_indices("train")
         labels = pf.labels
     others = np.stack([read_rows(real, [r2 for r2 in train if labels[r2] == labels[r] and r2 != r][:3]) for r in rows])
-    diversity, distance = variant_diversity(real, write_synthetic(tmp_path / "others.h5", real, rows, others))
+    diversity, distance, identity = variant_diversity(real, write_synthetic(tmp_path / "others.h5", real, rows,
+                                                                            others))
     assert 0.7 < diversity < 1.3 and 0.7 < distance < 1.3
+    assert identity < 0.5  # other patches of the class are not variants of the source
     images = torch.from_numpy(read_rows(real, train)) * 2 - 1
     expected = diversity_ratios(torch.from_numpy(others) * 2 - 1, labels[rows], images, labels[train], pixel_l1)
     assert abs(diversity - float(expected.nanmean())) < 1e-5
