@@ -35,3 +35,18 @@ def test_help_flag(path, flag):
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
     assert "No such option" not in result.output
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "dagan")
+def test_flags_are_shown_as_flags(path):
+    """An on/off option reads ``--invert``, never ``--invert <bool>`` (which invites ``--invert true``)."""
+    result = CliRunner().invoke(app, [*path, "-h"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output and "BOOLEAN" not in result.output
+
+
+def test_a_value_after_a_flag_is_explained(tmp_path):
+    result = CliRunner().invoke(app, ["import-images", "--invert", "true", "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code == 2
+    assert "'true' is not a folder or zip" in result.output and "--invert, not --invert true" in result.output
+    assert not (tmp_path / "x.h5").exists()
