@@ -25,7 +25,7 @@ COMMANDS = _command_paths(typer.main.get_command(app))
 def test_every_command_is_listed():
     names = {" ".join(p) for p in COMMANDS}
     assert {"extract-patches", "merge-patches", "train", "augment", "demo", "benchmark cifar10", "evaluate",
-            "check-memorization", "evaluate-augmentation"} <= names
+            "check-memorization", "evaluate-augmentation", "report"} <= names
 
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])
