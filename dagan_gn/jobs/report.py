@@ -266,6 +266,10 @@ def _quality(assess: dict[str, Any] | None, evaluate: dict[str, Any] | None) -> 
             ok = k <= t["kid_floor_factor"] * max(f, 1e-6)
             verdicts.append(("pass" if ok else "warn", f"KID {k:.4f} vs real floor {f:.4f} "
                              f"({'close to' if ok else 'distinguishable from'} real data)"))
+        if not cc and not (fd and fd.get("kid_mean") is not None):
+            verdicts.append(("warn", "realism not measured (the assess figures hold neither class consistency nor "
+                                     "KID): diversity alone cannot tell varied tissue from varied artefacts; look at "
+                                     "the contact sheets"))
     if evaluate is not None:
         out["evaluate"] = {k: v for k, v in evaluate.items()
                            if k in ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "step", "feature_extractor",
@@ -424,8 +428,13 @@ def _privacy(real_path: Path, syn_path: Path, real: Any, syn: Any, *, heldout_sp
         text = ", ".join(f"{a['attack']} ({a['space']}) AUC {a['auc']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
                          for a in attacks)
         if leaks:
+            caveat = ""
+            if all(a["attack"] == "distance" for a in leaks) and any(a["attack"] == "domias" for a in attacks):
+                caveat = (". DOMIAS, which divides by the density of real data, finds no leakage: part of the "
+                          "distance attack's signal may be the difference between the training and the held-out "
+                          "patients rather than membership")
             v_mia = _verdict("fail", f"membership leaks: {text}. An outsider holding the synthetic set can tell "
-                                     "which patches were in training", threshold_a)
+                                     f"which patches were in training{caveat}", threshold_a)
         elif any(a["auc"] > lim for a in attacks):
             v_mia = _verdict("warn", f"inconclusive: {text} (the intervals include {lim}; more held-out patches "
                                      "would narrow them)", threshold_a)

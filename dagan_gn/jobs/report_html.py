@@ -80,6 +80,7 @@ th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; vertical-al
 th { background: #f4f4f4; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .verdict { padding: 8px 12px; border-left: 6px solid #999; background: #f7f7f7; margin: 10px 0; }
 .pass { border-color: #27ae60; } .fail { border-color: #c0392b; } .warn { border-color: #e67e22; }
+.s-pass { color: #1e8449; } .s-fail { color: #c0392b; } .s-warn { color: #ca6f1e; }
 .status { font-weight: bold; text-transform: uppercase; margin-right: 6px; }
 .threshold { color: #666; font-size: 0.85em; display: block; margin-top: 2px; }
 .small { color: #555; font-size: 0.88em; } figure { margin: 8px 0; } figcaption { font-size: 0.85em; color: #555; }
@@ -110,10 +111,10 @@ def _img(png: bytes | None, alt: str, caption: str = "") -> str:
     return f'<figure><img src="{uri}" alt="{_e(alt)}">{cap}</figure>'
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+def _table(header: Sequence[str] | None, rows: Sequence[Sequence[Any]]) -> str:
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 class _Raw(str):
@@ -165,7 +166,7 @@ def _what(d: dict[str, Any]) -> str:
         ["figures computed with", f"{versions}; device {w['tool']['device']}; seed {w['tool']['seed']}"],
         ["synthetic set made by", f"dagan-gn {w['tool']['synthetic_made_by']}"],
     ]
-    return (_verdict(d["sections"]["what"]["verdict"]) + _table(["", ""], facts)
+    return (_verdict(d["sections"]["what"]["verdict"]) + _table(None, facts)
             + "<p class='small'>Patches per class and split (no path, patient pseudonym or DICOM identifier appears "
               "on this page):</p>" + _table(["file", "class", *splits], rows))
 
@@ -274,7 +275,7 @@ def render_card(data: dict[str, Any], figures: dict[str, bytes]) -> str:
     """The release card as one HTML document (UTF-8, no external resource)."""
     sections = data["sections"]
     summary = "".join(
-        f"<tr><td>{_e(name)}</td><td class='{_e(sections[name]['verdict']['status'])}'>"
+        f"<tr><td>{_e(name)}</td><td class='s-{_e(sections[name]['verdict']['status'].replace(' ', '-'))}'>"
         f"<b>{_e(sections[name]['verdict']['status'])}</b></td><td style='text-align:left'>"
         f"{_e(sections[name]['verdict']['text'])}</td></tr>"
         for name in ("what", "looks", "quality", "usefulness", "privacy"))
