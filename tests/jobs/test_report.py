@@ -162,3 +162,29 @@ def test_renders_in_headless_chromium_without_network(planted, tmp_path):
 
     pixels = np.asarray(Image.open(shot).convert("L"), np.float32)
     assert pixels.shape == (1400, 1000) and pixels.std() > 10  # text and images, not a blank page
+
+
+def test_a_patient_copy_is_counted_then_indexed_and_shown_first(planted, tmp_path):
+    import h5py
+
+    from dagan_gn.store.patch_file import PatchFile
+
+    syn = tmp_path / "synthetic.h5"
+    shutil.copy(planted["synthetic"], syn)
+    with PatchFile(planted["patches"]) as real, PatchFile(syn) as pf:
+        train = real.split_indices("train")
+        patients = real.provenance("patient_pseudonym")
+        source = int(pf.provenance("source_index")[3])
+        other = int(next(r for r in train if patients[r] != patients[source]))
+        copy = real.read_patches([other])[0]
+    with h5py.File(syn, "r+") as f:
+        f["patches"][3] = copy  # synthetic row 3 is now another patient's training patch, byte for byte
+    card = release_card(planted["patches"], syn, tmp_path / "card", seed=0, n_bootstrap=20)
+    mem = card.data["sections"]["privacy"]["memorization"]
+    assert card.verdicts["privacy"]["status"] == "fail" and not mem["passed"]
+    assert any(f.startswith("pixel: 1 synthetic patch(es) copying another training patient (synthetic index 3)")
+               for f in mem["failures"])
+    first = mem["closest_pairs"][0]
+    assert first == {"synthetic_row": 3, "train_row": other, "space": first["space"], "distance": first["distance"],
+                     "patient_copy": True}
+    assert "(patient copy)" in card.html and "synthetic index 3" in card.html
