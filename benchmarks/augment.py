@@ -2,7 +2,7 @@
 
     python benchmarks/augment.py [--threads 2] [--batches 1 4 8 16 32] [--sizes-n 16 64 256] [--n 4]
 
-Three tables, all measured in the same run:
+Three tables, all measured in the same run (``--in-loop`` prints only the fourth):
 
 1. **Generator forward, batch-size sweep** — patches/s of the default 256-px DAGAN generator (preset ``256``,
    class-conditional) under ``torch.inference_mode`` for each batch size, next to the reference UResNet (the DAGAN
@@ -12,6 +12,10 @@ Three tables, all measured in the same run:
    synthetic 256-px patch file: patches/s for each output size N = sources × ``--n``.
 3. **Peak memory vs N** — each job runs in a fresh child process; the RSS after imports and model load, and the peak
    RSS during the job (Linux ``VmHWM`` reset before the job) are reported. Flat in N means the job streams.
+
+4. **In-loop augmentation** — ``DAGANAugmenter`` on a training batch (``[B, 1, S, S]`` and labels on ``--device``)
+   for p = 0.25, 0.5, 1: batches/s and variants/s, next to the bare generator forward on the same number of rows
+   (``G(x, z, y)`` under ``inference_mode``, the cost no augmenter can avoid) as the baseline.
 
 Targets (issue 5): ≥ 10 patches/s on the 2-core CPU with the default 256-px generator, memory flat in N.
 """
@@ -147,6 +151,34 @@ def timed_augment(patches: Path, run: Path, out: Path, *, n: int, batch_size: in
     return {"n_out": rep.n_written, "seconds": dt, "patches_per_s": rep.n_written / dt, "cuda_peak_mib": peak}
 
 
+def in_loop_table(size: int, batch: int, repeats: int, device: str) -> None:
+    """Table 4: DAGANAugmenter batches/s against the bare generator forward on the rows it replaces."""
+    from dagan_gn.nets.dagan import dagan_preset
+    from dagan_gn.training.augmenter import DAGANAugmenter
+    from dagan_gn.training.families import build_networks
+
+    cfg = _default_cfg()
+    if size != 256:
+        cfg.model = dataclasses.replace(cfg.model, **{**dagan_preset("tiny"), "image_size": size})
+    g, _ = build_networks(cfg.model)
+    g = g.to(device).eval()
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    x = torch.rand(batch, 1, size, size, device=device) * 2 - 1
+    y = torch.arange(batch, device=device) % cfg.model.num_classes
+    print(f"\n## in-loop augmentation: DAGANAugmenter on a batch of {batch} × 1 × {size} px on {device} "
+          f"(untrained generator, best of {repeats})")
+    print("| what | rows generated per batch | batches/s | generated rows/s | vs bare forward of those rows |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for p in (0.25, 0.5, 1.0):
+        aug = DAGANAugmenter(p=p, seed=0, device=device, batch_size=batch, generator=g, config=cfg)
+        k = max(1, round(p * batch))
+        xz, zz, yz = x[:k], torch.randn(k, g.z_dim, device=device), y[:k]
+        bare = _rate(lambda: g(xz, zz, yz), 1, repeats, sync)  # forwards/s of the k rows
+        rate = _rate(lambda: aug(x, y), 1, repeats, sync)  # batches/s (k rows on average)
+        print(f"| bare G forward, {k} rows | {k} | {bare:.2f} | {bare * k:.1f} | 1.00x |")
+        print(f"| DAGANAugmenter p={p} | ~{k} | {rate:.2f} | {rate * k:.1f} | {rate / bare:.2f}x |")
+
+
 def child(args: argparse.Namespace) -> None:
     """One augment job in this (fresh) process; prints a JSON line with timing and memory."""
     torch.set_num_threads(args.threads)
@@ -198,6 +230,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--no-reference", action="store_true")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--in-loop", action="store_true", help="only table 4 (DAGANAugmenter)")
+    parser.add_argument("--in-loop-size", type=int, default=64, help="patch size of table 4 (64: tiny preset; "
+                        "256: the default generator)")
+    parser.add_argument("--in-loop-batch", type=int, default=32, help="training batch of table 4")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--patches", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
@@ -208,6 +244,9 @@ def main() -> None:
         return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.in_loop:
+        in_loop_table(args.in_loop_size, args.in_loop_batch, args.repeats, args.device)
+        return
 
     print(f"## generator forward at 256 px (threads={args.threads}, best of {args.repeats})")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -243,6 +282,7 @@ def main() -> None:
             m = json.loads(res.stdout.strip().splitlines()[-1])
             print(f"| {n_src} | {m['n_out']} | {m['seconds']:.1f} | {m['patches_per_s']:.2f} | "
                   f"{m['peak_rss_mib']:.0f} | {m['peak_rss_mib'] - m['baseline_rss_mib']:.0f} |")
+    in_loop_table(args.in_loop_size, args.in_loop_batch, args.repeats, args.device)
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ _PUBLIC: dict[str, str] = {
     "MixedRealSyntheticDataset": "dagan_gn.datasets.mixing",
     "load_generator": "dagan_gn.training.checkpoint",
     "get_family": "dagan_gn.training.families",
+    "DAGANAugmenter": "dagan_gn.training.augmenter",
 }
 
 __all__ = ["__version__", *_PUBLIC]
@@ -66,6 +67,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from dagan_gn.jobs.memorization import check_memorization_files  # noqa: F401
     from dagan_gn.jobs.train import train  # noqa: F401
     from dagan_gn.store.patch_file import PatchFile  # noqa: F401
+    from dagan_gn.training.augmenter import DAGANAugmenter  # noqa: F401
     from dagan_gn.training.checkpoint import load_generator  # noqa: F401
     from dagan_gn.training.families import get_family  # noqa: F401
 

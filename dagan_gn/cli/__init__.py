@@ -11,6 +11,7 @@ from dagan_gn.cli import evaluate as _evaluate  # noqa: F401,E402
 from dagan_gn.cli import demo as _demo  # noqa: F401,E402
 from dagan_gn.cli import assess as _assess  # noqa: F401,E402
 from dagan_gn.cli import images as _images  # noqa: F401,E402
+from dagan_gn.cli import report as _report  # noqa: F401,E402
 
 
 def main() -> None:

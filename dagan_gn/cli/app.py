@@ -8,6 +8,7 @@ import re
 from typing import Any, Iterable, Iterator, NoReturn
 
 import typer
+from typer.core import TyperGroup
 
 from dagan_gn.errors import DaganError
 
@@ -15,11 +16,39 @@ from dagan_gn.errors import DaganError
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 
 
+def _bare_flags(params: Iterable[Any]) -> None:
+    for param in params:
+        if getattr(param, "param_type_name", "") == "option" and getattr(param, "is_flag", False) \
+                and param.metavar is None:
+            param.metavar = ""
+
+
+def show_flags_as_flags(command: Any, ctx: Any) -> Any:
+    """Give every on/off option of ``command`` (``--invert``, ``--quiet``, ``--help``) an empty metavar, so its help
+    line shows the bare flag: typer would print ``--invert <bool>``, which reads as if it took a value (and
+    ``--invert true`` then makes ``true`` an argument)."""
+    _bare_flags(command.get_params(ctx))
+    return command
+
+
+class DaganGroup(TyperGroup):
+    """The command group of ``dagan``: its commands' flags are shown as flags (:func:`show_flags_as_flags`)."""
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        command = super().get_command(ctx, cmd_name)
+        return None if command is None else show_flags_as_flags(command, ctx)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        params = super().get_params(ctx)
+        _bare_flags(params)
+        return params
+
+
 def command_group(name: str, help: str) -> typer.Typer:
     """A typer app with the project's settings: help when called bare, no shell-completion options, plain
-    tracebacks (commands report their own errors through :func:`reported_errors`)."""
+    tracebacks (commands report their own errors through :func:`reported_errors`), flags shown as flags."""
     return typer.Typer(name=name, help=help, no_args_is_help=True, add_completion=False,
-                       pretty_exceptions_enable=False, context_settings=HELP_OPTIONS)
+                       pretty_exceptions_enable=False, context_settings=HELP_OPTIONS, cls=DaganGroup)
 
 
 app = command_group(

@@ -15,7 +15,10 @@ from typing import List, Optional
 
 import typer
 
-from dagan_gn.cli.app import app, reported_errors
+from dagan_gn.cli.app import app, fail, reported_errors
+
+#: Values a user may put after a flag by mistake (``--invert true``): click then reads them as a source.
+_BOOLEAN_WORDS = {"true", "false", "yes", "no", "on", "off", "1", "0"}
 
 
 @app.command("import-images")
@@ -47,6 +50,10 @@ def import_images_command(
     from dagan_gn.cli.augment import _names
     from dagan_gn.jobs.import_images import import_images
 
+    words = [str(s) for s in sources if str(s).lower() in _BOOLEAN_WORDS and not s.exists()]
+    if words:
+        fail(f"{words[0]!r} is not a folder or zip: --invert and --color are flags, give them without a value "
+             "(--invert, not --invert true)")
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.ERROR if quiet else logging.WARNING, format="%(levelname)s %(message)s")
     with reported_errors():

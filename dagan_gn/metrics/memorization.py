@@ -40,6 +40,7 @@ __all__ = [
     "SpaceResult",
     "MemorizationReport",
     "check_memorization",
+    "count_then_indices",
 ]
 
 
@@ -214,12 +215,30 @@ class MemorizationReport:
             f"**{verdict}**: release requires no patient copies and at most "
             f"{100 * self.max_near_copy_fraction:.2f} % near-copies in every space.",
         ]
-        for s in self.spaces.values():
-            if s.patient_copy_indices:
-                shown = ", ".join(str(i) for i in s.patient_copy_indices[:20])
-                more = " …" if len(s.patient_copy_indices) > 20 else ""
-                lines.append(f"- {s.space}: synthetic patches copying another training patient: {shown}{more}")
+        lines += self.failure_lines()
         return "\n".join(lines) + "\n"
+
+    def failure_lines(self, max_indices: int = 20) -> list[str]:
+        """One ``- space: COUNT ... (indices ...)`` line per failing finding: the count first, then the synthetic
+        indices (an index must never read as a count)."""
+        lines = []
+        for s in self.spaces.values():
+            findings = [(s.patient_copy_indices, "synthetic patch(es) copying another training patient")]
+            if s.near_copy_fraction > self.max_near_copy_fraction:
+                findings.append((s.near_copy_indices, "near-copies of training patches (more than the "
+                                 f"{100 * self.max_near_copy_fraction:.2f} % allowed)"))
+            for indices, what in findings:
+                if indices:
+                    lines.append(f"- {s.space}: {count_then_indices(indices, what, max_indices)}")
+        return lines
+
+
+def count_then_indices(indices: Sequence[int], what: str, max_indices: int = 20) -> str:
+    """``"3 <what> (synthetic indices 4, 17, 10768)"``, the indices cut after ``max_indices`` with ``…``."""
+    shown = ", ".join(str(int(i)) for i in indices[:max_indices])
+    more = ", …" if len(indices) > max_indices else ""
+    word = "index" if len(indices) == 1 else "indices"
+    return f"{len(indices)} {what} (synthetic {word} {shown}{more})"
 
 
 def _quantiles(d: torch.Tensor) -> dict[str, float]:

@@ -25,7 +25,7 @@ COMMANDS = _command_paths(typer.main.get_command(app))
 def test_every_command_is_listed():
     names = {" ".join(p) for p in COMMANDS}
     assert {"extract-patches", "merge-patches", "train", "augment", "demo", "benchmark cifar10", "evaluate",
-            "check-memorization", "evaluate-augmentation"} <= names
+            "check-memorization", "evaluate-augmentation", "report"} <= names
 
 
 @pytest.mark.parametrize("flag", ["-h", "--help"])
@@ -46,3 +46,18 @@ def test_help_flag(path, flag):
             for opt in param.opts:
                 if opt.startswith("--"):
                     assert opt in result.output, f"{opt} missing from {' '.join(path)} --help"
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=lambda p: " ".join(p) or "dagan")
+def test_flags_are_shown_as_flags(path):
+    """An on/off option reads ``--invert``, never ``--invert <bool>`` (which invites ``--invert true``)."""
+    result = CliRunner().invoke(app, [*path, "-h"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<bool>" not in result.output and "BOOLEAN" not in result.output
+
+
+def test_a_value_after_a_flag_is_explained(tmp_path):
+    result = CliRunner().invoke(app, ["import-images", "--invert", "true", "--out", str(tmp_path / "x.h5")])
+    assert result.exit_code == 2
+    assert "'true' is not a folder or zip" in result.output and "--invert, not --invert true" in result.output
+    assert not (tmp_path / "x.h5").exists()

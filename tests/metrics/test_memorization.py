@@ -144,3 +144,20 @@ def test_files_flag_planted_patient_copy(tmp_path):
         check_memorization_files(real, real)
     with pytest.raises(ValueError, match="empty"):
         check_memorization_files(real, syn, heldout_splits=())
+
+
+def test_failure_lines_state_the_count_before_the_indices():
+    from dagan_gn.metrics.memorization import MemorizationReport, SpaceResult, count_then_indices
+
+    space = SpaceResult(space="feature", threshold=1.0, percentile=1.0, copy_threshold=0.5, heldout_nn={"median": 1.0},
+                        synthetic_nn={"median": 1.0}, near_copy_fraction=0.001, source_copy_fraction=0.0,
+                        near_copy_indices=[10768], patient_copy_indices=[10768], median_ratio=1.0)
+    report = MemorizationReport(n_synthetic=20000, n_train=10, n_heldout=10, spaces={"feature": space},
+                                max_near_copy_fraction=0.02)
+    assert not report.passed()
+    assert report.failure_lines() == [
+        "- feature: 1 synthetic patch(es) copying another training patient (synthetic index 10768)"]
+    assert report.failure_lines()[0] in report.to_markdown()
+    assert count_then_indices(list(range(25)), "x", 3) == "25 x (synthetic indices 0, 1, 2, …)"
+    space.near_copy_fraction = 0.05
+    assert len(report.failure_lines()) == 2 and "near-copies" in report.failure_lines()[1]
