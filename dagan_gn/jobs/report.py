@@ -9,6 +9,10 @@ section closed by a verdict line that names its threshold.
 The page is meant to leave the hospital: it names inputs by base name or hash only, shows pseudonymous fingerprints,
 never a path, a patient pseudonym or a DICOM identifier, and loads nothing from outside (images are embedded as
 ``data:`` URIs). ``card.html`` and ``card.json`` are written atomically.
+
+Longer than 500 lines because the card's five sections (what, looks, quality, usefulness, privacy) are each built
+here by one function over the job's inputs; the HTML is rendered in ``report_html.py`` and the metrics themselves live
+in ``metrics/`` (membership, memorization, diversity).
 """
 
 from __future__ import annotations
