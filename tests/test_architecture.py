@@ -41,19 +41,23 @@ def _is_type_checking(node: ast.If) -> bool:
         isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
-def _imports(path: Path) -> set[str]:
-    """Every ``dagan_gn...`` module a file imports when it runs (``if TYPE_CHECKING:`` blocks never run)."""
+def _import_statements(path: Path, *, module_level_only: bool = False) -> list[tuple[str, list[str]]]:
+    """``(target module, imported names)`` of every ``dagan_gn`` import statement of a file that runs (never those
+    under ``if TYPE_CHECKING:``); ``module_level_only``: also not those inside functions (what runs at import time).
+    ``import a.b`` gives ``("a.b", [])``; relative imports are resolved."""
     module = _module_name(path)
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-    found: set[str] = set()
+    found: list[tuple[str, list[str]]] = []
 
     def visit(node: ast.AST) -> None:
+        if module_level_only and isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            return
         if isinstance(node, ast.If) and _is_type_checking(node):
             for child in node.orelse:
                 visit(child)
             return
         if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "dagan_gn")
+            found.extend((a.name, []) for a in node.names if a.name.split(".")[0] == "dagan_gn")
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -62,12 +66,20 @@ def _imports(path: Path) -> set[str]:
             else:
                 target = node.module or ""
             if target.split(".")[0] == "dagan_gn":
-                found.add(target)
-                found.update(f"{target}.{a.name}" for a in node.names)  # `from dagan_gn import jobs`
+                found.append((target, [a.name for a in node.names]))
         for child in ast.iter_child_nodes(node):
             visit(child)
 
     visit(ast.parse(path.read_text(), filename=str(path)))
+    return found
+
+
+def _imports(path: Path) -> set[str]:
+    """Every ``dagan_gn...`` module a file imports when it runs (``if TYPE_CHECKING:`` blocks never run)."""
+    found: set[str] = set()
+    for target, names in _import_statements(path):
+        found.add(target)
+        found.update(f"{target}.{name}" for name in names)  # `from dagan_gn import jobs`
     return found
 
 
@@ -181,37 +193,17 @@ def _module_level_imports(path: Path) -> set[str]:
     """The ``dagan_gn`` modules a file imports while it is being imported: module level (also in ``try``/``if`` and
     class bodies), not inside functions, not under ``if TYPE_CHECKING:``. Names imported from a module are dropped;
     a name that is itself a module (``from dagan_gn.training import losses``) is kept."""
-    module = _module_name(path)
-    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     found: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
-            return
-        if isinstance(node, ast.If) and _is_type_checking(node):
-            for child in node.orelse:
-                visit(child)
-            return
-        if isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.split(".")[0] == "dagan_gn")
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.split(".")
-                base = base[: len(base) - (node.level - 1)]
-                target = ".".join(base + ([node.module] if node.module else []))
-            else:
-                target = node.module or ""
-            if target.split(".")[0] == "dagan_gn":
-                # `from pkg import submodule` needs only the submodule (pkg is always initialised first); `from pkg
-                # import name` needs pkg itself to have run far enough to define the name.
-                submodules = {f"{target}.{a.name}" for a in node.names} & set(_MODULES)
-                found.update(submodules)
-                if len(submodules) < len(node.names):
-                    found.add(target)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text(), filename=str(path)))
+    for target, names in _import_statements(path, module_level_only=True):
+        if not names:
+            found.add(target)
+            continue
+        # `from pkg import submodule` needs only the submodule (pkg is always initialised first); `from pkg import
+        # name` needs pkg itself to have run far enough to define the name.
+        submodules = {f"{target}.{name}" for name in names} & set(_MODULES)
+        found.update(submodules)
+        if len(submodules) < len(names):
+            found.add(target)
     return {m for m in found if m in _MODULES}
 
 
