@@ -32,8 +32,9 @@ def make_patch_file(path, n_train=6, n_val=2, n_test=2, size=SIZE, channels=1, s
     return path
 
 
-def make_checkpoint(run_dir, patch_path, *, num_classes=3, steps=2):
-    """A tiny conditional DAGAN trained for ``steps`` steps on the train split of ``patch_path`` (EMA on)."""
+def make_checkpoint(run_dir, patch_path, *, num_classes=3, steps=2, critic_classes=0):
+    """A tiny conditional DAGAN trained for ``steps`` steps on the train split of ``patch_path`` (EMA on);
+    ``critic_classes`` > 0 gives its critic a class head (trained with ``loss.class_weight=1``)."""
     from dagan_gn.config import ExperimentConfig
     from dagan_gn.nets.dagan import dagan_preset
     from dagan_gn.jobs.train import train
@@ -44,6 +45,9 @@ def make_checkpoint(run_dir, patch_path, *, num_classes=3, steps=2):
     cfg.model.g_width, cfg.model.d_width = 8, 8
     cfg.data = dataclasses.replace(cfg.data, batch_size=4, num_workers=0, path=str(patch_path))
     cfg.optim = dataclasses.replace(cfg.optim, n_critic=1)
+    if critic_classes:
+        cfg.model.critic_classes = critic_classes
+        cfg.loss = dataclasses.replace(cfg.loss, class_weight=1.0)
     cfg.train = dataclasses.replace(cfg.train, steps=steps, device="cpu", ema_start=0, ema_decay=0.5, log_every=1,
                                     sample_every=10_000, checkpoint_every=steps, progress=False)
     return train(cfg, run_dir)  # PatchDataset + SameClassPairDataset of the train split, as `dagan train` does

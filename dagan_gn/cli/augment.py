@@ -57,6 +57,10 @@ def augment_command(
                                                  "each followed by its variants."),
     allow_eval_split: bool = typer.Option(False, "--allow-eval-split", help="Permit augmenting val/test."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing finished --out file."),
+    reject_off_class: bool = typer.Option(False, "--reject-off-class", help="Do not write variants that the "
+                                          "checkpoint's critic class head (model.critic_classes) puts in another "
+                                          "class than their source's; the share dropped is reported and stored as "
+                                          "the output's rejected_share attribute."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Write N synthetic DAGAN variants of every patch of one split.
@@ -69,7 +73,8 @@ def augment_command(
     with reported_errors(interrupted=f"interrupted; run the same command again to finish {out}"):
         report = augment(in_path, checkpoint, out, n=n, split=split, classes=_names(classes), truncation=truncation,
                          batch_size=batch_size, device=device, seed=seed, contact_sheet=contact_sheet,
-                         allow_eval_split=allow_eval_split, overwrite=overwrite, progress=not quiet)
+                         allow_eval_split=allow_eval_split, overwrite=overwrite, progress=not quiet,
+                         reject_off_class=reject_off_class)
     for note in report.notes:
         typer.echo(f"note: {note}", err=True)
     typer.echo(report.summary())

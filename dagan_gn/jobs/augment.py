@@ -95,6 +95,7 @@ class AugmentRequest:
     progress: bool = True
     commit_seconds: float = 1.0
     commit_batches: int = 0
+    reject_off_class: bool = False
 
     def check(self) -> None:
         """Refuse impossible arguments before any work: numbers out of range, an evaluation split, the input as
@@ -160,6 +161,11 @@ class AugmentPlan:
     #: The output exists, complete, from these same parameters: nothing to generate.
     complete: bool = False
     notes: list[str] = field(default_factory=list)
+    #: ``reject_off_class``: the checkpoint's critic (its class head reads a variant as the self-pair ``(v, v)``).
+    critic: nn.Module | None = None
+    #: Variants generated and dropped by ``reject_off_class`` in this call.
+    n_generated: int = 0
+    n_rejected: int = 0
 
     @property
     def family(self) -> "ModelFamily":
@@ -195,6 +201,9 @@ class AugmentReport:
     already_complete: bool = False
     #: Lines for the user (e.g. an interrupted ``.partial`` file that had to be started afresh).
     notes: list[str] = field(default_factory=list)
+    #: With ``reject_off_class``: the share of generated variants the critic's class head put in another class
+    #: (not written; also the output's ``rejected_share`` attribute). None without rejection.
+    rejected_share: float | None = None
 
     @property
     def patches_per_second(self) -> float:
@@ -207,11 +216,13 @@ class AugmentReport:
             return (f"{self.out_path} is already complete: {self.n_written} synthetic patches from the same "
                     "arguments; nothing to do")
         resumed = f" (resumed after {self.n_resumed_sources} sources)" if self.n_resumed_sources else ""
+        rejected = ("" if self.rejected_share is None else
+                    f"; {100 * self.rejected_share:.1f} % of the generated variants rejected as off-class")
         return (
             f"wrote {self.n_written} synthetic patches ({self.n_per_source} per source × {self.n_sources} "
             f"{self.split} patches){resumed} to {self.out_path} in {self.seconds:.1f} s "
             f"({self.patches_per_second:.1f} patches/s); classes: "
-            + ", ".join(f"{k}={v}" for k, v in self.class_counts.items())
+            + ", ".join(f"{k}={v}" for k, v in self.class_counts.items()) + rejected
         )
 
 
@@ -340,6 +351,7 @@ def _output_parameters(request: AugmentRequest, pf: PatchFile, ckpt_sha: str, n_
         "split": request.split,
         "classes": list(request.classes),
         "truncation": float(request.truncation),
+        **({"reject_off_class": True} if request.reject_off_class else {}),
         "seed": int(request.seed),
         "n_sources": int(n_sources),
     }
@@ -365,7 +377,9 @@ def _finished_output(request: AugmentRequest, parameters: dict[str, Any], expect
         raise AugmentError(f"{out} already exists and is not a readable patch file ({exc}); pass --overwrite to "
                            "replace it") from exc
     diff = sorted(k for k in set(parameters) | set(made_with) if parameters.get(k) != made_with.get(k))
-    if diff or not synthetic or rows != expected_rows:
+    # With rejection a finished file holds at most the expected rows (the rejected variants are not written).
+    rows_ok = rows <= expected_rows if request.reject_off_class else rows == expected_rows
+    if diff or not synthetic or not rows_ok:
         what = ", ".join(diff) if diff else "its content"
         raise AugmentError(f"{out} already exists (made with other arguments: {what}); pass --overwrite to "
                            "replace it")
@@ -394,6 +408,7 @@ def plan_augment(request: AugmentRequest, pf: PatchFile) -> AugmentPlan:
         ckpt_path = resolve_checkpoint(request.checkpoint)
         state = load_checkpoint(ckpt_path)
         generator, cfg = generator_from_state(state, ckpt_path, device=dev, use_ema=True)
+        critic = _class_head_critic(state, cfg, ckpt_path, pf, dev) if request.reject_off_class else None
     except CheckpointError as exc:
         raise AugmentError(str(exc)) from exc
     used_ema, step = state.get("ema") is not None, int(state.get("step", -1))
@@ -417,9 +432,41 @@ def plan_augment(request: AugmentRequest, pf: PatchFile) -> AugmentPlan:
     parameters = _output_parameters(request, pf, ckpt_sha, len(sources.rows))
     plan = AugmentPlan(request=request, sources=sources, generator=generator, generator_config=cfg, device=dev,
                        checkpoint=ckpt_path, checkpoint_sha256=ckpt_sha, checkpoint_step=step, used_ema=used_ema,
-                       label_map=label_map, parameters=parameters)
+                       label_map=label_map, parameters=parameters, critic=critic)
     plan.complete = _finished_output(request, parameters, plan.n_written)
     return plan
+
+
+def _class_head_critic(state: dict[str, Any], cfg: ExperimentConfig, ckpt_path: Path, pf: PatchFile,
+                       device: torch.device) -> nn.Module:
+    """The checkpoint's critic, for ``reject_off_class``: it must have a class head over the input's classes."""
+    from dagan_gn.training.families import build_networks
+
+    classes = int(cfg.model.critic_classes)
+    if classes <= 0 or state.get("critic") is None:
+        raise AugmentError(f"--reject-off-class needs a critic class head: {ckpt_path} was trained without one "
+                           "(model.critic_classes); train with model.critic_classes=-1 loss.class_weight=1, or judge "
+                           "variants with dagan evaluate-augmentation --reject-off-class")
+    if classes != len(pf.class_names):
+        raise AugmentError(f"--reject-off-class: the critic's class head knows {classes} classes but the input has "
+                           f"{len(pf.class_names)} ({', '.join(pf.class_names)}); augment the file it was trained on")
+    _, critic = build_networks(cfg.model)
+    critic.load_state_dict(state["critic"])
+    return critic.to(device).eval()
+
+
+@torch.no_grad()
+def off_class_variants(critic: nn.Module, variants: torch.Tensor, labels: torch.Tensor,
+                       conditioning: torch.Tensor | None = None, batch_size: int = 256) -> torch.Tensor:
+    """True for each variant that the critic's class head (reading the self-pair ``(v, v)``) puts in a class other
+    than ``labels``; ``conditioning``: the class labels a class-conditional critic takes (its projection term)."""
+    device = next(critic.parameters()).device
+    predicted = []
+    for a in range(0, len(variants), batch_size):
+        v = variants[a : a + batch_size].to(device)
+        y = None if conditioning is None else conditioning[a : a + batch_size].to(device)
+        predicted.append(critic(v, v, y, with_logits=True)[1].argmax(1).cpu())
+    return torch.cat(predicted) != labels.long().cpu()
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -495,8 +542,16 @@ def _write_batch(plan: AugmentPlan, pf: PatchFile, writer: PatchWriter, position
     }
     for c in plan.sources.carried:
         prov[c] = np.repeat(pf.provenance(c, src_rows), n)
-    writer.append(to_uint16((fake.numpy() + 1.0) * 0.5), np.repeat(labels, n),
-                  np.full(len(rows_rep), plan.sources.split_code, dtype=np.uint8), prov)
+    label_rep = np.repeat(labels, n)
+    keep = np.ones(len(rows_rep), bool)
+    if plan.critic is not None:
+        keep = ~off_class_variants(plan.critic, fake, torch.as_tensor(label_rep), y).numpy()
+        plan.n_generated += len(keep)
+        plan.n_rejected += int((~keep).sum())
+    if keep.any():
+        writer.append(to_uint16((fake.numpy()[keep] + 1.0) * 0.5), label_rep[keep],
+                      np.full(int(keep.sum()), plan.sources.split_code, dtype=np.uint8),
+                      {c: col[keep] for c, col in prov.items()})
     return len(rows_rep)
 
 
@@ -543,6 +598,10 @@ def run_augment(plan: AugmentPlan, pf: PatchFile) -> int:
                 pending, last_commit = [], time.monotonic()
             i = j
         bar.close()
+        if request.reject_off_class:
+            # Over the whole file (a resumed run's earlier batches included): every rejected variant is a missing row.
+            expected = n_sources * n
+            writer.set_attrs(rejected_share=float(1 - writer.num_patches / expected) if expected else 0.0)
         writer.finalize()
     except BaseException:
         writer.close()  # the .partial file keeps its committed batches for a resume
@@ -576,11 +635,31 @@ def _contact_sheet(plan: AugmentPlan, pf: PatchFile) -> Path:
     r, k = min(request.contact_sheet_rows, len(rows)), min(request.n, 10)
     with PatchFile(request.out_path) as out:
         src_index, variant = out.provenance("source_index"), out.provenance("variant")
-        variants = np.stack([
-            out.read_patches(np.flatnonzero((src_index == rows[p]) & (variant < k)), signed=True) for p in range(r)
-        ])
+        blank = np.full((pf.channels, pf.patch_size, pf.patch_size), -1.0, np.float32)
+
+        def tile(p: int, j: int) -> np.ndarray:
+            # A variant rejected as off-class (--reject-off-class) is a black tile: columns stay variant numbers.
+            hit = np.flatnonzero((src_index == rows[p]) & (variant == j))
+            return out.read_patches(hit[:1], signed=True)[0] if len(hit) else blank
+
+        variants = np.stack([np.stack([tile(p, j) for j in range(k)]) for p in range(r)])
     src = torch.from_numpy(pf.read_patches(rows[:r], signed=True))
     return write_contact_sheet(src, torch.from_numpy(variants), request.contact_sheet)
+
+
+def _rows_in(path: Path) -> int:
+    from dagan_gn.store.patch_file import PatchFile
+
+    with PatchFile(path) as out:
+        return len(out)
+
+
+def _rejected_share(path: Path) -> float | None:
+    from dagan_gn.store.patch_file import PatchFile
+
+    with PatchFile(path) as out:
+        value = out.attrs.get("rejected_share")
+    return None if value is None else float(value)
 
 
 def _report(plan: AugmentPlan, pf: PatchFile, n_resumed: int) -> AugmentReport:
@@ -589,9 +668,10 @@ def _report(plan: AugmentPlan, pf: PatchFile, n_resumed: int) -> AugmentReport:
     return AugmentReport(
         out_path=request.out_path, checkpoint=plan.checkpoint, checkpoint_sha256=plan.checkpoint_sha256,
         used_ema=plan.used_ema, split=request.split, n_per_source=request.n, n_sources=len(sources.rows),
-        n_written=plan.n_written, n_resumed_sources=n_resumed,
+        n_written=plan.n_written if plan.critic is None else _rows_in(request.out_path), n_resumed_sources=n_resumed,
         class_counts={sources.class_names[c]: int(counts[c]) for c in sources.wanted},
         already_complete=plan.complete, notes=list(plan.notes),
+        rejected_share=_rejected_share(request.out_path) if request.reject_off_class else None,
     )
 
 
@@ -616,6 +696,7 @@ def augment(
     progress: bool = True,
     commit_seconds: float = 1.0,
     commit_batches: int = 0,
+    reject_off_class: bool = False,
 ) -> AugmentReport:
     """Write ``n`` synthetic variants of every patch of ``split`` (optionally only ``classes``) of ``in_path``.
 
@@ -639,6 +720,9 @@ def augment(
             costs a few fsyncs). 0 commits after every batch.
         commit_batches: when > 0, commit after every ``commit_batches`` batches instead (a cadence by count, not by
             clock: the fault-injection tests use it to hit the same mid-run commits on any machine).
+        reject_off_class: do not write the variants that the checkpoint's critic class head (``model.critic_classes``,
+            trained over the input's classes) puts in another class than their source's; the share dropped is the
+            output's ``rejected_share`` attribute and the report's. Needs a checkpoint with a class head.
 
     Raises:
         AugmentError: evaluation split without ``allow_eval_split``; unknown split or class; empty selection;
@@ -656,6 +740,7 @@ def augment(
         seed=int(seed), contact_sheet=Path(contact_sheet) if contact_sheet is not None else None,
         contact_sheet_rows=int(contact_sheet_rows), allow_eval_split=allow_eval_split, overwrite=overwrite,
         progress=progress, commit_seconds=float(commit_seconds), commit_batches=int(commit_batches),
+        reject_off_class=bool(reject_off_class),
     )
     request.check()
     try:

@@ -249,3 +249,40 @@ def test_checkpoint_is_loaded_once_and_output_names_no_path(patch_file, run_dir,
         config = json.loads(pf.attrs["generator_config"])
         assert config["data"]["path"] == patch_file.name and pf.attrs["source_file"] == patch_file.name
         assert pf.attrs["checkpoint_step"] == 2
+
+
+def test_reject_off_class_drops_exactly_the_variants_the_critic_head_puts_elsewhere(patch_file, tmp_path):
+    import torch
+
+    from dagan_gn.jobs.augment import AugmentError, off_class_variants
+    from dagan_gn.training.checkpoint import latest_checkpoint, load_checkpoint
+    from dagan_gn.training.families import build_networks
+    from dagan_gn.config import config_from_dict
+
+    run = make_checkpoint(tmp_path / "run_head", patch_file, critic_classes=3)
+    full = augment(patch_file, run, tmp_path / "all.h5", n=4, seed=0, device="cpu", progress=False)
+    kept = augment(patch_file, run, tmp_path / "kept.h5", n=4, seed=0, device="cpu", progress=False,
+                   reject_off_class=True, contact_sheet=tmp_path / "sheet.png")
+    state = load_checkpoint(latest_checkpoint(run))
+    _, critic = build_networks(config_from_dict(state["config"]).model)
+    critic.load_state_dict(state["critic"])
+    critic.eval()
+    with PatchFile(tmp_path / "all.h5") as pf:
+        images, labels = torch.from_numpy(pf.read_patches(np.arange(len(pf)), signed=True)), pf.labels
+        # the factory's DAGAN is class-conditional: its critic also takes the labels (same class table here)
+        off = off_class_variants(critic, images, torch.as_tensor(labels), torch.as_tensor(labels)).numpy()
+        expected = pf.read_patches(np.flatnonzero(~off))
+    assert 0 < off.sum() < len(off)  # a 2-step critic's head: some variants in, some out
+    with PatchFile(tmp_path / "kept.h5") as pf:
+        assert np.array_equal(pf.read_patches(np.arange(len(pf))), expected)
+        assert float(pf.attrs["rejected_share"]) == pytest.approx(off.mean())
+    assert kept.rejected_share == pytest.approx(off.mean()) and kept.n_written == int((~off).sum())
+    assert "rejected as off-class" in kept.summary() and full.rejected_share is None
+    assert (tmp_path / "sheet.png").is_file()
+    again = augment(patch_file, run, tmp_path / "kept.h5", n=4, seed=0, device="cpu", progress=False,
+                    reject_off_class=True)
+    assert again.already_complete and again.rejected_share == pytest.approx(off.mean())
+    # without a class head there is nothing to judge with: one clear error
+    plain = make_checkpoint(tmp_path / "run_plain", patch_file)
+    with pytest.raises(AugmentError, match="critic class head"):
+        augment(patch_file, plain, tmp_path / "x.h5", n=2, device="cpu", progress=False, reject_off_class=True)
