@@ -567,29 +567,14 @@ def run_classifiers(args: argparse.Namespace, task_files: dict[int, Path], varia
 
 # ------------------------------------------------------------------------------------------------------ report
 def variant_diversity(task_file: Path, variants_file: Path) -> dict[str, float]:
-    """How much the variants vary (L2 between images in [0, 1]): between the variants of one shot, from each variant
-    to its shot, and — the scale to compare with — between two real drawings of one character (ranks 0 and 1)."""
-    from dagan_gn.store.patch_file import PatchFile, uint16_to_unit
+    """The variants of a task's shots measured as ``dagan assess`` measures a variant set (pixel space; the real-pair
+    scale is two shots of one character): ``diversity`` (variants of a shot vs each other), ``distance_to_source``
+    (ratios: 1 = as far apart as two real drawings of the character) and ``identity`` (share of variants whose
+    nearest shot, among every shot of the task, is their own) — ``dagan_gn.jobs.demo.variant_diversity``."""
+    from dagan_gn.jobs.demo import variant_diversity as measure
 
-    with PatchFile(task_file) as real, PatchFile(variants_file) as syn:
-        shots = uint16_to_unit(real.patches[:]).reshape(len(real), -1)
-        labels, ranks = real.labels, real.provenance("shot_rank")
-        variants = uint16_to_unit(syn.patches[:]).reshape(len(syn), -1)
-        source = syn.provenance("source_index")
-    between, to_source = [], []
-    for row in np.unique(source):
-        v = variants[source == row]
-        if len(v) > 1:
-            d = np.sqrt(((v[:, None] - v[None]) ** 2).sum(-1))
-            between.append(float(d[np.triu_indices(len(v), 1)].mean()))
-        to_source.append(float(np.sqrt(((v - shots[row]) ** 2).sum(-1)).mean()))
-    first = {int(lbl): i for i, (lbl, r) in enumerate(zip(labels, ranks)) if r == 0}
-    second = {int(lbl): i for i, (lbl, r) in enumerate(zip(labels, ranks)) if r == 1}
-    real_pairs = [float(np.sqrt(((shots[first[c]] - shots[second[c]]) ** 2).sum())) for c in first if c in second]
-    nan = float("nan")
-    return {"between_variants_of_a_shot": float(np.mean(between)) if between else nan,
-            "variant_to_its_shot": float(np.mean(to_source)) if to_source else nan,
-            "between_two_drawings_of_a_character": float(np.mean(real_pairs)) if real_pairs else nan}
+    diversity, distance, identity = measure(task_file, variants_file)
+    return {"diversity": diversity, "distance_to_source": distance, "identity": identity}
 
 
 def summarize(runs: list[dict[str, Any]], shots: Sequence[int]) -> dict[str, Any]:
@@ -682,9 +667,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                                                    " (training data not found: not verified)"),
         f"- {s['n_variants']} variants per shot (the +DAGAN regimes use only the variants of the k shots); "
         f"contact sheet: `{report['files'].get('contact_sheet')}`",
-        "- diversity (mean L2 distance of [0, 1] images, first seed): between the variants of one shot "
-        f"{div['between_variants_of_a_shot']:.2f}, variant to its shot {div['variant_to_its_shot']:.2f}; for scale, "
-        f"two real drawings of one character {div['between_two_drawings_of_a_character']:.2f}",
+        "- variants of the first seed's shots, as `dagan assess` measures them (pixel L1 ratios to two real drawings "
+        f"of a character): diversity {div['diversity']:.2f}, distance to source {div['distance_to_source']:.2f}, "
+        f"identity {100 * div['identity']:.0f} % (nearest shot is their own)",
         "",
         "## Classifier",
         "",

@@ -157,23 +157,28 @@ def test_an_unfinished_dagan_training_is_resumed(smoke_run, tmp_path):
     assert module.main(["--out", str(out), *common, "--steps", "3", "optim.g_lr=0.5"]) == 2
 
 
-def test_variant_diversity_measures_spread_against_real_drawings(tmp_path):
-    """Variants that ignore their noise have zero spread; the real scale comes from two drawings of a character."""
+def test_variant_diversity_is_assess_s_definition(tmp_path):
+    """Copies of the shots: diversity 0, distance 0, identity 1; the second character's variants swapped with the
+    first's: identity 0 for those."""
     from dagan_gn.store.patch_file import PatchWriter, to_uint16
 
     module = _pipeline()
-    shots = np.zeros((4, 1, 4, 4), np.float32)
-    shots[2, 0, 0, 0] = shots[3, 0, 0, 1] = 1.0  # character 0: drawings 0 and 2; character 1: 1 and 3
-    with PatchWriter(tmp_path / "shots.h5", patch_size=4, class_names=["a", "b"],
+    rng = np.random.default_rng(0)
+    shots = rng.random((4, 1, 8, 8)).astype(np.float32)  # characters 0, 1, 0, 1 (two drawings each)
+    with PatchWriter(tmp_path / "shots.h5", patch_size=8, class_names=["a", "b"],
                      provenance={"shot_rank": "int32"}) as w:
         w.append(to_uint16(shots), [0, 1, 0, 1], ["train"] * 4, {"shot_rank": [0, 0, 1, 1]})
-    variants = np.repeat(shots, 2, axis=0)
-    variants[1, 0, 3, 3] = 1.0  # the second variant of shot 0 differs by one pixel; all others copy their shot
-    with PatchWriter(tmp_path / "variants.h5", patch_size=4, class_names=["a", "b"], synthetic=True,
-                     provenance={"source_index": "int64"}) as w:
-        w.append(to_uint16(variants), np.repeat([0, 1, 0, 1], 2), ["train"] * 8,
-                 {"source_index": np.repeat(range(4), 2)})
-    div = module.variant_diversity(tmp_path / "shots.h5", tmp_path / "variants.h5")
-    assert div["between_variants_of_a_shot"] == pytest.approx(1 / 4)  # one pair of four differs by 1
-    assert div["variant_to_its_shot"] == pytest.approx(0.5 / 4)
-    assert div["between_two_drawings_of_a_character"] == pytest.approx(1.0)
+
+    def write(path, variants):
+        with PatchWriter(path, patch_size=8, class_names=["a", "b"], synthetic=True,
+                         provenance={"source_index": "int64", "variant": "int32"}) as w:
+            w.append(to_uint16(variants), np.repeat([0, 1, 0, 1], 2), ["train"] * 8,
+                     {"source_index": np.repeat(range(4), 2), "variant": np.tile([0, 1], 4)})
+        return path
+
+    copies = write(tmp_path / "copies.h5", np.repeat(shots, 2, axis=0))
+    assert module.variant_diversity(tmp_path / "shots.h5", copies) == {"diversity": 0.0, "distance_to_source": 0.0,
+                                                                        "identity": 1.0}
+    swapped = write(tmp_path / "swapped.h5", np.repeat(shots[[0, 3, 2, 1]], 2, axis=0))
+    div = module.variant_diversity(tmp_path / "shots.h5", swapped)
+    assert div["identity"] == 0.5 and div["diversity"] == 0.0 and div["distance_to_source"] > 0
