@@ -40,6 +40,7 @@ __all__ = [
     "resume_mismatches",
     "PATH_KEYS",
     "config_without_paths",
+    "parse_setting",
 ]
 
 
@@ -480,3 +481,12 @@ def resume_mismatches(saved: ExperimentConfig | dict, current: ExperimentConfig 
     b = _flatten(current if isinstance(current, dict) else config_to_dict(current))
     keys = sorted(set(a) | set(b))
     return [k for k in keys if k not in RESUME_SAFE_KEYS and a.get(k) != b.get(k)]
+
+
+def parse_setting(spec: str) -> tuple[str, list[str]]:
+    """A named group of overrides as the ablation pipelines take it, ``name=key=value;key=value`` (``name=`` for
+    none): ``("name", ["key=value", "key=value"])``."""
+    name, sep, rest = spec.partition("=")
+    if not sep or not name.strip():
+        raise ConfigError(f"setting {spec!r}: expected name=override;override;... (name= for no overrides)")
+    return name.strip(), [o.strip() for o in rest.split(";") if o.strip()]

@@ -81,8 +81,7 @@ def main() -> None:
     from dagan_gn.jobs.downstream import evaluate_augmentation_files
     from dagan_gn.metrics.downstream import DownstreamConfig
     from dagan_gn.jobs.memorization import check_memorization_files
-    from dagan_gn.training.checkpoint import latest_checkpoint
-    from dagan_gn.jobs.train import train
+    from dagan_gn.jobs.train import train_unless_finished
 
     if args.smoke:
         args.per_class, args.test_per_class, args.steps, args.n = min(args.per_class, 10), 10, 4, 2
@@ -102,9 +101,7 @@ def main() -> None:
                                     ema_start=min(cfg.train.ema_start, steps // 4),
                                     checkpoint_every=max(1, steps // 10), sample_every=max(1, steps // 10))
     run = out / "run"
-    ckpt = latest_checkpoint(run)
-    if ckpt is None or not ckpt.name.endswith(f"{steps:07d}.pt"):
-        train(cfg, run, resume=ckpt is not None)
+    train_unless_finished(cfg, run)
     print(f"[2/6] DAGAN trained on {args.per_class} images per class: {run}")
 
     synthetic = out / "synthetic.h5"

@@ -102,26 +102,23 @@ def main() -> None:
     args = parser.parse_args()
 
     from dagan_gn.jobs.demo import demo_train_config
-    from dagan_gn.jobs.train import train
+    from dagan_gn.config import parse_setting
+    from dagan_gn.jobs.train import train_unless_finished
     from dagan_gn.runtime import environment_info
-    from dagan_gn.training.checkpoint import latest_checkpoint
 
     torch.set_num_threads(1)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     print("| setting | steps | train s (CPU s) | diversity | blurred | centred | dist. to source | overrides |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for spec in args.setting or ["base="]:
-        name, _, rest = spec.partition("=")
-        overrides = [o for o in rest.split(";") if o.strip()]
+        name, overrides = parse_setting(spec)
         run = args.out / name
         cfg = demo_train_config(args.data, steps=args.steps, seed=args.seed, progress=args.progress,
                                 overrides=overrides)
-        ckpt = latest_checkpoint(run)
-        seconds = cpu_seconds = float("nan")
-        if ckpt is None or not ckpt.name.endswith(f"{args.steps:07d}.pt"):
-            t0, c0 = time.perf_counter(), time.process_time()
-            train(cfg, run, resume=ckpt is not None)
-            seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+        t0, c0 = time.perf_counter(), time.process_time()
+        trained = train_unless_finished(cfg, run).trained_here
+        seconds, cpu_seconds = ((time.perf_counter() - t0, time.process_time() - c0) if trained
+                                else (float("nan"), float("nan")))
         figures = measure(run, args.data, args.variants, args.seed, args.out / f"{name}_contact_sheet.png")
         record = {"setting": name, "overrides": overrides, "steps": args.steps, "seed": args.seed,
                   "data": str(args.data), "variants": args.variants, "train_seconds": round(seconds, 1),

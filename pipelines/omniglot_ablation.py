@@ -84,9 +84,11 @@ def main() -> None:
     report_json = args.report.with_suffix(".json")
     if report_json.exists():
         results = json.loads(report_json.read_text())
+    from dagan_gn.config import parse_setting
+
     for spec in args.setting:
-        name, _, rest = spec.partition("=")
-        results[name] = run_setting(args.out / name, [o for o in rest.split(";") if o.strip()], args)
+        name, overrides = parse_setting(spec)
+        results[name] = run_setting(args.out / name, overrides, args)
         args.report.parent.mkdir(parents=True, exist_ok=True)
         report_json.write_text(json.dumps(results, indent=1))
         table = markdown(results, args.shots.split(","))

@@ -331,10 +331,11 @@ def dagan_training_classes(cfg: Any) -> list[str] | None:
 
 def train_or_reuse_dagan(args: argparse.Namespace, train_file: Path) -> dict[str, Any]:
     """Stage 2: train the DAGAN (resuming a killed run), or check the ``--reuse-dagan`` run."""
-    from dagan_gn.config import config_from_dict, resume_mismatches
+    from dagan_gn.config import config_from_dict
     from dagan_gn.fileio import sha256_file
-    from dagan_gn.jobs.train import train
-    from dagan_gn.training.checkpoint import latest_checkpoint, load_checkpoint, resolve_checkpoint
+    from dagan_gn.jobs.train import train_unless_finished
+    from dagan_gn.training.checkpoint import load_checkpoint, resolve_checkpoint
+    from dagan_gn.training.trainer import TrainingError
 
     info: dict[str, Any] = {"trained_here": False, "resumed_from_step": None}
     if args.reuse_dagan is not None:
@@ -343,20 +344,12 @@ def train_or_reuse_dagan(args: argparse.Namespace, train_file: Path) -> dict[str
         check_dagan_model(cfg, args.size, str(ckpt))
     else:
         cfg = dagan_config(args, train_file)
-        run = args.out / "dagan"
-        latest = latest_checkpoint(run)
-        done_step = -1
-        if latest is not None:
-            saved = config_from_dict(load_checkpoint(latest)["config"])
-            mismatched = resume_mismatches(saved, cfg)
-            if mismatched:
-                raise ProtocolError(f"{run} was trained with another config ({', '.join(mismatched)} differ); use "
-                                    "another --out, or --reuse-dagan to evaluate that run as it is")
-            done_step = int(latest.stem.split("_")[-1])
-        if done_step < cfg.train.steps:
-            info.update(trained_here=True, resumed_from_step=done_step if done_step >= 0 else None)
-            train(cfg, run, resume=latest is not None)
-        ckpt = resolve_checkpoint(run)
+        try:
+            outcome = train_unless_finished(cfg, args.out / "dagan")
+        except TrainingError as exc:
+            raise ProtocolError(f"{exc}, or --reuse-dagan to evaluate that run as it is") from exc
+        info.update(trained_here=outcome.trained_here, resumed_from_step=outcome.resumed_from_step)
+        ckpt = outcome.checkpoint
     info.update(checkpoint=str(ckpt), checkpoint_sha256=sha256_file(ckpt), step=int(ckpt.stem.split("_")[-1])
                 if ckpt.stem.startswith("step_") else -1, config=_plain(cfg))
     metrics = ckpt.parent.parent / "metrics.jsonl"

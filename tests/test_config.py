@@ -116,3 +116,13 @@ def test_ranges_apply_to_overrides_and_paths_are_reduced_for_sharing():
     shared = config_without_paths(cfg)
     assert shared["data"]["path"] == "p.h5" and cfg.data.path == "/data/Doe_Jane/p.h5"
     assert config_without_paths(ExperimentConfig())["data"]["path"] is None
+
+
+def test_parse_setting():
+    from dagan_gn.config import ConfigError, parse_setting
+
+    assert parse_setting("ms=loss.mode_seeking=1.0;optim.n_critic=2") == ("ms", ["loss.mode_seeking=1.0",
+                                                                                  "optim.n_critic=2"])
+    assert parse_setting("base=") == ("base", [])
+    with pytest.raises(ConfigError, match="expected name="):
+        parse_setting("no-equals-sign")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
@@ -12,9 +13,9 @@ from torch.utils.data import Dataset
 
 from dagan_gn.config import ExperimentConfig
 from dagan_gn.locks import output_lock
-from dagan_gn.training.trainer import Trainer
+from dagan_gn.training.trainer import Trainer, TrainingError
 
-__all__ = ["train"]
+__all__ = ["train", "train_unless_finished", "TrainOutcome"]
 
 
 def train(
@@ -40,3 +41,49 @@ def train(
             return trainer.fit(stop_at=stop_at)
         finally:
             trainer.close()
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What :func:`train_unless_finished` found and did."""
+
+    #: The run's newest checkpoint after the call.
+    checkpoint: Path
+    #: This call trained (from scratch or resuming); False when the run had already reached ``train.steps``.
+    trained_here: bool
+    #: The step a killed run was resumed from (None: a fresh run, or nothing to do).
+    resumed_from_step: int | None
+
+
+def train_unless_finished(cfg: ExperimentConfig, run_dir: str | Path, *,
+                          dataset: Dataset | None = None) -> TrainOutcome:
+    """Train ``cfg`` in ``run_dir`` unless it already holds a checkpoint at ``train.steps``; continue a killed run
+    (the pipelines' "train unless finished", one way). A run made with another config is refused before anything is
+    written: the message names the keys that differ.
+
+    Raises:
+        TrainingError: ``run_dir`` holds a run of another config (``train.steps`` may differ: more steps continue).
+    """
+    from dagan_gn.config import config_from_dict, resume_mismatches
+    from dagan_gn.training.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+    from dagan_gn.training.trainer import build_dataset, resolve_data_keys
+
+    run_dir = Path(run_dir)
+    latest = latest_checkpoint(run_dir)
+    done = -1
+    if latest is not None:
+        if cfg.model.critic_classes < 0:  # compare as the trainer will: resolved from the data
+            dataset = dataset if dataset is not None else build_dataset(cfg)
+            cfg = resolve_data_keys(cfg, dataset)
+        mismatched = resume_mismatches(config_from_dict(load_checkpoint(latest)["config"]), cfg)
+        if mismatched:
+            raise TrainingError(f"{run_dir} was trained with another config ({', '.join(mismatched)} differ); use "
+                                "another output folder")
+        done = checkpoint_step(latest) or 0
+    if done >= cfg.train.steps:
+        return TrainOutcome(latest, False, None)  # type: ignore[arg-type]
+    train(cfg, run_dir, resume=latest is not None, dataset=dataset)
+    final = latest_checkpoint(run_dir)
+    if final is None:  # the trainer always writes its last step; a missing one is a bug, said plainly
+        raise TrainingError(f"{run_dir}: training finished without a checkpoint")
+    return TrainOutcome(final, True, done if latest is not None else None)
