@@ -121,27 +121,10 @@ def test_no_module_imports_a_higher_layer():
 
 def test_the_package_graph_has_no_cycle():
     graph = _graph()
-    state: dict[str, int] = {}  # 1: on the current path, 2: done
-
-    def walk(node: str, path: list[str]) -> list[str] | None:
-        state[node] = 1
-        for nxt in sorted(graph.get(node, ())):
-            if state.get(nxt) == 1:
-                return path + [node, nxt]
-            if nxt not in state:
-                cycle = walk(nxt, path + [node])
-                if cycle:
-                    return cycle
-        state[node] = 2
-        return None
-
-    for node in sorted(graph):
-        if node not in state:
-            cycle = walk(node, [])
-            if cycle:
-                cycle = cycle[cycle.index(cycle[-1]):]
-                examples = [graph[a][b] for a, b in zip(cycle, cycle[1:])]
-                pytest.fail("import cycle " + " → ".join(cycle) + ": " + "; ".join(examples))
+    cycle = _find_cycle({node: set(dsts) for node, dsts in graph.items()})
+    if cycle:
+        examples = [graph[a][b] for a, b in zip(cycle, cycle[1:])]
+        pytest.fail("import cycle " + " → ".join(cycle) + ": " + "; ".join(examples))
 
 
 def test_the_analysis_sees_function_level_and_relative_imports(tmp_path):
