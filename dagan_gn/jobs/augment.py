@@ -163,9 +163,6 @@ class AugmentPlan:
     notes: list[str] = field(default_factory=list)
     #: ``reject_off_class``: the checkpoint's critic (its class head reads a variant as the self-pair ``(v, v)``).
     critic: nn.Module | None = None
-    #: Variants generated and dropped by ``reject_off_class`` in this call.
-    n_generated: int = 0
-    n_rejected: int = 0
 
     @property
     def family(self) -> "ModelFamily":
@@ -546,8 +543,6 @@ def _write_batch(plan: AugmentPlan, pf: PatchFile, writer: PatchWriter, position
     keep = np.ones(len(rows_rep), bool)
     if plan.critic is not None:
         keep = ~off_class_variants(plan.critic, fake, torch.as_tensor(label_rep), y).numpy()
-        plan.n_generated += len(keep)
-        plan.n_rejected += int((~keep).sum())
     if keep.any():
         writer.append(to_uint16((fake.numpy()[keep] + 1.0) * 0.5), label_rep[keep],
                       np.full(int(keep.sum()), plan.sources.split_code, dtype=np.uint8),
@@ -647,31 +642,28 @@ def _contact_sheet(plan: AugmentPlan, pf: PatchFile) -> Path:
     return write_contact_sheet(src, torch.from_numpy(variants), request.contact_sheet)
 
 
-def _rows_in(path: Path) -> int:
+def _written(path: Path, n_classes: int) -> tuple[int, np.ndarray, float | None]:
+    """Rows, rows per class and ``rejected_share`` of a finished output (read once: with ``--reject-off-class``
+    the rows are fewer than sources × n and only the file knows how many)."""
     from dagan_gn.store.patch_file import PatchFile
 
     with PatchFile(path) as out:
-        return len(out)
-
-
-def _rejected_share(path: Path) -> float | None:
-    from dagan_gn.store.patch_file import PatchFile
-
-    with PatchFile(path) as out:
-        value = out.attrs.get("rejected_share")
-    return None if value is None else float(value)
+        share = out.attrs.get("rejected_share")
+        return len(out), np.bincount(out.labels, minlength=n_classes), None if share is None else float(share)
 
 
 def _report(plan: AugmentPlan, pf: PatchFile, n_resumed: int) -> AugmentReport:
     sources, request = plan.sources, plan.request
+    n_written, rejected = plan.n_written, None
     counts = np.bincount(pf.labels[sources.rows], minlength=len(sources.class_names)) * request.n
+    if request.reject_off_class:
+        n_written, counts, rejected = _written(request.out_path, len(sources.class_names))
     return AugmentReport(
         out_path=request.out_path, checkpoint=plan.checkpoint, checkpoint_sha256=plan.checkpoint_sha256,
         used_ema=plan.used_ema, split=request.split, n_per_source=request.n, n_sources=len(sources.rows),
-        n_written=plan.n_written if plan.critic is None else _rows_in(request.out_path), n_resumed_sources=n_resumed,
+        n_written=n_written, n_resumed_sources=n_resumed,
         class_counts={sources.class_names[c]: int(counts[c]) for c in sources.wanted},
-        already_complete=plan.complete, notes=list(plan.notes),
-        rejected_share=_rejected_share(request.out_path) if request.reject_off_class else None,
+        already_complete=plan.complete, notes=list(plan.notes), rejected_share=rejected,
     )
 
 

@@ -66,19 +66,15 @@ def check_memorization_files(
     Writes ``memorization.md`` / ``memorization.json`` to ``out_dir`` when given.
     """
     from dagan_gn.fileio import check_writable
-    from dagan_gn.store.patch_file import PatchFile
+    from dagan_gn.store.patch_file import PatchFile, synthetic_pairing_problem
     from dagan_gn.runtime import resolve_device
 
     if out_dir is not None:  # fail before the distances are computed, not after
         check_writable(Path(out_dir) / "memorization.json", "--out")
     with PatchFile(real_path) as real, PatchFile(synthetic_path) as syn:
-        if not syn.synthetic:
-            raise MemorizationError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")
-        if real.synthetic:
-            raise MemorizationError(f"{real_path}: is a synthetic patch file; pass the real patches the generator saw")
-        if (syn.patch_size, syn.channels) != (real.patch_size, real.channels):
-            raise MemorizationError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but "
-                                    f"{real_path} {real.channels}×{real.patch_size}px")
+        problem = synthetic_pairing_problem(real, syn, real_path, synthetic_path)
+        if problem:
+            raise MemorizationError(problem)
         train_sel = _split_rows(real, train_split, real_path)
         held_sel = np.sort(np.concatenate([_split_rows(real, s, real_path) for s in heldout_splits]
                                           or [np.zeros(0, int)]))

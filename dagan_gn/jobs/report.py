@@ -503,7 +503,7 @@ def release_card(
     from dagan_gn.fileio import atomic_write_text, check_writable
     from dagan_gn.jobs.report_html import render_card
     from dagan_gn.runtime import resolve_device
-    from dagan_gn.store.patch_file import PatchFile
+    from dagan_gn.store.patch_file import PatchFile, synthetic_pairing_problem
 
     real_path, synthetic_path, out_dir = Path(real_path), Path(synthetic_path), Path(out_dir)
     check_writable(out_dir / "card.html", "--out")
@@ -513,16 +513,9 @@ def release_card(
     dev = resolve_device(device)
     rng = np.random.default_rng(seed)
     with PatchFile(real_path) as real, PatchFile(synthetic_path) as syn:
-        if not syn.synthetic:
-            raise ReportError(f"{synthetic_path}: not a synthetic patch file (attribute synthetic is not true)")
-        if real.synthetic:
-            raise ReportError(f"{real_path}: is a synthetic patch file; pass the real patches the generator saw")
-        if (syn.patch_size, syn.channels) != (real.patch_size, real.channels):
-            raise ReportError(f"{synthetic_path} holds {syn.channels}×{syn.patch_size}px patches but {real_path} "
-                              f"{real.channels}×{real.patch_size}px")
-        if list(syn.class_names) != list(real.class_names):
-            raise ReportError(f"{synthetic_path} has classes {list(syn.class_names)} but {real_path} "
-                              f"{list(real.class_names)}")
+        problem = synthetic_pairing_problem(real, syn, real_path, synthetic_path, same_classes=True)
+        if problem:
+            raise ReportError(problem)
         if "train" not in real.split_names or len(real.split_indices("train")) == 0:
             raise ReportError(f"{real_path}: no train split: the card needs the generator's training patches")
         what, notes = _what(real, syn, real_path, synthetic_path, Path(checkpoint) if checkpoint else None, dev,

@@ -430,24 +430,26 @@ def evaluate_augmentation(
                disable=not progress)
     classical_models: dict[int, nn.Module] = {}  # seed → the real+albumentations classifier (rejection embedding)
     kept_synthetic: dict[int, tuple[Dataset, float]] = {}
+    stacked: list[tuple[torch.Tensor, torch.Tensor]] = []  # real and synthetic items as tensors, read once
 
     def synthetic_for(seed: int) -> tuple[Dataset | None, float | None]:
         """The synthetic items of the DAGAN regimes for ``seed``: all, or those ``reject_off_class`` keeps."""
         if not config.reject_off_class or synthetic is None:
             return synthetic, None
         if seed not in kept_synthetic:
-            from dagan_gn.datasets.mixing import MixedRealSyntheticDataset as _Mixed
             from dagan_gn.metrics.diversity import PenultimateFeatures
 
             model = classical_models.get(seed)
             if model is None:
                 tf = classical_augmentation(config.augmentation, image_size)
-                model = train_classifier(_Mixed(real_train, None, synthetic_ratio=0.0, transform=tf, seed=seed),
-                                         num_classes, steps=steps, config=config, seed=seed, image_size=image_size,
-                                         in_channels=in_channels, device=device)
+                model = train_classifier(
+                    MixedRealSyntheticDataset(real_train, None, synthetic_ratio=0.0, transform=tf, seed=seed),
+                    num_classes, steps=steps, config=config, seed=seed, image_size=image_size,
+                    in_channels=in_channels, device=device)
             features = PenultimateFeatures(model)
-            real_x, real_y = _stack(real_train)
-            syn_x, syn_y = _stack(synthetic)
+            if not stacked:
+                stacked.extend((_stack(real_train), _stack(synthetic)))
+            (real_x, real_y), (syn_x, syn_y) = stacked
             reject = off_class_mask(lambda x: features(x.to(device)), real_x, real_y, syn_x, syn_y)
             keep = torch.nonzero(~reject).flatten().tolist()
             if not keep:

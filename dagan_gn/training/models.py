@@ -318,27 +318,32 @@ class DAGANModel(GANModel):
     """
 
     def critic_outputs(
-        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor | None, classify: torch.Tensor
+        self, pairs: list[tuple[torch.Tensor, torch.Tensor]], y: torch.Tensor | None, classify: torch.Tensor,
+        critic: nn.Module | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Scores of each ``(a, b)`` pair batch and the class logits of the images ``classify`` (read as self-pairs),
-        under autocast: one critic forward when ``fuse_real_fake`` (per-sample critic norms), else one per group.
-        Every group has the rows of ``y`` (the class conditioning of a conditional critic, or None)."""
+        under autocast: one forward of ``critic`` (default the critic as trained; the generator step passes the frozen
+        bare one) when ``fuse_real_fake`` (per-sample critic norms), else one per group. Every group has the rows of
+        ``y`` (the class conditioning of a conditional critic, or None)."""
+        critic = self.D_ddp if critic is None else critic
         groups = [*pairs, (classify, classify)]
         with self.autocast():
             if self.fuse_real_fake:
                 yy = None if y is None else torch.cat([y] * len(groups))
-                scores, logits = self.D_ddp(torch.cat([a for a, _ in groups]), torch.cat([b for _, b in groups]), yy,
-                                            with_logits=True)
+                scores, logits = critic(torch.cat([a for a, _ in groups]), torch.cat([b for _, b in groups]), yy,
+                                        with_logits=True)
                 *scores, _ = scores.chunk(len(groups))
                 return list(scores), logits.chunk(len(groups))[-1]
-            scores = [self.D_ddp(a, b, y) for a, b in pairs]
-            _, logits = self.D_ddp(classify, classify, y, with_logits=True)
+            scores = [critic(a, b, y) for a, b in pairs]
+            _, logits = critic(classify, classify, y, with_logits=True)
             return scores, logits
 
-    def _class_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the class head against ``labels`` repeated to the rows of ``logits`` (fp32)."""
-        repeats = logits.shape[0] // labels.shape[0]
-        return nn.functional.cross_entropy(logits.float(), labels.repeat(repeats))
+    def _class_terms(self, logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy (fp32) of the class head against ``labels`` repeated to the rows of ``logits``, and the
+        detached accuracy."""
+        labels = labels.repeat(logits.shape[0] // labels.shape[0])
+        accuracy = (logits.detach().argmax(1) == labels).float().mean()
+        return nn.functional.cross_entropy(logits.float(), labels), accuracy
 
     def critic_step(self, batch, grad_scale: float = 1.0):
         x, x_other, y = batch["image"], batch["pair"], self.labels(batch)
@@ -358,11 +363,10 @@ class DAGANModel(GANModel):
 
         loss, logs = self._critic_objective(d_real, d_fake, critic_fn, (x, x_other), (x, fake), grad_scale)
         if logits is not None:
-            labels = batch["label"]
-            class_loss = self._class_loss(logits, labels)
+            class_loss, accuracy = self._class_terms(logits, batch["label"])
             loss = loss + self.class_weight * class_loss
             logs["loss/critic_class"] = class_loss.detach()
-            logs["critic/class_accuracy_real"] = (logits.detach().argmax(1) == labels).float().mean()
+            logs["critic/class_accuracy_real"] = accuracy
             logs["loss/critic"] = loss.detach()
         logs.update(self.observe_critic(d_real, d_fake))
         return loss, logs
@@ -387,25 +391,16 @@ class DAGANModel(GANModel):
             fake, recon = out[:n_variants], out[n_variants:]
             pair_source, pair_fake = self.augmented(x, fake)
             if self.class_weight > 0:
-                groups = [(pair_source, pair_fake), (pair_fake, pair_fake)]
-                yy = None if y is None else torch.cat([y, y])
-                if self.fuse_real_fake:
-                    scores, logits = self.D_bare(torch.cat([a for a, _ in groups]), torch.cat([b for _, b in groups]),
-                                                 yy, with_logits=True)
-                    d_fake, logits = scores[:n_variants], logits[n_variants:]
-                else:
-                    d_fake = self.D_bare(pair_source, pair_fake, y)
-                    _, logits = self.D_bare(pair_fake, pair_fake, y, with_logits=True)
+                (d_fake,), logits = self.critic_outputs([(pair_source, pair_fake)], y, classify=pair_fake,
+                                                        critic=self.D_bare)
             else:
                 d_fake = self.D_bare(pair_source, pair_fake, y)
         loss, logs = self._generator_objective(d_fake, fake, z, cap)
         if logits is not None:
-            class_loss = self._class_loss(logits, batch["label"])
+            class_loss, accuracy = self._class_terms(logits, batch["label"])
             loss = loss + self.class_weight * class_loss
             logs["loss/generator_class"] = class_loss.detach()
-            logs["identity/variant_class_accuracy"] = (
-                logits.detach().argmax(1) == batch["label"].repeat(logits.shape[0] // batch["label"].shape[0])
-            ).float().mean()
+            logs["identity/variant_class_accuracy"] = accuracy
         if self.embedding_identity > 0:
             if self.identity_embedding is None:
                 raise RuntimeError("loss.embedding_identity > 0 but no identity embedding was set (the trainer sets it)")

@@ -226,12 +226,12 @@ def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig, family: ModelFami
     if family.conditions_on_image and "pair" not in item:
         raise TrainingError(f"model '{family.name}' needs same-class pairs: the dataset items have no 'pair' "
                             f"(SameClassPairDataset)")
-    for key, classes in (("model.num_classes", cfg.model.num_classes), ("model.critic_classes",
-                                                                         cfg.model.critic_classes)):
-        if classes > 0:
-            labels = set(dataset_labels(ds).tolist()) if len(ds) <= 100_000 else set()
-            if labels and max(labels) >= classes:
-                raise TrainingError(f"the data has class label {max(labels)} but {key}={classes}")
+    sized = [(key, n) for key, n in (("model.num_classes", cfg.model.num_classes),
+                                     ("model.critic_classes", cfg.model.critic_classes)) if n > 0]
+    top = max(dataset_labels(ds).tolist(), default=-1) if sized and len(ds) <= 100_000 else -1
+    for key, classes in sized:
+        if top >= classes:
+            raise TrainingError(f"the data has class label {top} but {key}={classes}")
 
 
 def data_class_count(ds: Dataset) -> int:
@@ -483,8 +483,9 @@ class Trainer:
         )
 
     def _build_identity_embedding(self, state: dict[str, Any] | None) -> None:
-        """The frozen embedding of ``loss.embedding_identity``: trained on the training data for a new run, the
-        checkpoint's weights for a resumed one (then nothing is retrained)."""
+        """The frozen embedding of ``loss.embedding_identity``: trained on the training data for a new run; for a
+        resumed one only its architecture, which ``_load_state`` fills with the checkpoint's weights (the training
+        steps' ``train_model`` state), so nothing is retrained."""
         cfg = self.cfg
         if cfg.loss.embedding_identity <= 0:
             return
@@ -494,7 +495,6 @@ class Trainer:
         saved = ((state or {}).get("train_model") or {}).get("identity_embedding")
         if saved is not None:
             embedding = build_identity_embedding(classes, cfg.model.channels, cfg.model.image_size).to(self.device)
-            embedding.load_state_dict(saved)
         else:
             self.say(f"training the identity embedding: {classes} classes, {cfg.loss.embedding_steps} steps")
             embedding = train_identity_embedding(

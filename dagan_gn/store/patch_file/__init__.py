@@ -62,7 +62,7 @@ from dagan_gn.store.patch_file.format import (
     partial_path,
 )
 from dagan_gn.store.patch_file.merge import merge_patch_files
-from dagan_gn.store.patch_file.reader import PatchFile
+from dagan_gn.store.patch_file.reader import PatchFile, synthetic_pairing_problem
 from dagan_gn.store.patch_file.writer import PatchWriter
 
 __all__ = [
@@ -73,6 +73,7 @@ __all__ = [
     "StoreError",
     "PatchWriter",
     "PatchFile",
+    "synthetic_pairing_problem",
     "merge_patch_files",
     "encode_patch_chunks",
     "partial_path",

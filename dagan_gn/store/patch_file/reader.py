@@ -191,3 +191,20 @@ class PatchFile:
 
 def _as_list(value: Any) -> list:
     return [value] if isinstance(value, str) else list(value)
+
+
+def synthetic_pairing_problem(real: PatchFile, syn: PatchFile, real_path: Any, syn_path: Any, *,
+                              same_classes: bool = False) -> str | None:
+    """Why ``syn`` cannot be judged against ``real`` as its generator's training data (one line naming the file),
+    or None: ``syn`` must be synthetic, ``real`` real, with the same patch size and channels (and, with
+    ``same_classes``, the same class table). Each job raises its own error with the message."""
+    if not syn.synthetic:
+        return f"{syn_path}: not a synthetic patch file (attribute synthetic is not true)"
+    if real.synthetic:
+        return f"{real_path}: is a synthetic patch file; pass the real patches the generator saw"
+    if (syn.patch_size, syn.channels) != (real.patch_size, real.channels):
+        return (f"{syn_path} holds {syn.channels}×{syn.patch_size}px patches but {real_path} "
+                f"{real.channels}×{real.patch_size}px")
+    if same_classes and list(syn.class_names) != list(real.class_names):
+        return f"{syn_path} has classes {list(syn.class_names)} but {real_path} {list(real.class_names)}"
+    return None
