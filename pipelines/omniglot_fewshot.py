@@ -105,6 +105,7 @@ class Settings:
     workers: int = 1
     task_classes: list[str] = field(default_factory=list)
     regimes: list[str] = field(default_factory=list)
+    truncation: float = 0.0
 
 
 def _int_list(text: str, what: str) -> list[int]:
@@ -148,6 +149,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", type=lambda t: _int_list(t, "--seeds"), default=[0, 1, 2],
                    help="task/classifier seeds (comma list; at least 2 for a CI, 3 for the protocol)")
     p.add_argument("--n", type=int, default=10, help="DAGAN variants per shot")
+    p.add_argument("--truncation", type=float, default=0.0,
+                   help="noise truncation bound of the variants (dagan augment --truncation; 0: none); choose it "
+                        "on held-out characters that are not the test task (pipelines/omniglot_transfer_dev.py)")
     p.add_argument("--width", type=int, default=16, help="classifier base width (MONAI ResNet, w-2w-4w-8w)")
     p.add_argument("--classifier-steps", type=int, default=450,
                    help="optimizer steps per classifier training (every k and regime)")
@@ -186,6 +190,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.bn_batches < 0:
         p.error("--bn-batches must be 0 or more")
+    if args.truncation < 0:
+        p.error("--truncation must be 0 (none) or more")
     if any(k < 1 for k in args.shots):
         p.error("--shots must be positive")
     if len(set(args.seeds)) != len(args.seeds):
@@ -403,11 +409,11 @@ def augment_task(args: argparse.Namespace, task_file: Path, ckpt: Path, ckpt_sha
         with PatchFile(out) as syn, PatchFile(task_file) as real:
             p = syn.parameters
             if (p.get("checkpoint_sha256") == ckpt_sha and p.get("n_per_source") == args.n and p.get("seed") == seed
-                    and p.get("input_created") == str(real.attrs.get("created")) and p.get("input_rows") == len(real)
+                    and float(p.get("truncation", 0.0)) == args.truncation and p.get("input_created") == str(real.attrs.get("created")) and p.get("input_rows") == len(real)
                     and (contact_sheet is None or contact_sheet.is_file())):
                 return out, False
     augment(task_file, ckpt, out, n=args.n, split="train", seed=seed, device=args.device, overwrite=True,
-            contact_sheet=contact_sheet, progress=not args.quiet)
+            truncation=args.truncation, contact_sheet=contact_sheet, progress=not args.quiet)
     return out, True
 
 
@@ -658,7 +664,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- trained on {dg['training_class_count']} characters; task characters among them: "
         f"{dg['task_classes_seen']} of {n_cls}" + ("" if dg["training_classes_known"] else
                                                    " (training data not found: not verified)"),
-        f"- {s['n_variants']} variants per shot (the +DAGAN regimes use only the variants of the k shots); "
+        f"- {s['n_variants']} variants per shot (the +DAGAN regimes use only the variants of the k shots"
+        + (f"; noise truncated at {s['truncation']:g}" if s.get("truncation") else "") + "); "
         f"contact sheet: `{report['files'].get('contact_sheet')}`",
         "- variants of the first seed's shots, as `dagan assess` measures them (pixel L1 ratios to two real drawings "
         f"of a character): diversity {div['diversity']:.2f}, distance to source {div['distance_to_source']:.2f}, "
@@ -830,11 +837,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **({"reject_off_class": True} if args.reject_off_class else {})},
         classifier_steps=args.classifier_steps, device=args.device, smoke=args.smoke,
         dev_classes=args.dev_classes if args.dev else 0, threads=args.threads, task_classes=list(task_classes),
-        regimes=list(args.regimes), workers=args.workers,
+        regimes=list(args.regimes), workers=args.workers, truncation=args.truncation,
     )
     fp = _fingerprint({"classifier": settings.classifier, "steps": settings.classifier_steps,
                        "ckpt": dagan["checkpoint_sha256"], "n": args.n, "test_per_class": args.test_per_class,
-                       "pool": max(args.shots), "classes": task_classes, "size": args.size})
+                       "pool": max(args.shots), "classes": task_classes, "size": args.size,
+                       # only when set, so runs made before the option keep their fingerprint
+                       **({"truncation": args.truncation} if args.truncation else {})})
     runs, trained_now = run_classifiers(args, task_files, variant_files, task_dir / "runs.jsonl", fp)
     times.lap("classifiers", worked=trained_now > 0)
 

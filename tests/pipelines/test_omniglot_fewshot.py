@@ -157,6 +157,29 @@ def test_an_unfinished_dagan_training_is_resumed(smoke_run, tmp_path):
     assert module.main(["--out", str(out), *common, "--steps", "3", "optim.g_lr=0.5"]) == 2
 
 
+def test_truncation_reaches_the_variants_report_and_fingerprint(smoke_run, tmp_path):
+    module, work, common, _ = smoke_run
+    args = ["--reuse-dagan", str(work / "out" / "dagan"), *common, "--regimes", "real+dagan", "--shots", "1"]
+    plain, cut = tmp_path / "plain", tmp_path / "cut"
+    assert module.main(["--out", str(plain), *args]) == 0
+    assert module.main(["--out", str(cut), *args, "--truncation", "0.5"]) == 0
+    with PatchFile(cut / "test" / "seed0" / "variants.h5") as syn:
+        assert syn.parameters["truncation"] == 0.5
+    report = json.loads((cut / "omniglot_fewshot.json").read_text())
+    assert report["settings"]["truncation"] == 0.5
+    assert "noise truncated at 0.5" in (cut / "omniglot_fewshot.md").read_text()
+    assert "truncated" not in (plain / "omniglot_fewshot.md").read_text()
+    # Rerunning the untruncated folder with a bound makes its variants again instead of reusing them.
+    variants = plain / "test" / "seed0" / "variants.h5"
+    with PatchFile(variants) as syn:
+        assert syn.parameters["truncation"] == 0.0
+    assert module.main(["--out", str(plain), *args, "--truncation", "0.25"]) == 0
+    with PatchFile(variants) as syn:
+        assert syn.parameters["truncation"] == 0.25
+    with pytest.raises(SystemExit):
+        module.parse_args(["--out", str(tmp_path), "--truncation", "-1"])
+
+
 def test_variant_diversity_is_assess_s_definition(tmp_path):
     """Copies of the shots: diversity 0, distance 0, identity 1; the second character's variants swapped with the
     first's: identity 0 for those."""
