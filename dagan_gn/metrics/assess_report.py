@@ -117,8 +117,9 @@ class AssessReport:
                "(ratios to random real same-class pairs: 1 = as varied as real data, 0 = copies; mean ± 95 % CI)",
                *lines]
         for space, ident in self.identity.items():
-            out.append(f"identity ({space_label(space)}): nearest source is its own {_fmt_ci(ident['nearest_is_source'])}"
-                       f", closer to its source than to any other class {_fmt_ci(ident['closer_than_other_class'])}")
+            out.append(f"identity ({space_label(space)}): nearest source is its own "
+                       f"{_fmt_ci(ident['nearest_is_source'])}, closer to its source than to any other class "
+                       f"{_fmt_ci(ident['closer_than_other_class'])}")
         cc = self.class_consistency
         if cc is not None:
             out.append(f"class consistency: accuracy on variants {_fmt(cc['variants']['accuracy'])} "
@@ -126,8 +127,8 @@ class AssessReport:
                        f"{_fmt(cc['heldout']['accuracy'])} (balanced {_fmt(cc['heldout']['balanced_accuracy'])})")
         fd = self.fidelity
         if fd is not None:
-            out.append(f"KID vs held-out: variants {_fmt(fd['kid_mean'], 4)}, real floor {_fmt(fd['floor_kid_mean'], 4)} "
-                       f"(subset {fd['kid_subset_size']}, {fd['feature_extractor']})")
+            out.append(f"KID vs held-out: variants {_fmt(fd['kid_mean'], 4)}, real floor "
+                       f"{_fmt(fd['floor_kid_mean'], 4)} (subset {fd['kid_subset_size']}, {fd['feature_extractor']})")
         out.extend(f"note: {n}" for n in self.notes)
         return "\n".join(out)
 
@@ -161,79 +162,15 @@ class AssessReport:
             "divided by the mean distance between random real patches of the source's class. **1.0 means as varied "
             "as real data; ~0 means copies.** Mean ± 95 % CI over sources (Student t), median in brackets.",
             "",
-            "| space | diversity | distance to source | variant pairs (raw) | variant–source (raw) | real pairs (raw) |",
+            "| space | diversity | distance to source | variant pairs (raw) | variant–source (raw) | "
+            "real pairs (raw) |",
             "| --- | ---: | ---: | ---: | ---: | ---: |",
         ]
         for s in self.spaces:
             d, t = self.diversity[s], self.source_distance[s]
-            lines.append(f"| {space_label(s)} | {_fmt_ci(d)} [{_fmt(d['median'])}] | {_fmt_ci(t)} [{_fmt(t['median'])}]"
-                         f" | {_fmt(d['raw_mean'], 4)} | {_fmt(t['raw_mean'], 4)} | {_fmt(d['raw_real_mean'], 4)} |")
-        lines += ["", "Per class (mean ratio over the class's sources; real-pair distance in brackets):", "",
-                  "| class | sources | " + " | ".join(f"diversity, {space_label(s)}" for s in self.spaces) + " |",
-                  "| --- | ---: |" + " ---: |" * len(self.spaces)]
-        counts: dict[str, int] = {}
-        for row in self.per_source:
-            counts[row["class"]] = counts.get(row["class"], 0) + 1
-        for c in self.class_names:
-            if c not in counts:
-                continue
-            cells = [f"{_fmt(self.diversity[s]['per_class'].get(c))} ({_fmt(self.real_pair_distance[s].get(c), 4)})"
-                     for s in self.spaces]
-            lines.append(f"| {c} | {counts[c]} | " + " | ".join(cells) + " |")
-        return lines
-
-        for space, ident in self.identity.items():
-            out.append(f"identity ({space_label(space)}): nearest source is its own {_fmt_ci(ident['nearest_is_source'])}"
-                       f", closer to its source than to any other class {_fmt_ci(ident['closer_than_other_class'])}")
-        cc = self.class_consistency
-        if cc is not None:
-            out.append(f"class consistency: accuracy on variants {_fmt(cc['variants']['accuracy'])} "
-                       f"(balanced {_fmt(cc['variants']['balanced_accuracy'])}), on held-out real "
-                       f"{_fmt(cc['heldout']['accuracy'])} (balanced {_fmt(cc['heldout']['balanced_accuracy'])})")
-        fd = self.fidelity
-        if fd is not None:
-            out.append(f"KID vs held-out: variants {_fmt(fd['kid_mean'], 4)}, real floor {_fmt(fd['floor_kid_mean'], 4)} "
-                       f"(subset {fd['kid_subset_size']}, {fd['feature_extractor']})")
-        out.extend(f"note: {n}" for n in self.notes)
-        return "\n".join(out)
-
-    def to_markdown(self) -> str:
-        """The Markdown page (``assess.md``): one section per measure, then notes and figures."""
-        lines = [*self._markdown_spaces(), *self._markdown_identity(), *self._markdown_class_consistency(),
-                 *self._markdown_fidelity()]
-        if self.notes:
-            lines += ["", "## Notes", ""] + [f"- {n}" for n in self.notes]
-        if self.files:
-            lines += ["", "## Figures", ""]
-            if "contact_sheet" in self.files:
-                lines += [f"Sources (first column) and their variants: ![contact sheet]({self.files['contact_sheet']})",
-                          ""]
-            if "diversity_hist" in self.files:
-                lines += [f"Diversity ratio per source: ![diversity histogram]({self.files['diversity_hist']})"]
-        return "\n".join(lines) + "\n"
-
-    def _markdown_spaces(self) -> list[str]:
-        lines = [
-            "# Variant assessment",
-            "",
-            f"`{self.synthetic}` (variants) against `{self.real}` (real): {self.n_sources} of "
-            f"{self.n_sources_total} sources, {self.variants_per_source} variants each; classes "
-            f"{', '.join(self.class_names)}. Real-pair scale from {self.n_real} `{self.real_split}` patches; "
-            f"{self.n_heldout} held-out `{self.heldout_split}` patches. Seed {self.meta.get('seed')}.",
-            "",
-            "## Diversity and distance to source",
-            "",
-            "Per source, the mean distance between its variants (diversity) and from its variants to the source, each "
-            "divided by the mean distance between random real patches of the source's class. **1.0 means as varied "
-            "as real data; ~0 means copies.** Mean ± 95 % CI over sources (Student t), median in brackets.",
-            "",
-            "| space | diversity | distance to source | variant pairs (raw) | variant–source (raw) | real pairs (raw) |",
-            "| --- | ---: | ---: | ---: | ---: | ---: |",
-        ]
-        for s in self.spaces:
-            d, t = self.diversity[s], self.source_distance[s]
-            lines.append(f"| {space_label(s)} | {_fmt_ci(d)} [{_fmt(d['median'])}] | {_fmt_ci(t)} [{_fmt(t['median'])}]"
-                         f" | {_fmt(d['raw_mean'], 4)} | {_fmt(t['raw_mean'], 4)} | {_fmt(d['raw_real_mean'], 4)} |")
+            lines.append(f"| {space_label(s)} | {_fmt_ci(d)} [{_fmt(d['median'])}] | {_fmt_ci(t)} "
+                         f"[{_fmt(t['median'])}] | {_fmt(d['raw_mean'], 4)} | {_fmt(t['raw_mean'], 4)} | "
+                         f"{_fmt(d['raw_real_mean'], 4)} |")
         lines += ["", "Per class (mean ratio over the class's sources; real-pair distance in brackets):", "",
                   "| class | sources | " + " | ".join(f"diversity, {space_label(s)}" for s in self.spaces) + " |",
                   "| --- | ---: |" + " ---: |" * len(self.spaces)]
@@ -252,13 +189,13 @@ class AssessReport:
         if not self.identity:
             return []
         lines = ["", "## Identity", "",
-                  "Does a variant still look like *its* source? Per variant: is its nearest neighbour among all "
-                  "assessed sources its own source, and is it closer to its source than to the nearest real patch "
-                  "of any other class (the sources and the real-pair patches)? Share of variants per source, mean "
-                  "± 95 % CI over sources. Diversity near 1 with identity near 1/sources is a new random patch of "
-                  "the class, not a variant of its source.", "",
-                  "| space | nearest source is its own | closer to its source than to another class | sources | "
-                  "real-pair patches |", "| --- | ---: | ---: | ---: | ---: |"]
+                 "Does a variant still look like *its* source? Per variant: is its nearest neighbour among all "
+                 "assessed sources its own source, and is it closer to its source than to the nearest real patch "
+                 "of any other class (the sources and the real-pair patches)? Share of variants per source, mean "
+                 "± 95 % CI over sources. Diversity near 1 with identity near 1/sources is a new random patch of "
+                 "the class, not a variant of its source.", "",
+                 "| space | nearest source is its own | closer to its source than to another class | sources | "
+                 "real-pair patches |", "| --- | ---: | ---: | ---: | ---: |"]
         for space, ident in self.identity.items():
             lines.append(f"| {space_label(space)} | {_fmt_ci(ident['nearest_is_source'])} | "
                          f"{_fmt_ci(ident['closer_than_other_class'])} | {ident['n_candidates']} | "

@@ -42,7 +42,8 @@ register_metric("feature", div.feature_l2, needs="classifier_features", label="c
                 identity_p=2.0, description="Euclidean distance between the classifier's penultimate-layer features")
 register_metric("fid", torch_fidelity_metrics, needs="samples", label="FID", description="Fréchet Inception Distance")
 register_metric("kid", torch_fidelity_metrics, needs="samples", label="KID", description="Kernel Inception Distance")
-register_metric("isc", torch_fidelity_metrics, needs="samples", label="Inception Score", aliases=("is", "inception_score"),
+register_metric("isc", torch_fidelity_metrics, needs="samples", label="Inception Score",
+                aliases=("is", "inception_score"),
                 description="Inception Score (needs torch-fidelity's own Inception weights)")
 register_metric("recon", reconstruction_metric, needs="noise_generator", label="reconstruction error",
                 description="Xiang & Li test-set reconstruction error of a noise-to-image generator")

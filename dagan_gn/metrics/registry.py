@@ -1,4 +1,5 @@
-"""The quality-metric registry: one :func:`register_metric` call adds a metric to ``dagan assess`` or ``dagan evaluate``.
+"""The quality-metric registry: one :func:`register_metric` call adds a metric to ``dagan assess`` or
+``dagan evaluate``.
 
 Modelled on torch-fidelity's registry (``register_feature_extractor``: a name → an entry; a name taken twice is an
 error) and MONAI's factories (a name → a callable; registration also works as a decorator). An entry says three

@@ -3,7 +3,8 @@
 - :func:`measure_space`: diversity and distance-to-source ratios of the variants in one distance space, on one real
   same-class pair scale, each summarised over sources by :func:`summarize_ratios` (mean ± 95 % CI, median,
   per-class mean, mean raw distance);
-- :func:`identity_summary`: does a variant still look like *its* source (:func:`~dagan_gn.metrics.diversity.source_identity`);
+- :func:`identity_summary`: does a variant still look like *its* source
+  (:func:`~dagan_gn.metrics.diversity.source_identity`);
 - :func:`class_accuracy`: accuracy, balanced accuracy and per-class recall of predicted labels;
 - :func:`train_class_judge`: the class-consistency classifier, trained on the real split;
 - :func:`kid_with_floor`: KID of the variants against held-out images next to the real-vs-real floor.
