@@ -1,5 +1,10 @@
 """The ``evaluate`` job: score a saved generator (run folder or checkpoint file) with FID/KID/IS and, for
-noise-to-image generators, the reconstruction error."""
+noise-to-image generators, the reconstruction error.
+
+The metrics are the metric registry's entries (:mod:`dagan_gn.metrics.registry`) that need ``samples`` (generated vs
+real images; the wanted ones sharing a compute function are computed in one call) or a ``noise_generator``
+(reported as ``<name>_unavailable`` for image-to-image generators): a newly registered one is accepted by
+``--metrics`` with no change here."""
 
 from __future__ import annotations
 
@@ -11,14 +16,20 @@ import numpy as np
 import torch
 
 from dagan_gn.errors import DaganError
-from dagan_gn.metrics.fidelity import (METRIC_NAMES, _dataset_fingerprint, compute_fidelity,
-                                       reference_images_for_config, resolve_feature_extractor_name, to_uint8_rgb)
+from dagan_gn.metrics.fidelity import (_dataset_fingerprint, reference_images_for_config,
+                                       resolve_feature_extractor_name, to_uint8_rgb)
+from dagan_gn.metrics.registry import MetricError, compute_sample_metrics, get_metric, metric_names
 
-__all__ = ["evaluate_checkpoint", "EvaluateError", "EVALUATE_METRICS"]
+__all__ = ["evaluate_checkpoint", "EvaluateError", "EVALUATE_METRICS", "EVALUATE_NEEDS"]
+
+#: What the metrics ``evaluate_checkpoint`` computes need (registry ``needs``).
+EVALUATE_NEEDS = ("samples", "noise_generator")
 
 
-#: What ``evaluate_checkpoint`` can compute: the fidelity metrics plus the reconstruction error.
-EVALUATE_METRICS = METRIC_NAMES + ("recon",)
+def __getattr__(name: str) -> tuple[str, ...]:
+    if name == "EVALUATE_METRICS":  # what ``evaluate_checkpoint`` can compute, read from the registry on each use
+        return metric_names(needs=EVALUATE_NEEDS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class EvaluateError(DaganError, ValueError):
@@ -77,17 +88,11 @@ def evaluate_checkpoint(
     Returns a JSON-ready dict (metrics, sample counts, checkpoint name and sha256, data file name, step, device,
     notes): base names only, so the result can be shared.
     """
-    from dagan_gn.fileio import sha256_file
-    from dagan_gn.runtime import environment_info, resolve_device, seed_everything
+    from dagan_gn.runtime import resolve_device, seed_everything
     from dagan_gn.training.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint
     from dagan_gn.training.families import get_family
 
-    wanted = list(dict.fromkeys(m.strip().lower() for m in metrics))
-    wanted = ["isc" if m in ("is", "inception_score") else m for m in wanted]
-    bad = [m for m in wanted if m not in EVALUATE_METRICS]
-    if bad or not wanted:
-        raise EvaluateError(
-            f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(EVALUATE_METRICS)}")
+    wanted = _wanted_metrics(metrics)
     seed_everything(seed)
     dev = resolve_device(device)
     path = resolve_checkpoint(checkpoint)
@@ -107,7 +112,46 @@ def evaluate_checkpoint(
         raise EvaluateError(f"--feature-extractor: {exc}") from exc
     family = get_family(cfg.model.name)
     kid_size = int(kid_subset_size or cfg.metrics.kid_subset_size)
-    result: dict = {
+    result = _result_header(path, step, cfg, extractor, seed, dev)
+    fidelity_metrics = [m for m in wanted if get_metric(m).needs == "samples"]
+    if fidelity_metrics and n < 2:
+        raise EvaluateError(f"--num-samples must be at least 2 for {', '.join(fidelity_metrics)}, got {n}")
+    sample_kwargs = {"num_classes": cfg.model.num_classes, "batch_size": batch_size, "device": dev}
+    options = dict(inception_weights=weights, feature_extractor=extractor, device=dev, kid_subset_size=kid_size,
+                   cache_dir=cache_dir, batch_size=batch_size, seed=seed)
+    return _score(family, generator, cfg, result, wanted, fidelity_metrics, n=n, seed=seed, split=split,
+                  recon_images=recon_images, sample_kwargs=sample_kwargs, options=options)
+
+
+def _wanted_metrics(metrics: Sequence[str]) -> list[str]:
+    """The registered names of the wanted metrics (aliases resolved, repeats dropped), in the order given.
+
+    Raises:
+        EvaluateError: an unknown name, or one that ``evaluate`` does not compute, or none at all.
+    """
+    names = list(dict.fromkeys(m.strip().lower() for m in metrics))
+    known = metric_names(needs=EVALUATE_NEEDS)
+    canonical = {m: _canonical(m) for m in names}
+    bad = [m for m in names if canonical[m] not in known]
+    if bad or not names:
+        raise EvaluateError(f"unknown metric(s) {', '.join(bad) or '(none)'}; choose from {', '.join(known)}")
+    return list(dict.fromkeys(canonical[m] for m in names))
+
+
+def _canonical(name: str) -> str | None:
+    """The registered name of ``name`` (or of the metric it is an alias of); None when unknown."""
+    try:
+        return get_metric(name).name
+    except MetricError:  # not registered (or an empty name)
+        return None
+
+
+def _result_header(path: Path, step, cfg, extractor: str, seed: int, dev: torch.device) -> dict:
+    """What every result starts with: the checkpoint, the run, the data file, the settings and the environment."""
+    from dagan_gn.fileio import sha256_file
+    from dagan_gn.runtime import environment_info
+
+    return {
         "checkpoint": path.name,
         "checkpoint_sha256": sha256_file(path),
         "step": int(step) if step is not None else None,
@@ -118,10 +162,13 @@ def evaluate_checkpoint(
         "device": str(dev),
         "environment": environment_info(dev),
     }
-    fidelity_metrics = [m for m in wanted if m in METRIC_NAMES]
-    if fidelity_metrics and n < 2:
-        raise EvaluateError(f"--num-samples must be at least 2 for {', '.join(fidelity_metrics)}, got {n}")
-    sample_kwargs = {"num_classes": cfg.model.num_classes, "batch_size": batch_size, "device": dev}
+
+
+def _score(family, generator, cfg, result: dict, wanted: list[str], fidelity_metrics: list[str], *, n: int,
+           seed: int, split: str | None, recon_images: int, sample_kwargs: dict, options: dict) -> dict:
+    """The metrics of ``wanted`` added to ``result``: sampled over real patches for image-to-image families, from
+    noise (CIFAR-10 reference) for noise-to-image ones."""
+    generator_metrics = [m for m in wanted if get_metric(m).needs == "noise_generator"]
     if family.conditions_on_image:
         from dagan_gn.datasets.patches import PatchDataset
 
@@ -140,14 +187,10 @@ def evaluate_checkpoint(
             pick = np.sort(np.random.default_rng(seed).permutation(len(ds))[: min(n, len(ds))])
             real = to_uint8_rgb(torch.stack([ds[int(i)]["image"] for i in pick]))
             key = f"patches-{cfg.data.split}-{_dataset_fingerprint(real)}"
-            result.update(
-                compute_fidelity(fake, real, metrics=fidelity_metrics, inception_weights=weights,
-                                 feature_extractor=extractor, device=dev, kid_subset_size=kid_size, cache_key=key,
-                                 cache_dir=cache_dir, batch_size=batch_size, seed=seed)
-            )
-        if "recon" in wanted:
-            result["recon_unavailable"] = (f"reconstruction error needs a noise-to-image generator G(z); "
-                                           f"'{family.name}' is G(x, z)")
+            result.update(compute_sample_metrics(fidelity_metrics, fake, real, cache_key=key, **options))
+        for m in generator_metrics:
+            result[f"{m}_unavailable"] = (f"{get_metric(m).label} needs a noise-to-image generator G(z); "
+                                          f"'{family.name}' is G(x, z)")
         return result
 
     if cfg.data.kind != "cifar10":
@@ -156,19 +199,13 @@ def evaluate_checkpoint(
     if fidelity_metrics:
         fake = _sample_uint8(family, generator, n, seed, **sample_kwargs)
         real, key = reference_images_for_config(cfg, n)
-        result.update(
-            compute_fidelity(fake, real, metrics=fidelity_metrics, inception_weights=weights,
-                             feature_extractor=extractor, device=dev, kid_subset_size=kid_size, cache_key=key,
-                             cache_dir=cache_dir, batch_size=batch_size, seed=seed)
-        )
-    if "recon" in wanted:
+        result.update(compute_sample_metrics(fidelity_metrics, fake, real, cache_key=key, **options))
+    if generator_metrics:
         from dagan_gn.datasets.cifar10 import CIFAR10Dataset
-        from dagan_gn.metrics.reconstruction import reconstruction_error
 
         test = CIFAR10Dataset(cfg.data.path, "test", limit_per_class=max(1, -(-recon_images // 10)), seed=seed)
         images = test.images_uint8[:recon_images].float() / 255.0
         labels = test.labels[:recon_images] if cfg.model.num_classes > 0 else None
-        rec = reconstruction_error(generator, images, labels=labels, device=dev)
-        result.update(rec.as_dict())
-        result["recon_images"] = len(images)
+        for m in generator_metrics:
+            result.update(get_metric(m).compute(generator, images, labels, device=options["device"]))
     return result

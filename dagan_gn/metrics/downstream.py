@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,7 @@ __all__ = [
     "classical_augmentation",
     "train_classifier",
     "evaluate_classifier",
+    "predict_logits",
     "evaluate_augmentation",
     "mean_ci",
 ]
@@ -55,8 +56,7 @@ class DownstreamError(DaganError, ValueError):
 REGIMES: tuple[str, ...] = ("real", "real+albumentations", "real+dagan", "real+both")
 #: ``DownstreamConfig.arch`` values (:func:`build_classifier`).
 CLASSIFIER_ARCHS: tuple[str, ...] = ("resnet", "densenet")
-#: ``DownstreamConfig.augmentation`` values (:func:`classical_augmentation`).
-#: The classical augmentation presets (the library also takes ``strokes:S``, the ``strokes`` ranges scaled by ``S``).
+#: ``DownstreamConfig.augmentation`` presets (:func:`classical_augmentation`; also ``strokes:S``: ranges × S).
 AUGMENTATION_PRESETS: tuple[str, ...] = ("mammo", "natural", "strokes")
 
 
@@ -231,17 +231,27 @@ def recalibrate_batch_norm(model: nn.Module, dataset: Dataset, *, batches: int, 
 
 
 @torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor | Iterable[torch.Tensor], *, device: torch.device,
+                   batch_size: int = 256) -> torch.Tensor:
+    """The one batched prediction: float32 logits ``[N, K]`` on the CPU of images (a tensor, cut into
+    ``batch_size`` batches, or an iterable of batches). Leaves the model's train/eval mode alone."""
+    batches = ([images[i : i + batch_size] for i in range(0, len(images), batch_size)]
+               if isinstance(images, torch.Tensor) else images)
+    return torch.cat([model(x.to(device, torch.float32)).float().cpu() for x in batches] or [torch.zeros(0, 0)])
+
+
+@torch.no_grad()
 def evaluate_classifier(
     model: nn.Module, test_set: Dataset, num_classes: int, *, device: torch.device, batch_size: int = 128
 ) -> dict[str, float]:
     """Accuracy and AUC (binary, or one-vs-rest macro-averaged over the classes present) on ``test_set``."""
     from monai.metrics import compute_roc_auc
 
-    probs, labels = [], []
+    logits, labels = [], []
     for item in DataLoader(test_set, batch_size=batch_size, shuffle=False):
-        probs.append(torch.softmax(model(item["image"].to(device, torch.float32)).float(), 1).cpu())
+        logits.append(predict_logits(model, item["image"], device=device, batch_size=batch_size))
         labels.append(torch.as_tensor(item["label"]))
-    p, y = torch.cat(probs), torch.cat(labels).long()
+    p, y = torch.softmax(torch.cat(logits), 1), torch.cat(labels).long()
     acc = float((p.argmax(1) == y).float().mean())
     present = torch.unique(y)
     if len(present) < 2:

@@ -244,3 +244,43 @@ def test_bad_inputs_raise_one_clear_error_naming_the_file(real, tmp_path):
     with pytest.raises(AssessError, match=r"bare\.h5: no provenance column\(s\) source_index, variant"):
         assess(real, bare, None, **kw)
     assert not (tmp_path / "report").exists()
+
+
+# --------------------------------------------------------------------------------------------- the metric registry
+
+
+def test_a_registered_distance_is_measured_and_reported(real, tmp_path):
+    """One register_metric call (a pure function) adds a space to assess's JSON, table and Markdown; unregistered,
+    it is gone again."""
+    from dagan_gn.metrics.registry import register_metric, unregister_metric
+
+    def linf(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # largest pixel difference on [0, 1]
+        return (a.float() - b.float()).abs().flatten(1).amax(1) / 2
+
+    rows = source_rows(real)
+    copies = np.repeat(read_rows(real, rows)[:, None], V, axis=1)
+    syn = write_synthetic(tmp_path / "copies.h5", real, rows, copies)
+    kw = dict(run_classifier=False, run_kid=False, seed=0, **{k: v for k, v in FAST.items() if k != "classifier"})
+    register_metric("toy_linf", linf, needs="images", label="toy L∞", identity_p=float("inf"))
+    try:
+        report = assess(real, syn, tmp_path / "with", **kw)
+        table = report.summary_table()
+    finally:
+        unregister_metric("toy_linf")
+
+    assert report.spaces == ["pixel", "ms_ssim", "toy_linf"]  # registration order
+    data = json.loads((tmp_path / "with" / "assess.json").read_text())
+    assert data["diversity"]["toy_linf"]["mean"] == pytest.approx(0.0, abs=1e-6)  # copies
+    assert data["source_distance"]["toy_linf"]["n"] == 3 * N_SOURCES
+    assert set(data["real_pair_distance"]["toy_linf"]) == set(CLASSES)
+    assert all("toy_linf" in row["diversity"] for row in data["per_source"])
+    assert data["identity"]["toy_linf"]["nearest_is_source"]["mean"] == 1.0
+    md = (tmp_path / "with" / "assess.md").read_text()
+    assert "| toy L∞ | 0.000" in md and "diversity, toy L∞" in md  # its row and its per-class column
+    assert "| toy L∞ | 1.000" in md  # its identity row
+    assert "\ntoy L∞ " in table and "identity (toy L∞)" in table
+
+    again = assess(real, syn, tmp_path / "without", **kw)
+    assert again.spaces == ["pixel", "ms_ssim"]
+    assert "toy" not in (tmp_path / "without" / "assess.md").read_text()
+    assert "toy_linf" not in (tmp_path / "without" / "assess.json").read_text()
