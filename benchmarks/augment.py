@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _timing import best_seconds
 
 
 def _reference_uresnet(image_size: int):
@@ -58,15 +57,7 @@ def _default_cfg(num_classes: int = 2):
 
 def _rate(fn, batch: int, repeats: int, sync=lambda: None) -> float:
     with torch.inference_mode():
-        fn()
-        sync()
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            best = min(best, time.perf_counter() - t0)
-    return batch / best
+        return batch / best_seconds(fn, repeats, sync)
 
 
 def forward_sweep(batches: list[int], repeats: int, device: str, reference: bool, *,

@@ -12,21 +12,15 @@ Target (issue 10 §1): the training-grid call < 50 ms on a CPU, so ``dagan train
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from _timing import best_seconds
 
 from dagan_gn.metrics.diversity import diversity_ratios, ms_ssim_distance, pixel_l1, same_class_real_pairs
 
 
 def best_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * min(times)
+    return 1000 * best_seconds(fn, repeats)
 
 
 def main() -> None:

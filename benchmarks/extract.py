@@ -39,8 +39,7 @@ def _child(mode: str, folder: str, workers: int, patch_size: int, per_image: int
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     files = sorted(p for p in Path(folder).rglob("*.dcm"))
     if mode != "decode":  # start-up imports are not throughput
-        import dagan_gn.jobs.extract_patches  # noqa: F401
-        import dagan_gn.ingest.mask  # noqa: F401
+        import dagan_gn.jobs.extract_patches  # noqa: F401  (it imports ingest.mask and scikit-image too)
     import pydicom
 
     t0 = time.perf_counter()

@@ -64,6 +64,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+# The one sys.path edit left in benchmarks/: on the GPU machine this file runs from a copy of the repository where
+# dagan_gn is not installed (docs/performance.md), so the repository root goes first; and the stages import the
+# scripts beside it (train_step, augment, prepare_gpu_bundle, and their _timing), whose folder is not on sys.path when
+# the file is run through runpy (tests/benchmarks/gpu_machine_python.py).
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 # Before CUDA initialises: cuBLAS needs a fixed workspace for stage 3's deterministic comparison.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from _timing import best_seconds
 
 from dagan_gn.config import ModelConfig
 from dagan_gn.nets import dagan_preset
@@ -95,13 +96,7 @@ def flops_per_patch(fn) -> float:
 
 def throughput(fn, batch: int, repeats: int) -> float:
     with torch.inference_mode():
-        fn()  # warm-up (oneDNN primitive creation)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
-    return batch / best
+        return batch / best_seconds(fn, repeats)
 
 
 def count_params(module: nn.Module) -> int:

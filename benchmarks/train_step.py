@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,12 +41,13 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from _timing import best_seconds
 
-from dagan_gn.config import load_config  # noqa: E402
-from dagan_gn.modules.resample import set_fused_resampling  # noqa: E402
-from dagan_gn.training.families import build_networks, get_family  # noqa: E402
+from dagan_gn.config import load_config
+from dagan_gn.modules.resample import set_fused_resampling
+from dagan_gn.training.families import build_networks, get_family
+
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIGS = {
     "dagan64": "configs/dagan_mammo_64.yaml",
@@ -66,15 +66,7 @@ def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats
     """Measured dense matmul FLOP/s of the device in ``dtype`` (the denominator of the utilisation column)."""
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    _sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        _sync(device)
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
+    return 2 * n**3 / best_seconds(lambda: a @ b, repeats, lambda: _sync(device))
 
 
 class InMemory(torch.utils.data.Dataset):

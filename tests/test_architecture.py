@@ -242,7 +242,6 @@ REASON = "Longer than 500 lines because"
 #: they are split; never add to it: a new long module states its reason at its top instead.
 LONG_MODULES_BEING_SPLIT = {
     "dagan_gn/training/trainer.py",  # item 5: data plumbing → datasets/, loss steps → losses/regularizers
-    "dagan_gn/jobs/augment.py",  # a new output of augment should not need this module to grow further
 }
 
 
@@ -269,12 +268,6 @@ def test_the_allow_list_of_long_modules_only_names_long_modules():
 #: Lines a function of a job (``dagan_gn/jobs/``) may span, ``def`` to its last line (docstring included): a job
 #: reads plan → run → report, and the steps live in helpers or in the libraries.
 MAX_JOB_FUNCTION_LINES = 80
-#: Functions over that length that another branch is shortening (issue 18). Shrink this list as they are cut; never
-#: add to it.
-LONG_JOB_FUNCTIONS_BEING_SHORTENED = {
-    "dagan_gn/jobs/report.py::_privacy",
-    "dagan_gn/jobs/report.py::release_card",
-}
 
 
 def _job_function_lengths() -> dict[str, int]:
@@ -300,13 +293,6 @@ def _job_function_lengths() -> dict[str, int]:
 
 def test_no_job_function_is_longer_than_80_lines():
     too_long = sorted(f"{name}: {n} lines" for name, n in _job_function_lengths().items()
-                      if n > MAX_JOB_FUNCTION_LINES and name not in LONG_JOB_FUNCTIONS_BEING_SHORTENED)
+                      if n > MAX_JOB_FUNCTION_LINES)
     assert not too_long, (f"functions in dagan_gn/jobs/ over {MAX_JOB_FUNCTION_LINES} lines: move the steps into "
                           "helpers or into the libraries:\n" + "\n".join(too_long))
-
-
-def test_the_allow_list_of_long_job_functions_only_names_long_functions():
-    lengths = _job_function_lengths()
-    for name in sorted(LONG_JOB_FUNCTIONS_BEING_SHORTENED):
-        assert name in lengths, f"{name} no longer exists: remove it from the list"
-        assert lengths[name] > MAX_JOB_FUNCTION_LINES, f"{name} is {lengths[name]} lines: remove it from the list"

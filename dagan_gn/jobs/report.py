@@ -10,9 +10,9 @@ The page is meant to leave the hospital: it names inputs by base name or hash on
 never a path, a patient pseudonym or a DICOM identifier, and loads nothing from outside (images are embedded as
 ``data:`` URIs). ``card.html`` and ``card.json`` are written atomically.
 
-Longer than 500 lines because the card's five sections (what, looks, quality, usefulness, privacy) are each built
-here by one function over the job's inputs; the HTML is rendered in ``report_html.py`` and the metrics themselves live
-in ``metrics/`` (membership, memorization, diversity).
+The sections what, looks, quality and usefulness are built here, the privacy section (which runs the memorization
+check and the membership attacks) in ``report_privacy.py``; the HTML is rendered in ``report_html.py`` and the
+metrics themselves live in ``metrics/`` (membership, memorization, diversity).
 """
 
 from __future__ import annotations
@@ -326,145 +326,35 @@ def _usefulness(downstream: dict[str, Any] | None) -> dict[str, Any]:
             "seeds": len(seeds) if isinstance(seeds, list) else seeds, "verdict": verdict}
 
 
-def _privacy(real_path: Path, syn_path: Path, real: Any, syn: Any, *, heldout_split: str, reference_split: str,
-             max_members: int, max_synthetic: int, n_bootstrap: int, device: torch.device, seed: int
-             ) -> tuple[dict[str, Any], dict[str, bytes], list[str]]:
-    from dagan_gn.jobs.memorization import check_memorization_files
-    from dagan_gn.jobs.report_html import histogram_png, tile_grid
-    from dagan_gn.metrics.membership import distance_attack, domias_attack
-    from dagan_gn.metrics.memorization import RandomConvFeatures, count_then_indices
+def _what_verdict(what: dict[str, Any], notes: list[str]) -> dict[str, str]:
+    n = what["synthetic"]["patches"]
+    what_text = (f"{n} synthetic patches ({what['synthetic']['variants_per_source']} variants per source) from the "
+                 f"{what['real']['counts'] and sum(c.get('train', 0) for c in what['real']['counts'].values())} "
+                 "training patches of the real file")
+    rejected = what["synthetic"]["rejected_share"]
+    if rejected is not None:
+        what_text += f"; {100 * rejected:.1f} % of the generated variants were rejected as off-class"
+    return _verdict("info" if not notes else "warn", what_text + "." + (
+        " " + "; ".join(notes) + "." if notes else ""), "the checkpoint given must be the one that made the set")
 
-    notes: list[str] = []
-    figures: dict[str, bytes] = {}
-    rng = np.random.default_rng(seed)
-    held_names = [s for s in (heldout_split, reference_split) if s in real.split_names]
-    mem = check_memorization_files(real_path, syn_path, None, heldout_splits=held_names, device=str(device),
-                                   seed=seed, max_synthetic=max_synthetic)
-    spaces = {}
-    for name, s in mem.spaces.items():
-        spaces[name] = {"near_copy_fraction": s.near_copy_fraction, "near_copies": len(s.near_copy_indices),
-                        "source_copy_fraction": s.source_copy_fraction, "patient_copies": len(s.patient_copy_indices),
-                        "threshold": s.threshold, "heldout_median": s.heldout_nn.get("median"),
-                        "synthetic_median": s.synthetic_nn.get("median"), "median_ratio": s.median_ratio,
-                        "near_copy_indices": s.near_copy_indices[:50],
-                        "patient_copy_indices": s.patient_copy_indices[:50]}
-    # The closest pairs, offending ones first: each synthetic patch beside its nearest training patch, in the space
-    # that failed (pixel when none did).
-    train_rows = real.split_indices("train")
-    failed = [n for n, sp in mem.spaces.items() if sp.patient_copy_indices
-              or sp.near_copy_fraction > mem.max_near_copy_fraction]
-    space = failed[0] if failed else "pixel"
-    d = np.asarray(mem.per_sample[f"{space}_nn_distance"])
-    nn = np.asarray(mem.per_sample[f"{space}_nn_index"])
-    syn_rows = np.arange(len(syn))
-    if len(d) != len(syn):  # check_memorization_files subsampled: its first draw from default_rng(seed)
-        syn_rows = np.sort(np.random.default_rng(seed).choice(len(syn), max_synthetic, replace=False))
-    offending = sorted({i for sp in mem.spaces.values() for i in sp.patient_copy_indices})
-    closest = [int(i) for i in np.argsort(d, kind="stable") if int(i) not in offending]
-    shown = (offending + closest)[:6]
-    pairs = []
-    if shown:
-        left = _as_unit(syn.read_patches(syn_rows[np.asarray(shown)], signed=True))
-        right = _as_unit(real.read_patches(train_rows[nn[shown]], signed=True))
-        tiles = [t for a, b in zip(left, right) for t in (a, b)]
-        figures["closest_pairs"] = tile_grid([tiles[k : k + 6] for k in range(0, len(tiles), 6)], gap_after=(1, 3))
-        pairs = [{"synthetic_row": int(syn_rows[i]), "train_row": int(train_rows[nn[i]]), "space": space,
-                  "distance": float(d[i]), "patient_copy": int(i) in offending} for i in shown]
-    failures = [line[2:] for line in mem.failure_lines()]
-    threshold_m = (f"near-copy: closer to a training patch than the {mem.spaces['pixel'].percentile:g}st percentile "
-                   "of held-out real patches; release needs at most "
-                   f"{100 * mem.max_near_copy_fraction:.2f} % near-copies and no patient copy")
-    if mem.passed():
-        v_mem = _verdict("pass", "no near-copies beyond the allowed share, no patient copies", threshold_m)
-    else:
-        v_mem = _verdict("fail", "; ".join(failures) or "the memorization check failed", threshold_m)
 
-    # Membership inference: members = training patches, non-members = held-out patches of other patients; DOMIAS's
-    # reference set is another held-out split (or half of the one held-out split), never the non-member queries.
-    members_rows = train_rows
-    if len(members_rows) > max_members:
-        members_rows = np.sort(rng.choice(members_rows, max_members, replace=False))
-    non_rows = real.split_indices(heldout_split) if heldout_split in real.split_names else np.zeros(0, int)
-    ref_rows = real.split_indices(reference_split) if reference_split in real.split_names else np.zeros(0, int)
-    if len(non_rows) == 0:
-        non_rows, ref_rows = ref_rows, np.zeros(0, int)
-        notes.append(f"split {heldout_split!r} is empty: the non-members are the {reference_split!r} patches")
-    if len(ref_rows) < 8 and len(non_rows) >= 16:
-        perm = rng.permutation(non_rows)
-        ref_rows, non_rows = np.sort(perm[: len(perm) // 2]), np.sort(perm[len(perm) // 2:])
-        notes.append("DOMIAS's reference set is a random half of the held-out patches (the other half are the "
-                     "non-member queries)")
-    if len(non_rows) > max_members:
-        non_rows = np.sort(rng.choice(non_rows, max_members, replace=False))
-    syn_pick = np.arange(len(syn)) if len(syn) <= max_synthetic else np.sort(rng.choice(len(syn), max_synthetic,
-                                                                                          replace=False))
-    attacks: list[dict[str, Any]] = []
-    if len(non_rows) == 0:
-        notes.append("no held-out real patches: the membership tests need non-members")
-    else:
-        members = torch.from_numpy(real.read_patches(members_rows, signed=True))
-        nonmembers = torch.from_numpy(real.read_patches(non_rows, signed=True))
-        synthetic = torch.from_numpy(syn.read_patches(syn_pick, signed=True))
-        features = RandomConvFeatures(in_channels=int(real.channels), seed=seed)
-        kw = dict(n_bootstrap=n_bootstrap, seed=seed, device=device)
-        pixel = distance_attack(members, nonmembers, synthetic, space="pixel", **kw)
-        feat = distance_attack(members, nonmembers, synthetic, extractor=features, space="random-conv features", **kw)
-        attacks += [pixel, feat]
-        if len(ref_rows) >= 8:
-            reference = torch.from_numpy(real.read_patches(ref_rows, signed=True))
-            attacks.append(domias_attack(members, nonmembers, synthetic, reference, extractor=features,
-                                         space="random-conv features", **kw))
-        else:
-            notes.append(f"DOMIAS not run: {len(ref_rows)} reference patches (needs at least 8)")
-        figures["membership_hist"] = histogram_png(
-            -np.asarray(pixel.member_scores), -np.asarray(pixel.nonmember_scores),
-            xlabel="pixel L2 distance to the nearest synthetic patch",
-            labels=(f"training patches (members, n={pixel.n_members})",
-                    f"held-out patches (non-members, n={pixel.n_nonmembers})"))
-        attacks = [a.to_dict() for a in attacks]
-    lim = THRESHOLDS["membership_auc"]
-    threshold_a = (f"leakage when the 95 % bootstrap interval of the AUC lies above {lim}; AUC 0.5 = an attacker "
-                   "does no better than a coin")
-    if not attacks:
-        v_mia = _verdict("not measured", "no membership test (no held-out real patches)", threshold_a)
-    else:
-        leaks = [a for a in attacks if a["ci_low"] is not None and a["ci_low"] > lim]
-        text = ", ".join(f"{a['attack']} ({a['space']}) AUC {a['auc']:.2f} [{a['ci_low']:.2f}, {a['ci_high']:.2f}]"
-                         for a in attacks)
-        if leaks:
-            caveat = ""
-            if all(a["attack"] == "distance" for a in leaks) and any(a["attack"] == "domias" for a in attacks):
-                caveat = (". DOMIAS, which divides by the density of real data, finds no leakage: part of the "
-                          "distance attack's signal may be the difference between the training and the held-out "
-                          "patients rather than membership")
-            v_mia = _verdict("fail", f"membership leaks: {text}. An outsider holding the synthetic set can tell "
-                                     f"which patches were in training{caveat}", threshold_a)
-        elif any(a["auc"] > lim for a in attacks):
-            v_mia = _verdict("warn", f"inconclusive: {text} (the intervals include {lim}; more held-out patches "
-                                     "would narrow them)", threshold_a)
-        else:
-            v_mia = _verdict("pass", f"no measurable membership leakage: {text}", threshold_a)
-    for a in attacks:  # scores are figure data, rounded to keep the JSON small
-        a["member_scores"] = [round(float(x), 5) for x in a["member_scores"]]
-        a["nonmember_scores"] = [round(float(x), 5) for x in a["nonmember_scores"]]
-    status = ("fail" if "fail" in (v_mem["status"], v_mia["status"]) else
-              "warn" if "warn" in (v_mem["status"], v_mia["status"]) else
-              "pass" if v_mem["status"] == "pass" and v_mia["status"] == "pass" else "warn")
-    privacy = {
-        "memorization": {"passed": mem.passed(), "n_synthetic": mem.n_synthetic, "n_train": mem.n_train,
-                         "n_heldout": mem.n_heldout, "spaces": spaces, "failures": failures,
-                         "max_near_copy_fraction": mem.max_near_copy_fraction, "closest_pairs": pairs,
-                         "verdict": v_mem,
-                         "offending": count_then_indices(syn_rows[offending].tolist(), "patient copies")
-                         if offending else None},
-        "membership": {"attacks": attacks, "n_members": int(len(members_rows)), "n_nonmembers": int(len(non_rows)),
-                       "n_reference": int(len(ref_rows)), "n_synthetic": int(len(syn_pick)), "verdict": v_mia},
-        "verdict": _verdict(status, f"memorization check {'passed' if mem.passed() else 'failed'} ("
-                            + ("; ".join(f.split(" (synthetic ")[0] for f in failures) or v_mem["text"])
-                            + f"). Membership: {v_mia['text']}.",
-                            f"{threshold_m}; {threshold_a}"),
+def _card_data(what: dict[str, Any], notes: list[str], looks: dict[str, Any], quality: dict[str, Any],
+               usefulness: dict[str, Any], privacy: dict[str, Any], privacy_notes: list[str], seed: int
+               ) -> dict[str, Any]:
+    """The card as a JSON-ready dict: the five sections, each with its verdict, and every note."""
+    sections = {
+        "what": {"verdict": _what_verdict(what, notes)},
+        "looks": {"verdict": _verdict("look", "judge by eye: each row is a real source then its variants; a row of "
+                                              "identical tiles means the noise is ignored",
+                                      "none: for people to look at")},
+        "quality": quality,
+        "usefulness": usefulness,
+        "privacy": privacy,
     }
-    return privacy, figures, notes
+    return _json_ready({"title": "Synthetic data release card", "what": what, "looks": looks, "sections": sections,
+                        "notes": notes + privacy_notes + list(quality.get("assess", {}) and
+                                                              quality["assess"].get("notes", []) or []),
+                        "thresholds": THRESHOLDS, "seed": seed})
 
 
 # ------------------------------------------------------------------------------------------------ the job
@@ -502,6 +392,7 @@ def release_card(
     """
     from dagan_gn.fileio import atomic_write_text, check_writable
     from dagan_gn.jobs.report_html import render_card
+    from dagan_gn.jobs.report_privacy import privacy_section
     from dagan_gn.runtime import resolve_device
     from dagan_gn.store.patch_file import PatchFile, synthetic_pairing_problem
 
@@ -521,32 +412,12 @@ def release_card(
         what, notes = _what(real, syn, real_path, synthetic_path, Path(checkpoint) if checkpoint else None, dev,
                             seed)
         looks, figures = _looks(real, syn, rng)
-        privacy, privacy_figures, privacy_notes = _privacy(
+        privacy, privacy_figures, privacy_notes = privacy_section(
             real_path, synthetic_path, real, syn, heldout_split=heldout_split, reference_split=reference_split,
             max_members=max_members, max_synthetic=max_synthetic, n_bootstrap=n_bootstrap, device=dev, seed=seed)
     figures.update(privacy_figures)
     quality, usefulness = _quality(assess, evaluate), _usefulness(downstream)
-    n = what["synthetic"]["patches"]
-    what_text = (f"{n} synthetic patches ({what['synthetic']['variants_per_source']} variants per source) from the "
-                 f"{what['real']['counts'] and sum(c.get('train', 0) for c in what['real']['counts'].values())} "
-                 "training patches of the real file")
-    rejected = what["synthetic"]["rejected_share"]
-    if rejected is not None:
-        what_text += f"; {100 * rejected:.1f} % of the generated variants were rejected as off-class"
-    sections = {
-        "what": {"verdict": _verdict("info" if not notes else "warn", what_text + "." + (
-            " " + "; ".join(notes) + "." if notes else ""), "the checkpoint given must be the one that made the set")},
-        "looks": {"verdict": _verdict("look", "judge by eye: each row is a real source then its variants; a row of "
-                                              "identical tiles means the noise is ignored",
-                                      "none: for people to look at")},
-        "quality": quality,
-        "usefulness": usefulness,
-        "privacy": privacy,
-    }
-    data = _json_ready({"title": "Synthetic data release card", "what": what, "looks": looks, "sections": sections,
-                        "notes": notes + privacy_notes + list(quality.get("assess", {}) and
-                                                              quality["assess"].get("notes", []) or []),
-                        "thresholds": THRESHOLDS, "seed": seed})
+    data = _card_data(what, notes, looks, quality, usefulness, privacy, privacy_notes, seed)
     html = render_card(data, figures)
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"html": out_dir / "card.html", "json": out_dir / "card.json"}
