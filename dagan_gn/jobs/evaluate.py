@@ -79,8 +79,9 @@ def evaluate_checkpoint(
     """
     from dagan_gn.fileio import sha256_file
     from dagan_gn.runtime import environment_info, resolve_device, seed_everything
-    from dagan_gn.training.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint
-    from dagan_gn.training.families import get_family
+    from dagan_gn.datasets.registry import get_data_source
+    from dagan_gn.training.checkpoint import load_checkpoint, resolve_checkpoint
+    from dagan_gn.training.families import generator_from_state, get_family
 
     wanted = list(dict.fromkeys(m.strip().lower() for m in metrics))
     wanted = ["isc" if m in ("is", "inception_score") else m for m in wanted]
@@ -150,8 +151,7 @@ def evaluate_checkpoint(
                                            f"'{family.name}' is G(x, z)")
         return result
 
-    if cfg.data.kind != "cifar10":
-        cfg.data.kind = "cifar10"
+    get_data_source(cfg.data.kind)  # the run's own data.kind; an unknown one is a DataError before any sampling
     result["split"] = "train"
     if fidelity_metrics:
         fake = _sample_uint8(family, generator, n, seed, **sample_kwargs)
