@@ -2,7 +2,9 @@
 
 * :class:`InfiniteBatches` — batches over epochs with a checkpointable position ``(epoch, batches consumed)``;
   :class:`ResumableSampler` — the per-epoch permutation that can start part-way through an epoch.
-* :func:`same_class_pairs` — the same-class pairs an image-to-image family trains on (each class needs two images).
+* :func:`same_class_pairs` — the same-class pairs an image-to-image family trains on (each class needs two images):
+  :class:`~dagan_gn.datasets.patches.SameClassPairDataset` over patch files, :class:`LabelledPairs` over any other
+  labelled dataset (a registered data source).
 * :func:`check_data_fits_model` — the images' shape and labels against ``cfg.model`` (before any step).
 * :func:`data_class_count`, :func:`resolve_data_keys` — the config keys that say "from the data".
 
@@ -16,6 +18,7 @@ import collections
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -29,6 +32,7 @@ __all__ = [
     "ResumableSampler",
     "InfiniteBatches",
     "same_class_pairs",
+    "LabelledPairs",
     "check_data_fits_model",
     "data_class_count",
     "resolve_data_keys",
@@ -125,10 +129,43 @@ class InfiniteBatches:
         raise DataError("the data loader produced no batch for a whole epoch")  # pragma: no cover
 
 
+class LabelledPairs(Dataset):
+    """Any labelled dataset as same-class pairs: items gain ``"pair"`` (the image of another item of the same class,
+    drawn from ``seed``, the item and the epoch set with :meth:`set_epoch`, as
+    :class:`~dagan_gn.datasets.patches.SameClassPairDataset` draws them) and ``"pair_index"`` (that item's position).
+    Every class needs two items."""
+
+    def __init__(self, base: Dataset, seed: int = 0) -> None:
+        self.base = base
+        self.seed = int(seed)
+        self.epoch = 0
+        self.labels = dataset_labels(base)
+        self._by_class = {int(k): np.flatnonzero(self.labels == k) for k in np.unique(self.labels)}
+        self.class_names = list(getattr(base, "class_names", []) or [])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i) % len(self.base)
+        item = dict(self.base[i])
+        same = self._by_class[int(self.labels[i])]
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        k = int(rng.integers(same.size - 1))
+        pos = int(np.searchsorted(same, i))
+        j = int(same[k + 1] if k >= pos else same[k])
+        item["pair"] = self.base[j]["image"]
+        item["pair_index"] = j
+        return item
+
+
 def same_class_pairs(base: Any, seed: int, *, where: str = "the training data", split: str = "") -> Dataset:
-    """``base`` as same-class pairs (:class:`~dagan_gn.datasets.patches.SameClassPairDataset`, items gain
-    ``"pair"``); a :class:`DataError` names the classes with a single image (``where``/``split`` for the message)."""
-    from dagan_gn.datasets.patches import SameClassPairDataset
+    """``base`` as same-class pairs (items gain ``"pair"``): a patch file's
+    :class:`~dagan_gn.datasets.patches.SameClassPairDataset`, else :class:`LabelledPairs`; a :class:`DataError`
+    names the classes with a single image (``where``/``split`` for the message)."""
 
     names = list(getattr(base, "class_names", []) or [])
     counts = collections.Counter(dataset_labels(base).tolist())
@@ -138,6 +175,10 @@ def same_class_pairs(base: Any, seed: int, *, where: str = "the training data", 
             f"{where}: class(es) {', '.join(lonely)} have a single patch in split '{split}'; the DAGAN "
             f"critic needs at least two patches per class (restrict data.classes or extract more patches)"
         )
+    if not hasattr(base, "read_image"):  # not a PatchDataset
+        return LabelledPairs(base, seed=seed)
+    from dagan_gn.datasets.patches import SameClassPairDataset
+
     try:
         return SameClassPairDataset(base, seed=seed)
     except ValueError as exc:

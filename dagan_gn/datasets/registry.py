@@ -1,6 +1,6 @@
 """Data sources: one registry entry per ``data.kind``, the only place that knows how a kind of data is read.
 
-    source = get_data_source(cfg.data.kind)        # "patches", "cifar10", or one you registered
+    source = get_data_source(cfg.data.kind)        # "patches", "cifar10", "image_folder", or one you registered
     images = source.training(cfg)                  # the training images (no pairs: the model family adds those)
     test = source.split(cfg, "test")               # the images of another split, when the kind has splits
     reference, split = source.reference_images(cfg)  # the real images FID/KID compare against, and their split
@@ -170,9 +170,33 @@ def _cifar10_reference(cfg: "ExperimentConfig") -> tuple[Any, str]:
     return CIFAR10Dataset(cfg.data.path, "train", limit_per_class=cfg.data.limit_per_class), "train"
 
 
+def _image_folder_check(cfg: "ExperimentConfig") -> None:
+    if cfg.data.split != "train":
+        raise DataError(f"data.kind 'image_folder' has no splits (every image trains), but data.split is "
+                        f"'{cfg.data.split}'; use data.split=train, or import the folder with dagan import-images")
+
+
+def _image_folder_training(cfg: "ExperimentConfig") -> Any:
+    from dagan_gn.datasets.cifar10 import limit_indices_per_class
+    from dagan_gn.datasets.image_folder import ImageArrayDataset, read_image_folder
+
+    try:
+        data = read_image_folder(cfg.data.path, size=cfg.model.image_size, color=cfg.model.channels == 3,
+                                 class_prefixes=list(cfg.data.classes) or None)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"cannot read images from {cfg.data.path}: {exc}") from exc
+    if cfg.data.limit_per_class > 0:
+        data = data.select(limit_indices_per_class(data.labels, cfg.data.limit_per_class, cfg.train.seed))
+    return ImageArrayDataset(data.images, data.labels, data.class_names)
+
+
 register_data_source(
     "patches", training=_patches_training, split=_patches_split, reference=_patches_reference,
     description="an HDF5 patch file (dagan extract-patches / import-images): split, classes, limit_per_class")
 register_data_source(
     "cifar10", training=_cifar10_training, split=_cifar10_split, reference=_cifar10_reference,
     description="CIFAR-10: the python archive, its folder, or image zips/folders (train and test splits)")
+register_data_source(
+    "image_folder", training=_image_folder_training, check=_image_folder_check,
+    description="class folders or zips of images read in place (datasets/image_folder.py), resized to "
+                "model.image_size; no splits")

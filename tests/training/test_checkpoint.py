@@ -120,3 +120,14 @@ def test_stored_config_keeps_base_names_and_a_failed_save_is_one_line(tmp_path, 
                                               r"previous checkpoints are unchanged"):
         _save(tmp_path, 2, cfg, g, d)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_0000001.pt"]
+
+
+def test_the_old_import_path_of_load_generator_still_works():
+    """``load_generator``/``generator_from_state`` live in training.families; checkpoint.py resolves the old names
+    lazily for code that still imports them from there (jobs/augment.py, benchmarks/)."""
+    from dagan_gn.training import checkpoint, families
+
+    assert checkpoint.load_generator is families.load_generator
+    assert checkpoint.generator_from_state is families.generator_from_state
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        checkpoint.nope  # noqa: B018
