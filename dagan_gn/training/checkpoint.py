@@ -31,15 +31,16 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from dagan_gn.errors import DaganError
-from dagan_gn.config import ExperimentConfig, config_without_paths
+from dagan_gn.config import ExperimentConfig, config_from_dict, config_without_paths, resume_mismatches
 from dagan_gn.fileio import RecordingWriter, atomic_path
+from dagan_gn.training.stopping import TrainingError
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -55,6 +56,7 @@ __all__ = [
     "first_line",
     "remove_stale_temporaries",
     "resolve_checkpoint",
+    "checkpoint_to_resume",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -277,6 +279,37 @@ def resolve_checkpoint(run_dir_or_file: str | os.PathLike) -> Path:
             raise CheckpointError(f"no checkpoints/step_*.pt found in run folder {p}")
         return latest
     raise CheckpointError(f"{p} is neither a checkpoint file nor a run folder")
+
+
+def checkpoint_to_resume(run_dir: str | os.PathLike, cfg: ExperimentConfig, resume: bool,
+                         say: Callable[[str], None] = print) -> tuple[Path | None, dict[str, Any] | None]:
+    """``(path, state)`` of the checkpoint a run in ``run_dir`` continues (``(None, None)`` for a new run), checked
+    before anything is written.
+
+    Raises:
+        TrainingError: ``run_dir`` holds checkpoints but ``resume`` is off, or the checkpoint's config differs from
+            ``cfg`` in a key that cannot change on resume (the message names the keys).
+    """
+    run_dir = Path(run_dir)
+    path: Path | None = None
+    if resume:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            say(f"--resume: no checkpoint in {run_dir}; starting a new run")
+    elif latest_checkpoint(run_dir) is not None:
+        raise TrainingError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue that run or choose another --out"
+        )
+    if path is None:
+        return None, None
+    state = load_checkpoint(path)
+    mismatched = resume_mismatches(config_from_dict(state["config"]), cfg)
+    if mismatched:
+        raise TrainingError(
+            f"cannot resume {path}: the config differs in {', '.join(mismatched)} "
+            f"(resume with the run's own config.yaml, or start a new --out)"
+        )
+    return path, state
 
 
 def __getattr__(name: str) -> Any:

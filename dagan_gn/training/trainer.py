@@ -25,16 +25,15 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from dagan_gn.errors import DaganError
-from dagan_gn.config import ExperimentConfig, config_from_dict, resume_mismatches, save_config
-from dagan_gn.datasets.loader import InfiniteBatches, check_data_fits_model, data_class_count, resolve_data_keys
+from dagan_gn.config import ExperimentConfig, save_config
+from dagan_gn.datasets.loader import InfiniteBatches, check_data_fits_model, resolve_data_keys
 from dagan_gn.runtime import resolve_device, seed_everything
 from dagan_gn.training import distributed as dist_utils
 from dagan_gn.training.checkpoint import (
     capture_rng_state,
     checkpoint_dir,
     checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
+    checkpoint_to_resume,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
@@ -42,6 +41,7 @@ from dagan_gn.training.checkpoint import (
 from dagan_gn.training.ema import EMA
 from dagan_gn.training.families import FixedGrid, ModelFamily, SampleGrid, build_dataset, get_family
 from dagan_gn.training.handlers import CheckpointHandler, EvaluationHandler, Handler, SampleGridHandler
+from dagan_gn.training.identity import identity_embedding_for_run
 from dagan_gn.training.losses import get_loss
 from dagan_gn.training.models import GANModel
 from dagan_gn.training.precision import amp_dtype, current_scale, grad_norm, scaled_step
@@ -106,7 +106,7 @@ class Trainer:
         if cfg.model.critic_classes < 0:
             dataset = dataset if dataset is not None else build_dataset(cfg)
             self.cfg = cfg = resolve_data_keys(cfg, dataset)
-        state = self._checkpoint_to_resume(resume)
+        self.resume_from, state = checkpoint_to_resume(self.run_dir, self.cfg, resume, self.say)
         self._build_networks(networks)
         self._build_optimizers()
         self.model: GANModel = self.family.train_steps(
@@ -116,7 +116,8 @@ class Trainer:
             generator_ddp=self.g_ddp, critic_ddp=self.d_ddp, generator_bare=self.g_bare, critic_bare=self.d_bare,
         )
         self._build_data(dataset)
-        self._build_identity_embedding(state)
+        if cfg.loss.embedding_identity > 0:
+            self.model.identity_embedding = identity_embedding_for_run(cfg, self.dataset, state, self.device, self.say)
         self.fixed: FixedGrid = self.family.fixed_grid(self.g_bare, self.dataset, cfg.train.seed,
                                                        num_classes=cfg.model.num_classes,
                                                        truncation=cfg.train.truncation)
@@ -159,28 +160,6 @@ class Trainer:
         if cfg.train.amp not in ("none", "") and self.amp_dtype is None and self.is_main:
             hint = " (train.amp_on_cpu=true autocasts on the CPU too)" if self.device.type == "cpu" else ""
             self.say(f"note: train.amp={cfg.train.amp} ignored on {self.device.type}; training in fp32{hint}")
-
-    def _checkpoint_to_resume(self, resume: bool) -> dict[str, Any] | None:
-        """The state to resume from (None for a fresh run), checked before anything is written."""
-        self.resume_from: Path | None = None
-        if resume:
-            self.resume_from = latest_checkpoint(self.run_dir)
-            if self.resume_from is None:
-                self.say(f"--resume: no checkpoint in {self.run_dir}; starting a new run")
-        elif latest_checkpoint(self.run_dir) is not None:
-            raise TrainingError(
-                f"{self.run_dir} already holds checkpoints; pass --resume to continue that run or choose another --out"
-            )
-        if self.resume_from is None:
-            return None
-        state = load_checkpoint(self.resume_from)
-        mismatched = resume_mismatches(config_from_dict(state["config"]), self.cfg)
-        if mismatched:
-            raise TrainingError(
-                f"cannot resume {self.resume_from}: the config differs in {', '.join(mismatched)} "
-                f"(resume with the run's own config.yaml, or start a new --out)"
-            )
-        return state
 
     def _build_networks(self, networks: tuple[nn.Module, nn.Module] | None) -> None:
         """Bare networks on the device, the EMA copy, and the forms that run (compiled, DDP-wrapped)."""
@@ -230,27 +209,6 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-
-    def _build_identity_embedding(self, state: dict[str, Any] | None) -> None:
-        """The frozen embedding of ``loss.embedding_identity``: trained on the training data for a new run; for a
-        resumed one only its architecture, which ``_load_state`` fills with the checkpoint's weights (the training
-        steps' ``train_model`` state), so nothing is retrained."""
-        cfg = self.cfg
-        if cfg.loss.embedding_identity <= 0:
-            return
-        from dagan_gn.training.identity import build_identity_embedding, train_identity_embedding
-
-        classes = data_class_count(self.dataset)
-        saved = ((state or {}).get("train_model") or {}).get("identity_embedding")
-        if saved is not None:
-            embedding = build_identity_embedding(classes, cfg.model.channels, cfg.model.image_size).to(self.device)
-        else:
-            self.say(f"training the identity embedding: {classes} classes, {cfg.loss.embedding_steps} steps")
-            embedding = train_identity_embedding(
-                self.dataset, classes, channels=cfg.model.channels, image_size=cfg.model.image_size,
-                steps=cfg.loss.embedding_steps, augmentation=cfg.loss.embedding_augmentation, seed=cfg.train.seed,
-                device=self.device)
-        self.model.identity_embedding = embedding
 
     def _open_run_folder(self, resumed: bool) -> None:
         self.logger = RunLogger(self.run_dir, enabled=self.is_main)
