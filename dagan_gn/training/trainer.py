@@ -9,6 +9,12 @@ checkpointed per rank; sample grids and evaluation draw from their own seeded ge
 continues bit for bit on the CPU (on CUDA up to cuDNN's non-determinism). Randomness inside a dataset's
 ``__getitem__`` running in DataLoader workers is reproducible per epoch but not across a mid-epoch resume; the
 datasets of this package are deterministic per item and leave augmentation to the trainer.
+
+What is not the loop lives beside it: the training data (the model family's ``training_dataset``, the data source of
+:mod:`dagan_gn.datasets.registry`, the batches of :mod:`dagan_gn.datasets.loader`), the loss's own steps
+(``GANLoss.after_critic_update``, :mod:`~dagan_gn.training.regularizers`), mixed precision
+(:mod:`~dagan_gn.training.precision`), why a run stops (:mod:`~dagan_gn.training.stopping`), the resume guard
+(:func:`~dagan_gn.training.checkpoint.checkpoint_to_resume`).
 """
 
 from __future__ import annotations
