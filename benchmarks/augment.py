@@ -173,7 +173,7 @@ def in_loop_table(size: int, batch: int, repeats: int, device: str) -> None:
 def child(args: argparse.Namespace) -> None:
     """One augment job in this (fresh) process; prints a JSON line with timing and memory."""
     torch.set_num_threads(args.threads)
-    from dagan_gn.training.checkpoint import load_generator
+    from dagan_gn.training.families import load_generator
 
     load_generator(args.run)  # warm the imports and the model build before the baseline RSS
     base = _rss_mib()["VmRSS"]

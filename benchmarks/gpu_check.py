@@ -838,7 +838,7 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
     from dagan_gn.datasets.cifar10 import CIFAR10Dataset
     from dagan_gn.jobs.cifar10_study import PRESETS, Cell, cell_config
     from dagan_gn.metrics.fidelity import compute_fidelity
-    from dagan_gn.training.checkpoint import load_generator
+    from dagan_gn.training.families import load_generator
     from dagan_gn.training.families import get_family
     from dagan_gn.training.run_log import save_image_grid
 

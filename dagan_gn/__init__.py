@@ -46,7 +46,7 @@ _PUBLIC: dict[str, str] = {
     "PatchDataset": "dagan_gn.datasets.patches",
     "SameClassPairDataset": "dagan_gn.datasets.patches",
     "MixedRealSyntheticDataset": "dagan_gn.datasets.mixing",
-    "load_generator": "dagan_gn.training.checkpoint",
+    "load_generator": "dagan_gn.training.families",
     "get_family": "dagan_gn.training.families",
     "DAGANAugmenter": "dagan_gn.training.augmenter",
 }
@@ -68,8 +68,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load on f
     from dagan_gn.jobs.train import train  # noqa: F401
     from dagan_gn.store.patch_file import PatchFile  # noqa: F401
     from dagan_gn.training.augmenter import DAGANAugmenter  # noqa: F401
-    from dagan_gn.training.checkpoint import load_generator  # noqa: F401
-    from dagan_gn.training.families import get_family  # noqa: F401
+    from dagan_gn.training.families import get_family, load_generator  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

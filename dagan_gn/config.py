@@ -85,7 +85,8 @@ class ModelConfig:
 class DataConfig:
     """Where training images come from."""
 
-    #: ``patches`` (an HDF5 file from ``dagan extract-patches``) or ``cifar10`` (python archive, folder or zip).
+    #: A key of ``dagan_gn.datasets.registry.DATA_SOURCES``: ``patches`` (an HDF5 file from ``dagan extract-patches``),
+    #: ``cifar10`` (python archive, folder or zip), ``image_folder`` (class folders/zips of images, no splits).
     kind: str = "patches"
     #: Path of the HDF5 file or CIFAR-10 archive/folder; usually given with ``--data`` on the command line.
     path: str | None = None

@@ -75,7 +75,7 @@ def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheet: Path)
     """Variants of every training patch (``augment``'s noise seeds) and their diversity figures."""
     from dagan_gn.datasets.patches import PatchDataset
     from dagan_gn.jobs.augment import generate_variants, noise_seed, write_contact_sheet
-    from dagan_gn.training.checkpoint import load_generator
+    from dagan_gn.training.families import load_generator
 
     generator, cfg, _ = load_generator(run_dir, device="cpu")
     ds = PatchDataset(patches, split="train")

@@ -303,7 +303,8 @@ def dagan_config(args: argparse.Namespace, train_file: Path):
     cfg = load_config(args.config, items)
     check_dagan_model(cfg, args.size, str(args.config))
     if cfg.model.critic_classes < 0 and train_file.is_file():  # as the trainer resolves it, for the resume check
-        from dagan_gn.training.trainer import build_dataset, resolve_data_keys
+        from dagan_gn.datasets.loader import resolve_data_keys
+        from dagan_gn.training.families import build_dataset
 
         cfg = resolve_data_keys(cfg, build_dataset(cfg))
     return cfg

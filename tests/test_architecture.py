@@ -238,11 +238,6 @@ def test_the_cycle_check_sees_a_cycle():
 #: Lines a module may have before it must say why it is longer.
 MAX_LINES = 500
 REASON = "Longer than 500 lines because"
-#: Modules over MAX_LINES that another branch is splitting (issue 18, "the layout's second step"). Shrink this list as
-#: they are split; never add to it: a new long module states its reason at its top instead.
-LONG_MODULES_BEING_SPLIT = {
-    "dagan_gn/training/trainer.py",  # item 5: data plumbing → datasets/, loss steps → losses/regularizers
-}
 
 
 def test_no_module_is_long_without_a_reason():
@@ -251,18 +246,12 @@ def test_no_module_is_long_without_a_reason():
         rel = path.relative_to(PACKAGE.parent).as_posix()
         text = path.read_text()
         n = text.count("\n")
-        if n <= MAX_LINES or rel in LONG_MODULES_BEING_SPLIT:
+        if n <= MAX_LINES:
             continue
         if REASON not in (ast.get_docstring(ast.parse(text)) or ""):
             too_long.append(f"{rel}: {n} lines")
     assert not too_long, (f"modules over {MAX_LINES} lines: split them by job, or say why at the top of the module "
                           f"docstring ('{REASON} ...'):\n" + "\n".join(too_long))
-
-
-def test_the_allow_list_of_long_modules_only_names_long_modules():
-    for rel in sorted(LONG_MODULES_BEING_SPLIT):
-        path = PACKAGE.parent / rel
-        assert path.is_file() and path.read_text().count("\n") > MAX_LINES, f"{rel} is split: remove it from the list"
 
 
 #: Lines a function of a job (``dagan_gn/jobs/``) may span, ``def`` to its last line (docstring included): a job

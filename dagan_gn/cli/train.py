@@ -29,8 +29,8 @@ def train_command(
         None, "--config", "-c", help="YAML experiment config (see configs/); the defaults when omitted."
     ),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="Training data: an HDF5 patch file (data.kind=patches) or a CIFAR-10 archive/folder/zip "
-        "(data.kind=cifar10). Sets data.path."
+        None, "--data", help="Training data: an HDF5 patch file (data.kind=patches), a CIFAR-10 archive/folder/zip "
+        "(data.kind=cifar10) or class folders/zips of images (data.kind=image_folder). Sets data.path."
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Run folder for config.yaml, checkpoints/, samples/, "
                              "tensorboard/, metrics.jsonl and loss_curves.png."),

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from dagan_gn.store.patch_file import PatchFile, uint16_to_signed
 
-__all__ = ["PatchDataset", "SameClassPairDataset"]
+__all__ = ["PatchDataset", "SameClassPairDataset", "limit_patches_per_class"]
 
 
 class PatchDataset(Dataset):
@@ -109,6 +109,26 @@ class PatchDataset(Dataset):
                 self._h5.close()
         except Exception:
             pass
+
+
+def limit_patches_per_class(ds: PatchDataset, limit: int, seed: int) -> PatchDataset:
+    """A copy of a PatchDataset keeping at most ``limit`` patches per class (chosen by ``seed``, as for CIFAR-10);
+    ``ds`` itself when ``limit`` is 0.
+
+    The selection is applied to the dataset's public ``rows``/``labels`` (not with a ``Subset``) so that same-class
+    pairs are also drawn from the kept patches only: a low-data experiment must not show the critic more images.
+    """
+    if limit <= 0:
+        return ds
+    import copy
+
+    from dagan_gn.datasets.cifar10 import limit_indices_per_class
+
+    keep = limit_indices_per_class(ds.labels, limit, seed)
+    limited = copy.copy(ds)
+    limited.rows = ds.rows[keep]
+    limited.labels = ds.labels[keep]
+    return limited
 
 
 class SameClassPairDataset(Dataset):

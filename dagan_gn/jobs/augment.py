@@ -139,8 +139,8 @@ def plan_augment(request: AugmentRequest, pf: PatchFile) -> AugmentPlan:
     """
     from dagan_gn.fileio import sha256_file
     from dagan_gn.runtime import resolve_device
-    from dagan_gn.training.checkpoint import CheckpointError, generator_from_state, load_checkpoint, \
-        resolve_checkpoint
+    from dagan_gn.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
+    from dagan_gn.training.families import generator_from_state
 
     in_path = request.in_path
     sources = select_sources(request, pf)

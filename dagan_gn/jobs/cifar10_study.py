@@ -256,7 +256,7 @@ def run_cell(
     from dagan_gn.metrics.fidelity import compute_fidelity, reference_images_for_config
     from dagan_gn.metrics.reconstruction import reconstruction_error
     from dagan_gn.runtime import environment_info, resolve_device, seed_everything
-    from dagan_gn.training.checkpoint import load_generator
+    from dagan_gn.training.families import load_generator
     from dagan_gn.training.families import get_family
     from dagan_gn.training.run_log import save_image_grid
     from dagan_gn.jobs.train import train

@@ -89,8 +89,8 @@ def evaluate_checkpoint(
     notes): base names only, so the result can be shared.
     """
     from dagan_gn.runtime import resolve_device, seed_everything
-    from dagan_gn.training.checkpoint import generator_from_state, load_checkpoint, resolve_checkpoint
-    from dagan_gn.training.families import get_family
+    from dagan_gn.training.checkpoint import load_checkpoint, resolve_checkpoint
+    from dagan_gn.training.families import generator_from_state, get_family
 
     wanted = _wanted_metrics(metrics)
     seed_everything(seed)
@@ -169,33 +169,21 @@ def _score(family, generator, cfg, result: dict, wanted: list[str], fidelity_met
     """The metrics of ``wanted`` added to ``result``: sampled over real patches for image-to-image families, from
     noise (CIFAR-10 reference) for noise-to-image ones."""
     generator_metrics = [m for m in wanted if get_metric(m).needs == "noise_generator"]
-    if family.conditions_on_image:
-        from dagan_gn.datasets.patches import PatchDataset
-
-        cfg.data.split = split or cfg.data.split
-        try:
-            ds = PatchDataset(cfg.data.path, split=cfg.data.split, classes=cfg.data.classes or None)
-        except DaganError:  # StoreError: not a patch file
-            raise
-        except (KeyError, ValueError) as exc:  # an unknown split or class of that file
-            raise EvaluateError(f"{cfg.data.path}: {exc}") from exc
-        if len(ds) == 0:
-            raise EvaluateError(f"{cfg.data.path}: split '{cfg.data.split}' has no patches")
-        result["split"] = cfg.data.split
+    sources, result["split"] = family.evaluation_sources(cfg, split)  # DataError: an unknown kind, split or class
+    if sources is not None:  # variants of real images, compared with those images
+        if len(sources) == 0:
+            raise EvaluateError(f"{cfg.data.path}: split '{result['split']}' has no images")
         if fidelity_metrics:
-            fake = _sample_uint8(family, generator, n, seed, dataset=ds, **sample_kwargs)
-            pick = np.sort(np.random.default_rng(seed).permutation(len(ds))[: min(n, len(ds))])
-            real = to_uint8_rgb(torch.stack([ds[int(i)]["image"] for i in pick]))
-            key = f"patches-{cfg.data.split}-{_dataset_fingerprint(real)}"
+            fake = _sample_uint8(family, generator, n, seed, dataset=sources, **sample_kwargs)
+            pick = np.sort(np.random.default_rng(seed).permutation(len(sources))[: min(n, len(sources))])
+            real = to_uint8_rgb(torch.stack([sources[int(i)]["image"] for i in pick]))
+            key = f"patches-{result['split']}-{_dataset_fingerprint(real)}"
             result.update(compute_sample_metrics(fidelity_metrics, fake, real, cache_key=key, **options))
         for m in generator_metrics:
             result[f"{m}_unavailable"] = (f"{get_metric(m).label} needs a noise-to-image generator G(z); "
                                           f"'{family.name}' is G(x, z)")
         return result
 
-    if cfg.data.kind != "cifar10":
-        cfg.data.kind = "cifar10"
-    result["split"] = "train"
     if fidelity_metrics:
         fake = _sample_uint8(family, generator, n, seed, **sample_kwargs)
         real, key = reference_images_for_config(cfg, n)

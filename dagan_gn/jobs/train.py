@@ -66,7 +66,8 @@ def train_unless_finished(cfg: ExperimentConfig, run_dir: str | Path, *,
     """
     from dagan_gn.config import config_from_dict, resume_mismatches
     from dagan_gn.training.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
-    from dagan_gn.training.trainer import build_dataset, resolve_data_keys
+    from dagan_gn.datasets.loader import resolve_data_keys
+    from dagan_gn.training.families import build_dataset
 
     run_dir = Path(run_dir)
     latest = latest_checkpoint(run_dir)

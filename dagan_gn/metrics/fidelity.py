@@ -327,22 +327,11 @@ def _dataset_fingerprint(images: torch.Tensor) -> str:
 def reference_images_for_config(cfg, num: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """Up to ``num`` real training images for ``cfg.data`` as ``uint8 [n, 3, H, W]`` (a deterministic random subset
     when the split is larger), and a cache key naming the dataset, split and content."""
+    from dagan_gn.datasets.registry import get_data_source
+
     kind = cfg.data.kind
-    if kind == "cifar10":
-        from dagan_gn.datasets.cifar10 import CIFAR10Dataset
-
-        # The same images the trainer sees (it builds the dataset with the default selection seed).
-        ds = CIFAR10Dataset(cfg.data.path, "train", limit_per_class=cfg.data.limit_per_class)
-        images = ds.images_uint8
-        split = "train"
-    elif kind == "patches":
-        from dagan_gn.datasets.patches import PatchDataset
-
-        ds = PatchDataset(cfg.data.path, split=cfg.data.split)
-        split = cfg.data.split
-        images = None
-    else:
-        raise ValueError(f"metrics: unsupported data.kind {kind!r} (cifar10 or patches)")
+    ds, split = get_data_source(kind).reference_images(cfg)  # DataError (a ValueError) for an unknown kind
+    images = getattr(ds, "images_uint8", None)
     n_all = len(ds)
     pick = np.sort(np.random.default_rng(seed).permutation(n_all)[: min(num, n_all)])
     if images is not None:

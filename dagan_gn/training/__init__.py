@@ -13,10 +13,17 @@ from dagan_gn.training.checkpoint import (
     checkpoint_step,
     latest_checkpoint,
     load_checkpoint,
-    load_generator,
     save_checkpoint,
 )
-from dagan_gn.training.families import FAMILIES, ModelFamily, build_networks, get_family, register_family
+from dagan_gn.training.families import (
+    FAMILIES,
+    ModelFamily,
+    build_dataset,
+    build_networks,
+    get_family,
+    load_generator,
+    register_family,
+)
 from dagan_gn.training.handlers import Handler
 from dagan_gn.training.losses import LOSSES, get_loss, gradient_penalty
 from dagan_gn.training.trainer import Trainer, TrainingError
@@ -30,6 +37,7 @@ __all__ = [
     "register_family",
     "get_family",
     "build_networks",
+    "build_dataset",
     "LOSSES",
     "get_loss",
     "gradient_penalty",

@@ -43,7 +43,7 @@ class DAGANAugmenter:
         batch_size: rows per generator forward pass.
         use_ema: use the EMA weights when the checkpoint has them.
         generator, config: an already loaded generator and its :class:`~dagan_gn.config.ExperimentConfig` (from
-            :func:`~dagan_gn.training.checkpoint.load_generator`) instead of ``checkpoint``.
+            :func:`~dagan_gn.training.families.load_generator`) instead of ``checkpoint``.
 
     Labels are the generator's class indices (those of the data it was trained on); a class-conditional generator
     needs them, an unconditional one ignores them.
@@ -72,7 +72,7 @@ class DAGANAugmenter:
         config: Any = None,
     ) -> None:
         from dagan_gn.runtime import resolve_device
-        from dagan_gn.training.checkpoint import load_generator
+        from dagan_gn.training.families import load_generator
         from dagan_gn.training.families import get_family
 
         if not 0.0 <= float(p) <= 1.0:

@@ -14,8 +14,8 @@ A checkpoint is a dict of tensors and plain Python values (the contract in ``doc
     config                   the resolved ExperimentConfig as a nested plain dict
     format_version           CHECKPOINT_FORMAT_VERSION
 
-``load_generator`` is what ``augment`` and ``metrics`` use to get a trained generator back
-(``generator_from_state`` when the checkpoint is already loaded).
+Rebuilding the generator of a checkpoint (``load_generator``, ``generator_from_state``) is the model family's job:
+:mod:`dagan_gn.training.families` (the old names here still resolve to those, lazily).
 
 Reliability: a save writes a temporary file beside the target, fsyncs and renames it, so a kill or a full disk never
 replaces the previous checkpoint with a broken one; a failed save raises one :class:`CheckpointError` line; temporary
@@ -31,15 +31,16 @@ import random
 import re
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from dagan_gn.errors import DaganError
-from dagan_gn.config import ConfigError, ExperimentConfig, config_from_dict, config_without_paths
+from dagan_gn.config import ExperimentConfig, config_from_dict, config_without_paths, resume_mismatches
 from dagan_gn.fileio import RecordingWriter, atomic_path
+from dagan_gn.training.stopping import TrainingError
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
@@ -52,10 +53,10 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
-    "load_generator",
-    "generator_from_state",
+    "first_line",
     "remove_stale_temporaries",
     "resolve_checkpoint",
+    "checkpoint_to_resume",
     "capture_rng_state",
     "restore_rng_state",
 ]
@@ -217,7 +218,7 @@ def save_checkpoint(
     return path
 
 
-def _first_line(exc: BaseException, limit: int = 200) -> str:
+def first_line(exc: BaseException, limit: int = 200) -> str:
     """The first sentence of an exception's message (torch's are paragraphs), at most ``limit`` characters."""
     text = str(exc).strip()
     first = text.splitlines()[0] if text else exc.__class__.__name__
@@ -252,7 +253,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"cannot read checkpoint {path}: not a torch checkpoint (unreadable pickle data)"
         ) from exc
     except Exception as exc:  # truncated or corrupt file, or not a torch file at all
-        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {_first_line(exc)} "
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {first_line(exc)} "
                               "(truncated or not a torch checkpoint)") from exc
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a dagan-gn training checkpoint (no format_version)")
@@ -280,41 +281,32 @@ def resolve_checkpoint(run_dir_or_file: str | os.PathLike) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint file nor a run folder")
 
 
-def generator_from_state(
-    state: dict[str, Any], path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
-) -> tuple[nn.Module, ExperimentConfig]:
-    """The generator of an already loaded checkpoint (``path`` is only for messages), in eval mode on ``device``,
-    with the EMA weights when ``use_ema`` and the checkpoint has them; and the run's config.
+def checkpoint_to_resume(run_dir: str | os.PathLike, cfg: ExperimentConfig, resume: bool,
+                         say: Callable[[str], None] = print) -> tuple[Path | None, dict[str, Any] | None]:
+    """``(path, state)`` of the checkpoint a run in ``run_dir`` continues (``(None, None)`` for a new run), checked
+    before anything is written.
 
     Raises:
-        CheckpointError: the stored config is invalid or the weights do not fit the generator it describes.
+        TrainingError: ``run_dir`` holds checkpoints but ``resume`` is off, or the checkpoint's config differs from
+            ``cfg`` in a key that cannot change on resume (the message names the keys).
     """
-    from dagan_gn.training.families import build_networks
-
-    try:
-        cfg = config_from_dict(state["config"])
-    except ConfigError as exc:
-        raise CheckpointError(f"checkpoint {path} has an invalid config: {exc}") from exc
-    generator, _ = build_networks(cfg.model)
-    weights = state["ema"] if use_ema and state.get("ema") is not None else state["generator"]
-    try:
-        generator.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(
-            f"checkpoint {path} does not fit the generator built from its config: {_first_line(exc)}"
-        ) from exc
-    generator.to(device).eval()
-    return generator, cfg
-
-
-def load_generator(
-    run_dir_or_file: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
-) -> tuple[nn.Module, ExperimentConfig, Path]:
-    """Rebuild the generator of a run from a checkpoint file or a run folder (its newest step checkpoint).
-
-    Returns ``(generator in eval mode on device, the run's ExperimentConfig, checkpoint path)``; the EMA weights are
-    used when ``use_ema`` and the checkpoint has them.
-    """
-    path = resolve_checkpoint(run_dir_or_file)
-    generator, cfg = generator_from_state(load_checkpoint(path), path, device, use_ema)
-    return generator, cfg, path
+    run_dir = Path(run_dir)
+    path: Path | None = None
+    if resume:
+        path = latest_checkpoint(run_dir)
+        if path is None:
+            say(f"--resume: no checkpoint in {run_dir}; starting a new run")
+    elif latest_checkpoint(run_dir) is not None:
+        raise TrainingError(
+            f"{run_dir} already holds checkpoints; pass --resume to continue that run or choose another --out"
+        )
+    if path is None:
+        return None, None
+    state = load_checkpoint(path)
+    mismatched = resume_mismatches(config_from_dict(state["config"]), cfg)
+    if mismatched:
+        raise TrainingError(
+            f"cannot resume {path}: the config differs in {', '.join(mismatched)} "
+            f"(resume with the run's own config.yaml, or start a new --out)"
+        )
+    return path, state

@@ -12,6 +12,10 @@ and the size of the periodic sample grid; its kind says how the generator is cal
   same-class pairs, samples over the images of a dataset, and its grid shows each fixed source beside its variants.
 * :class:`NoiseToImageFamily` — ``G(z, y)`` (the CIFAR-10 GANs): samples need noise (and labels) only.
 
+The family also says what it trains on (:meth:`ModelFamily.training_dataset`: the images of the ``data.kind``'s
+source, :mod:`dagan_gn.datasets.registry`, as same-class pairs for image-to-image families) and rebuilds a saved
+generator (:func:`generator_from_state`, :func:`load_generator`).
+
 Every generator forward outside training goes through :meth:`ModelFamily.generate` (eval mode, no gradients,
 optional autocast, batched, float32 in [-1, 1] on the CPU): the trainer's grids and FID samples, ``dagan evaluate``,
 the CIFAR-10 study and ``augment`` all sample through it. Adding a family is one :func:`register_family` call.
@@ -20,14 +24,18 @@ the CIFAR-10 study and ``augment`` all sample through it. Adding a family is one
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from dagan_gn.config import ConfigError, ModelConfig
+from dagan_gn.config import ConfigError, ExperimentConfig, ModelConfig, config_from_dict
+from dagan_gn.datasets.registry import DataError, get_data_source, training_images
+from dagan_gn.training.checkpoint import CheckpointError, first_line, load_checkpoint, resolve_checkpoint
 from dagan_gn.training.models import DAGANModel, GANModel, UnconditionalGANModel, truncated_noise
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -44,6 +52,9 @@ __all__ = [
     "register_family",
     "get_family",
     "build_networks",
+    "build_dataset",
+    "generator_from_state",
+    "load_generator",
     "eval_mode",
 ]
 
@@ -147,6 +158,20 @@ class ModelFamily:
         """The training-step object over the networks (arguments of :class:`GANModel`)."""
         return self.steps(generator, critic, **kwargs)
 
+    # ------------------------------------------------------------------ data
+    def training_dataset(self, cfg: ExperimentConfig) -> Dataset:
+        """What this family trains on for ``cfg``: the training images of ``cfg.data``'s source (a
+        :class:`~dagan_gn.datasets.registry.DataError` when they cannot be read)."""
+        return training_images(cfg)
+
+    def check_training_item(self, item: dict[str, Any]) -> None:
+        """Refuse a training item this family cannot train on (a :class:`DataError` saying why)."""
+
+    def evaluation_sources(self, cfg: ExperimentConfig, split: str | None) -> tuple[Dataset | None, str]:
+        """What ``dagan evaluate`` samples over, and the split its real reference comes from: noise-to-image
+        families sample from noise alone (None) and compare with the data source's reference images."""
+        return None, "train"
+
     # ------------------------------------------------------------------ the one generator forward
     def generator_args(self, inputs: SampleInputs) -> tuple[torch.Tensor | None, ...]:
         """The positional arguments of this family's generator for ``inputs``."""
@@ -246,6 +271,26 @@ class ImageToImageFamily(ModelFamily):
     """``G(x, z, y) -> x'``: variants of real images (the DAGAN)."""
 
     conditions_on_image = True
+
+    def training_dataset(self, cfg: ExperimentConfig) -> Dataset:
+        """Same-class pairs of the training images (a class with a single image is a :class:`DataError`)."""
+        from dagan_gn.datasets.loader import same_class_pairs
+
+        return same_class_pairs(training_images(cfg), cfg.train.seed, where=str(cfg.data.path), split=cfg.data.split)
+
+    def evaluation_sources(self, cfg: ExperimentConfig, split: str | None) -> tuple[Dataset | None, str]:
+        """The real images of ``split`` (default: the run's training split): variants are made of them and they are
+        the reference they are compared with."""
+        name = split or cfg.data.split
+        source = get_data_source(cfg.data.kind)
+        if source.split is None and name == cfg.data.split:  # a kind without splits: the images it trains on
+            return training_images(cfg), name
+        return source.split_images(cfg, name), name
+
+    def check_training_item(self, item: dict[str, Any]) -> None:
+        if "pair" not in item:
+            raise DataError(f"model '{self.name}' needs same-class pairs: the dataset items have no 'pair' "
+                            f"(SameClassPairDataset)")
 
     def generator_args(self, inputs: SampleInputs) -> tuple[torch.Tensor | None, ...]:
         if inputs.sources is None:
@@ -367,6 +412,52 @@ def build_networks(model_cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
             :class:`~dagan_gn.errors.DaganError` s and ``ValueError`` s).
     """
     return get_family(model_cfg.name).build_networks(model_cfg)
+
+
+def build_dataset(cfg: ExperimentConfig) -> Dataset:
+    """The training Dataset of a config: its ``data.kind``'s images as its model family trains on them (same-class
+    pairs for the DAGAN). Raises :class:`~dagan_gn.datasets.registry.DataError` (and :class:`ConfigError` for an
+    unknown model)."""
+    return get_family(cfg.model.name).training_dataset(cfg)
+
+
+# ------------------------------------------------------------------ saved generators
+def generator_from_state(
+    state: dict[str, Any], path: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
+) -> tuple[nn.Module, ExperimentConfig]:
+    """The generator of an already loaded checkpoint (``path`` is only for messages), in eval mode on ``device``,
+    with the EMA weights when ``use_ema`` and the checkpoint has them; and the run's config.
+
+    Raises:
+        CheckpointError: the stored config is invalid or the weights do not fit the generator it describes.
+    """
+    try:
+        cfg = config_from_dict(state["config"])
+    except ConfigError as exc:
+        raise CheckpointError(f"checkpoint {path} has an invalid config: {exc}") from exc
+    generator, _ = build_networks(cfg.model)
+    weights = state["ema"] if use_ema and state.get("ema") is not None else state["generator"]
+    try:
+        generator.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not fit the generator built from its config: {first_line(exc)}"
+        ) from exc
+    generator.to(device).eval()
+    return generator, cfg
+
+
+def load_generator(
+    run_dir_or_file: str | os.PathLike, device: str | torch.device = "cpu", use_ema: bool = True
+) -> tuple[nn.Module, ExperimentConfig, Path]:
+    """Rebuild the generator of a run from a checkpoint file or a run folder (its newest step checkpoint).
+
+    Returns ``(generator in eval mode on device, the run's ExperimentConfig, checkpoint path)``; the EMA weights are
+    used when ``use_ema`` and the checkpoint has them.
+    """
+    path = resolve_checkpoint(run_dir_or_file)
+    generator, cfg = generator_from_state(load_checkpoint(path), path, device, use_ema)
+    return generator, cfg, path
 
 
 def _register_builtin_families() -> None:

@@ -14,13 +14,14 @@ stream is the same with or without the term.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-__all__ = ["IdentityEmbedding", "train_identity_embedding", "build_identity_embedding", "embedding_identity_loss"]
+__all__ = ["IdentityEmbedding", "train_identity_embedding", "build_identity_embedding", "embedding_identity_loss",
+           "identity_embedding_for_run"]
 
 #: The classifier behind the embedding: MONAI ResNet width 8, layers 1-1-1-1 (0.08 M parameters, 8 MFLOP per
 #: 32-px image), AdamW 1e-3, batch 64: about a CPU-minute for 600 steps at 32 px.
@@ -118,3 +119,21 @@ class _ImagesAndLabels(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.dataset[i]
         return {"image": item["image"], "label": int(item["label"]), "index": i}
+
+
+def identity_embedding_for_run(cfg: Any, dataset: Dataset, state: dict[str, Any] | None, device: torch.device,
+                               say: Callable[[str], None] = print) -> IdentityEmbedding:
+    """The frozen embedding of a run's ``loss.embedding_identity``: trained on the training data for a new run; for a
+    resumed one (``state`` holds the training steps' ``identity_embedding``) only its architecture, which loading the
+    checkpoint's ``train_model`` state fills with the saved weights, so nothing is retrained."""
+    from dagan_gn.datasets.loader import data_class_count
+
+    classes = data_class_count(dataset)
+    saved = ((state or {}).get("train_model") or {}).get("identity_embedding")
+    if saved is not None:
+        return build_identity_embedding(classes, cfg.model.channels, cfg.model.image_size).to(device)
+    say(f"training the identity embedding: {classes} classes, {cfg.loss.embedding_steps} steps")
+    return train_identity_embedding(
+        dataset, classes, channels=cfg.model.channels, image_size=cfg.model.image_size,
+        steps=cfg.loss.embedding_steps, augmentation=cfg.loss.embedding_augmentation, seed=cfg.train.seed,
+        device=device)

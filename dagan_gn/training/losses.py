@@ -7,8 +7,7 @@ Every loss has the same two-method interface so the trainer never branches on th
     g_loss = loss.generator_loss(d_fake)             # minimised by the generator
     if loss.uses_gradient_penalty:
         d_loss = d_loss + gp_weight * gradient_penalty(critic_fn, real, fake)[0]
-    if loss.clips_weights:
-        ...clamp critic weights to [-clip, clip] after each critic step
+    loss.after_critic_update(critic, loss_cfg)      # after each critic optimizer step (WGAN: clip the weights)
 
 Critic outputs are raw scores ``[B]`` (no sigmoid); all reductions are means over the batch.
 """
@@ -16,10 +15,11 @@ Critic outputs are raw scores ``[B]`` (no sigmoid); all reductions are means ove
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from dagan_gn.errors import DaganError
 
@@ -57,6 +57,15 @@ class GANLoss:
 
     def generator_loss(self, d_fake: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def after_critic_update(self, critic: nn.Module, loss_cfg: Any) -> None:
+        """What the loss does to the critic after each critic optimizer step: with ``clips_weights`` (the original
+        WGAN), clamp every parameter to ``[-loss_cfg.clip_value, loss_cfg.clip_value]``; nothing otherwise."""
+        if self.clips_weights:
+            c = loss_cfg.clip_value
+            with torch.no_grad():
+                for p in critic.parameters():
+                    p.clamp_(-c, c)
 
 
 @dataclass(frozen=True)

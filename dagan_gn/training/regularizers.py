@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mode_seeking_ratio", "mode_seeking_penalty", "real_pair_cap", "paired_noise_inputs"]
+__all__ = ["mode_seeking_ratio", "mode_seeking_penalty", "real_pair_cap", "paired_noise_inputs",
+           "orthogonal_regularization", "with_orthogonal_regularization"]
 
 
 def mode_seeking_ratio(fake_a: torch.Tensor, fake_b: torch.Tensor, z_a: torch.Tensor,
@@ -61,3 +62,29 @@ def paired_noise_inputs(z: torch.Tensor, *conditions: torch.Tensor | None
     z2 = torch.randn(z.shape, device=z.device, dtype=z.dtype)
     doubled = tuple(None if c is None else torch.cat([c, c]) for c in conditions)
     return torch.cat([z, z2]), doubled
+
+
+def orthogonal_regularization(module: torch.nn.Module) -> torch.Tensor:
+    """BigGAN's orthogonal regularisation ``Σ ||W Wᵀ ⊙ (1 - I)||²_F`` over conv/linear weights
+    (rows = output channels)."""
+    total = None
+    for name, p in module.named_parameters():
+        if p.dim() < 2 or not p.requires_grad:
+            continue
+        w = p.reshape(p.shape[0], -1).float()
+        gram = w @ w.t()
+        off = gram * (1.0 - torch.eye(gram.shape[0], device=gram.device))
+        term = (off**2).sum()
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def with_orthogonal_regularization(loss: torch.Tensor, generator: torch.nn.Module, weight: float,
+                                   logs: dict) -> torch.Tensor:
+    """``loss + weight · orthogonal_regularization(generator)`` (``optim.ortho_reg``), the term logged as
+    ``loss/orthogonal_reg``; ``loss`` itself when ``weight`` is 0."""
+    if weight <= 0:
+        return loss
+    ortho = orthogonal_regularization(generator)
+    logs["loss/orthogonal_reg"] = ortho.detach()
+    return loss + weight * ortho

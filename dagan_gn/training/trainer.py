@@ -9,249 +9,55 @@ checkpointed per rank; sample grids and evaluation draw from their own seeded ge
 continues bit for bit on the CPU (on CUDA up to cuDNN's non-determinism). Randomness inside a dataset's
 ``__getitem__`` running in DataLoader workers is reproducible per epoch but not across a mid-epoch resume; the
 datasets of this package are deterministic per item and leave augmentation to the trainer.
+
+What is not the loop lives beside it: the training data (the model family's ``training_dataset``, the data source of
+:mod:`dagan_gn.datasets.registry`, the batches of :mod:`dagan_gn.datasets.loader`), the loss's own steps
+(``GANLoss.after_critic_update``, :mod:`~dagan_gn.training.regularizers`), mixed precision
+(:mod:`~dagan_gn.training.precision`), why a run stops (:mod:`~dagan_gn.training.stopping`), the resume guard
+(:func:`~dagan_gn.training.checkpoint.checkpoint_to_resume`).
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
-import dataclasses
 import functools
 import math
-import signal
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import Dataset
 
 from dagan_gn.errors import DaganError
-from dagan_gn.config import ExperimentConfig, config_from_dict, resume_mismatches, save_config
-from dagan_gn.datasets.mixing import dataset_labels
+from dagan_gn.config import ExperimentConfig, save_config
+from dagan_gn.datasets.loader import InfiniteBatches, check_data_fits_model, resolve_data_keys
 from dagan_gn.runtime import resolve_device, seed_everything
 from dagan_gn.training import distributed as dist_utils
 from dagan_gn.training.checkpoint import (
     capture_rng_state,
     checkpoint_dir,
     checkpoint_path,
-    latest_checkpoint,
-    load_checkpoint,
+    checkpoint_to_resume,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
 from dagan_gn.training.ema import EMA
-from dagan_gn.training.families import FixedGrid, ModelFamily, SampleGrid, get_family
+from dagan_gn.training.families import FixedGrid, ModelFamily, SampleGrid, build_dataset, get_family
 from dagan_gn.training.handlers import CheckpointHandler, EvaluationHandler, Handler, SampleGridHandler
-from dagan_gn.training.run_log import RunLogger, plot_loss_curves
+from dagan_gn.training.identity import identity_embedding_for_run
 from dagan_gn.training.losses import get_loss
 from dagan_gn.training.models import GANModel
+from dagan_gn.training.precision import amp_dtype, current_scale, grad_norm, scaled_step
+from dagan_gn.training.regularizers import with_orthogonal_regularization
+from dagan_gn.training.run_log import RunLogger, plot_loss_curves
+from dagan_gn.training.stopping import StopRequests, TrainingError, finite_scalars, is_oom, out_of_memory_error
 
-__all__ = ["TrainingError", "Trainer", "build_dataset", "ResumableSampler", "InfiniteBatches"]
-
-
-class TrainingError(DaganError, RuntimeError):
-    """A training run cannot start or continue; the message says why and what to change."""
-
-
-# ============================================================================================ data
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler`` (per-epoch permutation from ``seed + epoch``, one shard per rank) that can start an
-    epoch part-way through, so a resumed run sees exactly the samples the uninterrupted run would have seen."""
-
-    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 shuffle: bool = True) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-        self.start = 0
-
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start :])
-
-    def __len__(self) -> int:
-        return max(0, self.num_samples - self.start)
+__all__ = ["TrainingError", "Trainer"]
 
 
-class InfiniteBatches:
-    """Endless batches over epochs with a checkpointable position ``(epoch, batches consumed in it)``.
-
-    Workers and pinned memory come from the DataLoader; the loader's own generator (it seeds worker RNGs) is reset
-    from (seed, epoch) at each epoch so worker randomness does not depend on when the iterator was created.
-    """
-
-    def __init__(self, dataset: Dataset, batch_size: int, *, seed: int, num_workers: int = 0,
-                 pin_memory: bool = False, rank: int = 0, world_size: int = 1) -> None:
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.sampler = ResumableSampler(dataset, num_replicas=world_size, rank=rank, seed=seed)
-        self.batches_per_epoch = self.sampler.num_samples // self.batch_size
-        if self.batches_per_epoch < 1:
-            raise TrainingError(
-                f"the training data has {len(dataset)} items ({self.sampler.num_samples} per process), fewer than "
-                f"one batch of {batch_size}; lower data.batch_size "
-                f"(e.g. data.batch_size={max(1, self.sampler.num_samples)})"
-            )
-        self._generator = torch.Generator()
-        # Datasets with per-epoch randomness (SameClassPairDataset.set_epoch) need fresh workers each epoch so the
-        # workers' copies see the new epoch; others keep their workers alive.
-        self._epoch_aware = hasattr(dataset, "set_epoch")
-        self.dataset = dataset
-        self.loader = DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            drop_last=True,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=num_workers > 0 and not self._epoch_aware,
-            generator=self._generator,
-        )
-        self.epoch = 0
-        self.position = 0  # batches consumed in the current epoch
-        self._it: Iterator | None = None
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": int(self.epoch), "position": int(self.position)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._it = None
-
-    def __iter__(self) -> "InfiniteBatches":
-        return self
-
-    def __next__(self) -> Any:
-        for _ in range(2):
-            if self._it is None:
-                self.sampler.set_epoch(self.epoch)
-                if self._epoch_aware:
-                    self.dataset.set_epoch(self.epoch)
-                self.sampler.start = self.position * self.batch_size
-                self._generator.manual_seed(self.seed * 1_000_003 + self.epoch)
-                self._it = iter(self.loader)
-            try:
-                batch = next(self._it)
-            except StopIteration:
-                self._it = None
-                self.epoch += 1
-                self.position = 0
-                continue
-            self.position += 1
-            return batch
-        raise TrainingError("the data loader produced no batch for a whole epoch")  # pragma: no cover
-
-
-def _limit_patches_per_class(ds: Any, limit: int, seed: int) -> Any:
-    """A copy of a PatchDataset keeping at most ``limit`` patches per class (chosen by ``seed``, as for CIFAR-10).
-
-    The selection is applied to the dataset's public ``rows``/``labels`` (not with a ``Subset``) so that same-class
-    pairs are also drawn from the kept patches only: a low-data experiment must not show the critic more images.
-    """
-    if limit <= 0:
-        return ds
-    import copy
-
-    from dagan_gn.datasets.cifar10 import limit_indices_per_class
-
-    keep = limit_indices_per_class(ds.labels, limit, seed)
-    limited = copy.copy(ds)
-    limited.rows = ds.rows[keep]
-    limited.labels = ds.labels[keep]
-    return limited
-
-
-def build_dataset(cfg: ExperimentConfig) -> Dataset:
-    """The training Dataset for a config: HDF5 patches (same-class pairs for the DAGAN) or CIFAR-10."""
-    data = cfg.data
-    if not data.path:
-        raise TrainingError("no training data given: pass --data PATH (or set data.path)")
-    path = Path(data.path)
-    if not path.exists():
-        raise TrainingError(f"training data {path} does not exist")
-    if data.kind == "patches":
-        from dagan_gn.datasets.patches import PatchDataset
-
-        try:
-            base = PatchDataset(path, split=data.split, classes=list(data.classes) or None)
-        except (KeyError, ValueError, OSError) as exc:
-            raise TrainingError(f"cannot use {path} split '{data.split}': {exc}") from exc
-        if len(base) == 0:
-            raise TrainingError(
-                f"{path}: split '{data.split}' has no patches (empty split); check data.split/data.classes"
-            )
-        base = _limit_patches_per_class(base, data.limit_per_class, cfg.train.seed)
-        if get_family(cfg.model.name).conditions_on_image:
-            from dagan_gn.datasets.patches import SameClassPairDataset
-
-            names = list(getattr(base, "class_names", []) or [])
-            counts = collections.Counter(dataset_labels(base).tolist())
-            lonely = [names[k] if k < len(names) else str(k) for k, c in sorted(counts.items()) if c < 2]
-            if lonely:
-                raise TrainingError(
-                    f"{path}: class(es) {', '.join(lonely)} have a single patch in split '{data.split}'; the DAGAN "
-                    f"critic needs at least two patches per class (restrict data.classes or extract more patches)"
-                )
-            try:
-                return SameClassPairDataset(base, seed=cfg.train.seed)
-            except ValueError as exc:
-                raise TrainingError(f"{path}: {exc}") from exc
-        return base
-    if data.kind == "cifar10":
-        from dagan_gn.datasets.cifar10 import CIFAR10Dataset
-
-        try:
-            ds = CIFAR10Dataset(path, split="train", limit_per_class=data.limit_per_class, seed=cfg.train.seed)
-        except (KeyError, ValueError, OSError) as exc:
-            raise TrainingError(f"cannot read CIFAR-10 from {path}: {exc}") from exc
-        if len(ds) == 0:
-            raise TrainingError(f"{path}: the CIFAR-10 training split is empty")
-        return ds
-    raise TrainingError(f"unknown data.kind '{data.kind}'; choose patches or cifar10")
-
-
-def _check_data_fits_model(ds: Dataset, cfg: ExperimentConfig, family: ModelFamily) -> None:
-    item = ds[0]
-    shape = tuple(item["image"].shape)
-    want = (cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-    if shape != want:
-        raise TrainingError(
-            f"the training images are {list(shape)} (C, H, W) but the model expects {list(want)}; set "
-            f"model.channels/model.image_size to match the data (or use the matching config)"
-        )
-    if family.conditions_on_image and "pair" not in item:
-        raise TrainingError(f"model '{family.name}' needs same-class pairs: the dataset items have no 'pair' "
-                            f"(SameClassPairDataset)")
-    sized = [(key, n) for key, n in (("model.num_classes", cfg.model.num_classes),
-                                     ("model.critic_classes", cfg.model.critic_classes)) if n > 0]
-    top = max(dataset_labels(ds).tolist(), default=-1) if sized and len(ds) <= 100_000 else -1
-    for key, classes in sized:
-        if top >= classes:
-            raise TrainingError(f"the data has class label {top} but {key}={classes}")
-
-
-def data_class_count(ds: Dataset) -> int:
-    """Classes of a training dataset: its ``class_names`` when it has them, else the largest label + 1."""
-    names = getattr(ds, "class_names", None)
-    if names:
-        return len(names)
-    return int(dataset_labels(ds).max()) + 1
-
-
-def resolve_data_keys(cfg: ExperimentConfig, ds: Dataset) -> ExperimentConfig:
-    """``cfg`` with the keys that say "from the data" resolved: ``model.critic_classes=-1`` → the number of classes of
-    the training data (a copy; ``cfg`` is not changed)."""
-    if cfg.model.critic_classes >= 0:
-        return cfg
-    model = dataclasses.replace(cfg.model, critic_classes=data_class_count(ds))
-    return dataclasses.replace(cfg, model=model)
-
-
-# ============================================================================================ helpers
 def _check_training_config(cfg: ExperimentConfig) -> None:
     """The optimisation settings a run cannot start with (before anything is built)."""
     get_loss(cfg.loss.name)  # fail early on an unknown loss
@@ -261,54 +67,6 @@ def _check_training_config(cfg: ExperimentConfig) -> None:
         raise TrainingError(f"unknown optim.lr_decay '{cfg.optim.lr_decay}'; choose linear or none")
     if cfg.train.steps < 1:
         raise TrainingError(f"train.steps must be >= 1, got {cfg.train.steps}")
-
-
-def orthogonal_regularization(module: nn.Module) -> torch.Tensor:
-    """BigGAN's orthogonal regularisation ``Σ ||W Wᵀ ⊙ (1 - I)||²_F`` over conv/linear weights
-    (rows = output channels)."""
-    total = None
-    for name, p in module.named_parameters():
-        if p.dim() < 2 or not p.requires_grad:
-            continue
-        w = p.reshape(p.shape[0], -1).float()
-        gram = w @ w.t()
-        off = gram * (1.0 - torch.eye(gram.shape[0], device=gram.device))
-        term = (off**2).sum()
-        total = term if total is None else total + term
-    return total if total is not None else torch.zeros(())
-
-
-def _grad_norm(params) -> float:
-    norms = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-def _is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, getattr(torch, "OutOfMemoryError", ())) or isinstance(
-        exc, getattr(torch.cuda, "OutOfMemoryError", ())
-    ):
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def _current_scale(scaler: torch.amp.GradScaler) -> float | torch.Tensor:
-    """A GradScaler's scale as a device tensor (reading it as a float would wait for the GPU at every step); its
-    initial float before the first ``scale()`` call creates the tensor; 1 when the scaler is disabled."""
-    if not scaler.is_enabled():
-        return 1.0
-    scale = scaler._get_scale_async()
-    return scaler.get_scale() if scale is None else scale
-
-
-def _amp_dtype(name: str, device: torch.device, on_cpu: bool = False) -> torch.dtype | None:
-    name = (name or "none").lower()
-    if name in ("none", "fp32", "no", "off", "false"):
-        return None
-    if name not in ("bf16", "fp16"):
-        raise TrainingError(f"unknown train.amp '{name}'; choose none, bf16 or fp16")
-    if device.type != "cuda" and not (device.type == "cpu" and on_cpu):
-        return None  # the CPU trains in fp32 unless asked (autocast is slower than fp32 without bf16 matrix units)
-    return torch.bfloat16 if name == "bf16" else torch.float16
 
 
 # ============================================================================================ trainer
@@ -354,7 +112,7 @@ class Trainer:
         if cfg.model.critic_classes < 0:
             dataset = dataset if dataset is not None else build_dataset(cfg)
             self.cfg = cfg = resolve_data_keys(cfg, dataset)
-        state = self._checkpoint_to_resume(resume)
+        self.resume_from, state = checkpoint_to_resume(self.run_dir, self.cfg, resume, self.say)
         self._build_networks(networks)
         self._build_optimizers()
         self.model: GANModel = self.family.train_steps(
@@ -364,7 +122,8 @@ class Trainer:
             generator_ddp=self.g_ddp, critic_ddp=self.d_ddp, generator_bare=self.g_bare, critic_bare=self.d_bare,
         )
         self._build_data(dataset)
-        self._build_identity_embedding(state)
+        if cfg.loss.embedding_identity > 0:
+            self.model.identity_embedding = identity_embedding_for_run(cfg, self.dataset, state, self.device, self.say)
         self.fixed: FixedGrid = self.family.fixed_grid(self.g_bare, self.dataset, cfg.train.seed,
                                                        num_classes=cfg.model.num_classes,
                                                        truncation=cfg.train.truncation)
@@ -394,8 +153,7 @@ class Trainer:
         else:
             seed_everything(cfg.train.seed + 7919 * self.dist.rank)
         self._open_run_folder(resumed=state is not None)
-        self._stop_requested = False
-        self._signals_seen = 0
+        self.stops = StopRequests(self.dist, self.device, self.say)
 
     # ------------------------------------------------------------------ building the run
     def _setup_device(self) -> None:
@@ -404,32 +162,10 @@ class Trainer:
         self.dist = dist_utils.init_distributed(device)
         self.device = dist_utils.process_device(device, self.dist)
         self.is_main = self.dist.is_main
-        self.amp_dtype = _amp_dtype(cfg.train.amp, self.device, cfg.train.amp_on_cpu)
+        self.amp_dtype = amp_dtype(cfg.train.amp, self.device, cfg.train.amp_on_cpu)
         if cfg.train.amp not in ("none", "") and self.amp_dtype is None and self.is_main:
             hint = " (train.amp_on_cpu=true autocasts on the CPU too)" if self.device.type == "cpu" else ""
             self.say(f"note: train.amp={cfg.train.amp} ignored on {self.device.type}; training in fp32{hint}")
-
-    def _checkpoint_to_resume(self, resume: bool) -> dict[str, Any] | None:
-        """The state to resume from (None for a fresh run), checked before anything is written."""
-        self.resume_from: Path | None = None
-        if resume:
-            self.resume_from = latest_checkpoint(self.run_dir)
-            if self.resume_from is None:
-                self.say(f"--resume: no checkpoint in {self.run_dir}; starting a new run")
-        elif latest_checkpoint(self.run_dir) is not None:
-            raise TrainingError(
-                f"{self.run_dir} already holds checkpoints; pass --resume to continue that run or choose another --out"
-            )
-        if self.resume_from is None:
-            return None
-        state = load_checkpoint(self.resume_from)
-        mismatched = resume_mismatches(config_from_dict(state["config"]), self.cfg)
-        if mismatched:
-            raise TrainingError(
-                f"cannot resume {self.resume_from}: the config differs in {', '.join(mismatched)} "
-                f"(resume with the run's own config.yaml, or start a new --out)"
-            )
-        return state
 
     def _build_networks(self, networks: tuple[nn.Module, nn.Module] | None) -> None:
         """Bare networks on the device, the EMA copy, and the forms that run (compiled, DDP-wrapped)."""
@@ -469,9 +205,7 @@ class Trainer:
     def _build_data(self, dataset: Dataset | None) -> None:
         cfg = self.cfg
         self.dataset = dataset if dataset is not None else build_dataset(cfg)
-        if len(self.dataset) == 0:
-            raise TrainingError("the training dataset is empty")
-        _check_data_fits_model(self.dataset, cfg, self.family)
+        check_data_fits_model(self.dataset, cfg, self.family.check_training_item)
         self.data = InfiniteBatches(
             self.dataset,
             cfg.data.batch_size,
@@ -481,27 +215,6 @@ class Trainer:
             rank=self.dist.rank,
             world_size=self.dist.world_size,
         )
-
-    def _build_identity_embedding(self, state: dict[str, Any] | None) -> None:
-        """The frozen embedding of ``loss.embedding_identity``: trained on the training data for a new run; for a
-        resumed one only its architecture, which ``_load_state`` fills with the checkpoint's weights (the training
-        steps' ``train_model`` state), so nothing is retrained."""
-        cfg = self.cfg
-        if cfg.loss.embedding_identity <= 0:
-            return
-        from dagan_gn.training.identity import build_identity_embedding, train_identity_embedding
-
-        classes = data_class_count(self.dataset)
-        saved = ((state or {}).get("train_model") or {}).get("identity_embedding")
-        if saved is not None:
-            embedding = build_identity_embedding(classes, cfg.model.channels, cfg.model.image_size).to(self.device)
-        else:
-            self.say(f"training the identity embedding: {classes} classes, {cfg.loss.embedding_steps} steps")
-            embedding = train_identity_embedding(
-                self.dataset, classes, channels=cfg.model.channels, image_size=cfg.model.image_size,
-                steps=cfg.loss.embedding_steps, augmentation=cfg.loss.embedding_augmentation, seed=cfg.train.seed,
-                device=self.device)
-        self.model.identity_embedding = embedding
 
     def _open_run_folder(self, resumed: bool) -> None:
         self.logger = RunLogger(self.run_dir, enabled=self.is_main)
@@ -586,51 +299,27 @@ class Trainer:
 
     def _critic_update(self, batch: dict[str, Any], want_norm: bool) -> tuple[dict[str, torch.Tensor], float]:
         self.opt_d.zero_grad(set_to_none=True)
-        scale = _current_scale(self.scaler_d)
-        loss, logs = self.model.critic_step(batch, grad_scale=scale)
+        loss, logs = self.model.critic_step(batch, grad_scale=current_scale(self.scaler_d))
         self.scaler_d.scale(loss).backward()
         norm = 0.0
         if want_norm:
             self.scaler_d.unscale_(self.opt_d)
-            norm = _grad_norm(self.d_bare.parameters())
-        self._scaled_step(self.scaler_d, self.opt_d, logs, "critic")
-        if self.model.loss.clips_weights:
-            c = self.cfg.loss.clip_value
-            with torch.no_grad():
-                for p in self.d_bare.parameters():
-                    p.clamp_(-c, c)
+            norm = grad_norm(self.d_bare.parameters())
+        scaled_step(self.scaler_d, self.opt_d, logs, "critic")
+        self.model.loss.after_critic_update(self.d_bare, self.cfg.loss)
         return logs, norm
 
     def _generator_update(self, batch: dict[str, Any], want_norm: bool) -> tuple[dict[str, torch.Tensor], float]:
         self.opt_g.zero_grad(set_to_none=True)
         loss, logs = self.model.generator_step(batch)
-        if self.cfg.optim.ortho_reg > 0:
-            ortho = orthogonal_regularization(self.g_bare)
-            loss = loss + self.cfg.optim.ortho_reg * ortho
-            logs["loss/orthogonal_reg"] = ortho.detach()
+        loss = with_orthogonal_regularization(loss, self.g_bare, self.cfg.optim.ortho_reg, logs)
         self.scaler_g.scale(loss).backward()
         norm = 0.0
         if want_norm:
             self.scaler_g.unscale_(self.opt_g)
-            norm = _grad_norm(self.g_bare.parameters())
-        self._scaled_step(self.scaler_g, self.opt_g, logs, "generator")
+            norm = grad_norm(self.g_bare.parameters())
+        scaled_step(self.scaler_g, self.opt_g, logs, "generator")
         return logs, norm
-
-    @staticmethod
-    def _scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, logs: dict[str, Any],
-                     which: str) -> None:
-        """``scaler.step`` + ``update``; with fp16, log whether the scaler skipped the step (its gradients
-        overflowed, so it halved the scale) and the scale — as device tensors, read only on logging steps."""
-        if not scaler.is_enabled():
-            scaler.step(optimizer)
-            scaler.update()
-            return
-        before = torch.as_tensor(_current_scale(scaler)).clone()
-        scaler.step(optimizer)
-        scaler.update()
-        after = scaler._get_scale_async()
-        logs[f"amp/{which}_step_skipped"] = (after < before).float()
-        logs[f"amp/{which}_scale"] = after.detach().clone()
 
     def train_step(self, want_norms: bool = False) -> dict[str, torch.Tensor | float]:
         """One generator step: ``optim.n_critic`` critic updates on fresh batches, then the generator update on the
@@ -647,25 +336,6 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.g_bare, self.step)
         return {**d_logs, **g_logs, "grad_norm/critic": d_norm, "grad_norm/generator": g_norm, "lr": lr}
-
-    def _finite_scalars(self, logs: dict[str, torch.Tensor | float]) -> dict[str, float]:
-        """``logs`` as floats; a non-finite loss stops the run. Gradient norms are not checked: an fp16 step whose
-        gradients overflow is legitimately inf there, and the GradScaler skips it. For the same reason, with fp16 a
-        non-finite loss of a step the GradScaler skipped is expected (the scaled penalty overflowed; the scaler halves
-        its scale and the weights are untouched) — unless the scale has collapsed below 1, which means every step
-        overflows and the run has diverged."""
-        scalars = {k: float(v) for k, v in logs.items()}
-        bad = [k for k, v in scalars.items() if not math.isfinite(v) and not k.startswith("grad_norm/")]
-        skipped = scalars.get("amp/critic_step_skipped", 0.0) > 0 or scalars.get("amp/generator_step_skipped", 0.0) > 0
-        scales = [v for k, v in scalars.items() if k.startswith("amp/") and k.endswith("_scale")]
-        if bad and skipped and min(scales, default=0.0) >= 1.0:
-            return scalars
-        if bad:
-            raise TrainingError(
-                f"non-finite {', '.join(bad)} at step {self.step}; lower the learning rates or "
-                f"check the data (last good checkpoint is kept)"
-            )
-        return scalars
 
     # ------------------------------------------------------------------ sampling and evaluation
     @property
@@ -701,39 +371,9 @@ class Trainer:
             self.save(checkpoint_dir(self.run_dir) / "best.pt", collective=False)
         return results
 
-    # ------------------------------------------------------------------ signals
-    def _handle_signal(self, signum, frame) -> None:  # pragma: no cover - exercised by the CLI in practice
-        self._signals_seen += 1
-        if self._signals_seen > 1 and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self._stop_requested = True
-        self.say(f"\nreceived signal {signum}: finishing this step and writing a checkpoint (Ctrl-C again to abort)")
-
-    @contextlib.contextmanager
-    def _signals(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in previous:
-            signal.signal(s, self._handle_signal)
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
-
     def request_stop(self) -> None:
         """Ask the loop to stop after the current step (and checkpoint), as Ctrl-C/SIGTERM do."""
-        self._stop_requested = True
-
-    def _should_stop(self) -> bool:
-        flag = self._stop_requested
-        if self.dist.enabled:  # every rank must leave the loop at the same step
-            t = torch.tensor([1.0 if flag else 0.0], device=self.device if self.dist.backend == "nccl" else "cpu")
-            torch.distributed.all_reduce(t)
-            flag = bool(t.item() > 0)
-        return flag
+        self.stops.request()
 
     # ------------------------------------------------------------------ the loop
     def fit(self, stop_at: int | None = None) -> Path:
@@ -753,12 +393,12 @@ class Trainer:
             handler.started(self)
         t0, s0 = time.perf_counter(), self.step
         try:
-            with self._signals():
+            with self.stops.signals():
                 while self.step < end:
                     log_now = cfg.train.log_every > 0 and (self.step + 1) % cfg.train.log_every == 0
                     logs = self.train_step(want_norms=log_now)
                     if log_now or self.step == end:
-                        scalars = self._finite_scalars(logs)
+                        scalars = finite_scalars(logs, self.step)
                         scalars["steps_per_s"] = (self.step - s0) / max(time.perf_counter() - t0, 1e-9)
                         self.logger.log(self.step, scalars)
                         bar.set_postfix(d=f"{scalars['loss/critic']:.3f}", g=f"{scalars['loss/generator']:.3f}",
@@ -766,15 +406,12 @@ class Trainer:
                     bar.update(1)
                     for handler in self.handlers:
                         handler.step_completed(self)
-                    if self._should_stop():
+                    if self.stops.should_stop():
                         self.say(f"stopping at step {self.step} on request")
                         break
         except Exception as exc:
-            if _is_oom(exc):
-                raise TrainingError(
-                    f"out of memory on {self.device} at data.batch_size={cfg.data.batch_size}; lower the batch size "
-                    f"(e.g. data.batch_size={max(1, cfg.data.batch_size // 2)}) or use train.amp=bf16"
-                ) from exc
+            if is_oom(exc):
+                raise out_of_memory_error(self.device, cfg.data.batch_size) from exc
             raise
         finally:
             bar.close()

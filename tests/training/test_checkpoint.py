@@ -17,11 +17,11 @@ from dagan_gn.training.checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     load_checkpoint,
-    load_generator,
     prune_checkpoints,
     restore_rng_state,
     save_checkpoint,
 )
+from dagan_gn.training.families import load_generator
 from dagan_gn.training.trainer import Trainer, TrainingError
 
 
@@ -100,7 +100,7 @@ def test_oom_becomes_batch_size_hint(tmp_path, monkeypatch):
 def test_stored_config_keeps_base_names_and_a_failed_save_is_one_line(tmp_path, monkeypatch):
     import errno
 
-    from dagan_gn.training.checkpoint import generator_from_state
+    from dagan_gn.training.families import generator_from_state
 
     cfg = make_cfg("data.path=/hospital/Doe_Jane/patches.h5", "metrics.inception_weights=/opt/w/inception.pth")
     g, d = build_networks(cfg.model)

@@ -185,7 +185,7 @@ def test_a_new_family_is_one_register_call(tmp_path, monkeypatch):
     assert isinstance(trainer.g_bare, MLPGenerator)
     assert sorted(p.name for p in (tmp_path / "samples").iterdir()) == [
         "step_0000000.png", "step_0000001.png", "step_0000002.png"]
-    from dagan_gn.training.checkpoint import load_generator
+    from dagan_gn.training.families import load_generator
 
     g, loaded_cfg, _ = load_generator(tmp_path)
     assert isinstance(g, MLPGenerator) and loaded_cfg.model.name == "mlp"

@@ -119,3 +119,32 @@ def test_gp_fp32_under_autocast_and_grad_scale():
     scaled, scaled_norm = gradient_penalty(critic, real, fake, alpha=alpha, grad_scale=1024.0)
     assert torch.allclose(scaled_norm, ref_norm, rtol=1e-5)
     assert scaled.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_after_critic_update_clips_only_for_weight_clipping_losses():
+    from types import SimpleNamespace
+
+    critic = torch.nn.Linear(4, 3)
+    with torch.no_grad():
+        critic.weight.fill_(0.5)
+    get_loss("wgan-gp").after_critic_update(critic, SimpleNamespace(clip_value=0.01))
+    assert critic.weight.max().item() == 0.5  # nothing for a gradient-penalty loss
+    get_loss("wgan-clip").after_critic_update(critic, SimpleNamespace(clip_value=0.01))
+    assert critic.weight.abs().max().item() <= 0.01 and critic.bias.abs().max().item() <= 0.01
+
+
+def test_orthogonal_regularization_is_zero_for_orthogonal_rows_and_added_with_its_weight():
+    from dagan_gn.training.regularizers import orthogonal_regularization, with_orthogonal_regularization
+
+    lin = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.eye(3) * 2)
+    assert orthogonal_regularization(lin).item() == 0.0
+    with torch.no_grad():
+        lin.weight.fill_(1.0)  # W Wᵀ = all 3: six off-diagonal entries of 9
+    assert orthogonal_regularization(lin).item() == pytest.approx(54.0)
+    logs: dict = {}
+    loss = torch.tensor(1.0)
+    assert with_orthogonal_regularization(loss, lin, 0.0, logs) is loss and not logs
+    assert with_orthogonal_regularization(loss, lin, 0.5, logs).item() == pytest.approx(28.0)
+    assert logs["loss/orthogonal_reg"].item() == pytest.approx(54.0)

@@ -8,6 +8,7 @@ from torch import nn
 from training_testutils import CIFAR_TINY, TinyImages, TinyPairs, make_cfg
 
 from dagan_gn.config import ConfigError
+from dagan_gn.datasets.registry import DataError
 from dagan_gn.training.checkpoint import latest_checkpoint
 from dagan_gn.training.families import get_family
 from dagan_gn.training.trainer import Trainer, TrainingError
@@ -131,7 +132,7 @@ def test_critic_classes_from_the_data_is_resolved_saved_and_resumable(tmp_path):
 
 
 def test_labels_beyond_the_class_head_and_bad_keys_are_refused(tmp_path):
-    with pytest.raises(TrainingError, match="model.critic_classes=2"):
+    with pytest.raises(DataError, match="model.critic_classes=2"):
         Trainer(make_cfg("model.critic_classes=2", "loss.class_weight=1"), tmp_path, dataset=TinyPairs(k=3),
                 log=lambda m: None)
     with pytest.raises(ConfigError, match="model.critic_classes"):

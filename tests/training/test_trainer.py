@@ -11,7 +11,9 @@ from training_testutils import CIFAR_TINY, TinyImages, TinyPairs, make_cfg
 
 from dagan_gn.training.checkpoint import latest_checkpoint, load_checkpoint
 from dagan_gn.jobs.train import train
-from dagan_gn.training.trainer import InfiniteBatches, Trainer, TrainingError
+from dagan_gn.datasets.loader import InfiniteBatches
+from dagan_gn.datasets.registry import DataError
+from dagan_gn.training.trainer import Trainer, TrainingError
 
 
 def _params(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -108,17 +110,17 @@ def test_class_conditional_cifar_model(tmp_path):
 
 
 def test_errors_are_clear(tmp_path):
-    with pytest.raises(TrainingError, match="fewer than one batch of 32.*data.batch_size"):
+    with pytest.raises(DataError, match="fewer than one batch of 32.*data.batch_size"):
         Trainer(make_cfg("data.batch_size=32"), tmp_path / "a", dataset=TinyPairs())
-    with pytest.raises(TrainingError, match=r"expects \[1, 64, 64\]"):
+    with pytest.raises(DataError, match=r"expects \[1, 64, 64\]"):
         Trainer(make_cfg("model.image_size=64"), tmp_path / "b", dataset=TinyPairs())
-    with pytest.raises(TrainingError, match="same-class pairs"):
+    with pytest.raises(DataError, match="same-class pairs"):
         Trainer(make_cfg(), tmp_path / "c", dataset=TinyImages())
     with pytest.raises(Exception, match="unknown loss 'foo'"):
         Trainer(make_cfg("loss.name=foo"), tmp_path / "d", dataset=TinyPairs())
     with pytest.raises(ValueError, match="num_groups must divide"):
         Trainer(make_cfg("model.g_norm=group:3"), tmp_path / "e", dataset=TinyPairs())
-    with pytest.raises(TrainingError, match="no training data"):
+    with pytest.raises(DataError, match="no training data"):
         Trainer(make_cfg(), tmp_path / "f")
 
 
