@@ -28,28 +28,13 @@ import numpy as np
 import torch
 
 from dagan_gn.errors import DaganError
+from dagan_gn.jobs.report_verdicts import THRESHOLDS, as_unit as _as_unit, verdict as _verdict
 
 __all__ = ["ReportError", "ReleaseCard", "release_card", "THRESHOLDS"]
 
 
 class ReportError(DaganError, ValueError):
     """Inputs the release card cannot be made from (not a synthetic file, mismatched files, unreadable JSON)."""
-
-
-#: The thresholds behind the verdict lines (shown on the page next to each verdict).
-THRESHOLDS: dict[str, float] = {
-    # assess: pixel diversity ratio (1 = as varied as real same-class pairs)
-    "diversity_ok": 0.5,
-    "diversity_copies": 0.2,
-    # assess: distance to source below this is a copy of the source
-    "source_distance_copy": 0.2,
-    # assess: balanced accuracy on variants may trail held-out real patches by this much
-    "class_consistency_drop": 0.1,
-    # assess / evaluate: KID of the variants at most this many times the real-vs-real floor
-    "kid_floor_factor": 2.0,
-    # membership: AUC whose bootstrap interval lies above this is measurable leakage
-    "membership_auc": 0.55,
-}
 
 
 @dataclass
@@ -134,11 +119,6 @@ def _json_ready(value: Any) -> Any:
     return value
 
 
-def _verdict(status: str, text: str, threshold: str) -> dict[str, str]:
-    """``status`` is one of ``pass``, ``warn``, ``fail``, ``not measured``."""
-    return {"status": status, "text": text, "threshold": threshold}
-
-
 def _counts(pf: Any) -> dict[str, dict[str, int]]:
     """Class → split → number of patches."""
     labels, split = np.asarray(pf.labels[:]), np.asarray(pf.split[:])
@@ -188,11 +168,6 @@ def _what(real: Any, syn: Any, real_path: Path, syn_path: Path, checkpoint: Path
         "class_names": list(real.class_names),
     }
     return what, notes
-
-
-def _as_unit(x: np.ndarray) -> np.ndarray:
-    """[-1, 1] → [0, 1]."""
-    return np.clip((np.asarray(x, np.float32) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def _looks(real: Any, syn: Any, rng: np.random.Generator, *, sources_per_class: int = 4,

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dagan_gn.jobs.report import THRESHOLDS, _as_unit, _verdict
+from dagan_gn.jobs.report_verdicts import THRESHOLDS, as_unit as _as_unit, verdict as _verdict
 
 __all__ = ["privacy_section"]
 

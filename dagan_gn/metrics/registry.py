@@ -36,7 +36,8 @@ things, and nothing else has to be kept in step:
     register_metric("pixel_linf", lambda a, b: (a - b).abs().flatten(1).amax(1) / 2, needs="images",
                     label="pixel L∞")
 
-The built-in entries are registered by :mod:`dagan_gn.metrics.builtin_metrics` on first use of the registry.
+The built-in entries (:data:`dagan_gn.metrics.builtin_metrics.BUILTIN_METRICS`) are registered when this module
+loads.
 """
 
 from __future__ import annotations
@@ -81,18 +82,6 @@ class MetricEntry:
 #: name → entry, in registration order (the order the jobs report them in).
 METRICS: dict[str, MetricEntry] = {}
 _ALIASES: dict[str, str] = {}
-_builtins_loaded = False
-
-
-def _ensure_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        try:
-            from dagan_gn.metrics import builtin_metrics  # noqa: F401  (registers the built-in metrics)
-        except BaseException:
-            _builtins_loaded = False
-            raise
 
 
 def _key(name: str) -> str:
@@ -116,7 +105,6 @@ def register_metric(name: str, compute: Callable[..., Any] | None = None, *, nee
                             description=description)
             return fn
         return decorator
-    _ensure_builtins()
     key = _key(name)
     if needs not in NEEDS:
         raise MetricError(f"metric {key!r}: unknown needs {needs!r}; choose from {', '.join(NEEDS)}")
@@ -149,7 +137,6 @@ def get_metric(name: str) -> MetricEntry:
     Raises:
         MetricError: no metric of that name, naming the registered ones.
     """
-    _ensure_builtins()
     key = _key(name)
     entry = METRICS.get(_ALIASES.get(key, key))
     if entry is None:
@@ -159,7 +146,6 @@ def get_metric(name: str) -> MetricEntry:
 
 def metric_names(needs: str | Iterable[str] | None = None) -> tuple[str, ...]:
     """Registered names in registration order, only those with one of ``needs`` when given."""
-    _ensure_builtins()
     wanted = None if needs is None else {needs} if isinstance(needs, str) else set(needs)
     unknown = sorted(wanted - set(NEEDS)) if wanted else []
     if unknown:
@@ -180,3 +166,13 @@ def compute_sample_metrics(names: Iterable[str], fake: Any, real: Any, **options
     for compute, group in groups.items():
         result.update(compute(fake, real, metrics=group, **options))
     return result
+
+
+def _register_builtins() -> None:
+    from dagan_gn.metrics.builtin_metrics import BUILTIN_METRICS
+
+    for entry in BUILTIN_METRICS:
+        register_metric(**entry)
+
+
+_register_builtins()
