@@ -22,7 +22,6 @@ Choose a bound here, then run the test protocol once with it (``omniglot_fewshot
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import time
 import zipfile
@@ -118,6 +117,18 @@ def per_run_identity(task_file: Path, variants_file: Path) -> float:
     return float(np.average(shares, weights=weights))
 
 
+def _reusable(variants: Path, ckpt_sha: str, n: int, seed: int, truncation: float) -> bool:
+    """Whether an earlier invocation's variants file was made by this checkpoint with these settings."""
+    from dagan_gn.store.patch_file import PatchFile
+
+    if not variants.is_file():
+        return False
+    with PatchFile(variants) as syn:
+        p = syn.parameters
+    return (p.get("checkpoint_sha256") == ckpt_sha and p.get("n_per_source") == n and p.get("seed") == seed
+            and float(p.get("truncation", 0.0)) == truncation)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     lines = [
         "# Omniglot transfer dev set: identity vs diversity of variants of never-seen characters",
@@ -146,12 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     import sys
 
     from dagan_gn.datasets.image_folder import read_image_folder
+    from dagan_gn.fileio import sha256_file
     from dagan_gn.jobs.augment import augment
     from dagan_gn.jobs.demo import variant_diversity
     from dagan_gn.jobs.import_images import write_images
     from dagan_gn.runtime import environment_info
     from dagan_gn.training.checkpoint import resolve_checkpoint
-    import hashlib
 
     started = time.perf_counter()
     out = args.out
@@ -163,11 +174,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_images(task_file, data, ["train"] * len(data.labels), salt=b"omniglot-transfer-dev",
                      parameters={"job": "omniglot-transfer-dev", "size": args.size})
     ckpt = resolve_checkpoint(args.reuse_dagan)
-    sha = hashlib.sha256(Path(ckpt).read_bytes()).hexdigest()
+    sha = sha256_file(ckpt)
     rows = []
     for t in args.truncations:
         variants = out / f"variants_t{t:g}.h5"
-        if not variants.is_file():
+        if not _reusable(variants, sha, args.n, args.seed, t):
             augment(task_file, ckpt, variants, n=args.n, split="train", seed=args.seed, device=args.device,
                     truncation=t, overwrite=True, contact_sheet=out / f"variants_t{t:g}.png",
                     progress=not args.quiet)

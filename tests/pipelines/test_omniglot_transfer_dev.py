@@ -87,6 +87,10 @@ def test_transfer_dev_reports_each_truncation_and_reruns_from_its_files(tiny_dag
     assert module.main(args) == 0
     assert (out / "variants_t0.h5").stat().st_mtime == mtime
     assert json.loads((out / "transfer_dev.json").read_text())["rows"] == report["rows"]
+    # Variants made with other settings (or another checkpoint) are made again, not reused.
+    assert module.main([a if a != "2" else "3" for a in args]) == 0
+    with PatchFile(out / "variants_t0.h5") as pf:
+        assert pf.parameters["n_per_source"] == 3 and len(pf) == 36
 
 
 def test_bad_truncations_and_a_zip_without_runs_fail_with_one_line(tmp_path, capsys):

@@ -11,7 +11,7 @@ from dagan_gn.config import ConfigError
 from dagan_gn.datasets.registry import DataError
 from dagan_gn.training.checkpoint import latest_checkpoint
 from dagan_gn.training.families import get_family
-from dagan_gn.training.trainer import Trainer, TrainingError
+from dagan_gn.training.trainer import Trainer
 
 IDENTITY = ("model.critic_classes=-1", "loss.class_weight=1.0", "loss.reconstruction=0.5")
 
