@@ -140,7 +140,7 @@ def plan_augment(request: AugmentRequest, pf: PatchFile) -> AugmentPlan:
     from dagan_gn.fileio import sha256_file
     from dagan_gn.runtime import resolve_device
     from dagan_gn.training.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint
-    from dagan_gn.training.families import generator_from_state
+    from dagan_gn.training.families import generator_from_state, get_family
 
     in_path = request.in_path
     sources = select_sources(request, pf)
@@ -154,8 +154,6 @@ def plan_augment(request: AugmentRequest, pf: PatchFile) -> AugmentPlan:
         raise AugmentError(str(exc)) from exc
     used_ema, step = state.get("ema") is not None, int(state.get("step", -1))
     del state
-    from dagan_gn.training.families import get_family
-
     if not get_family(cfg.model.name).conditions_on_image:
         raise AugmentError(f"{ckpt_path} is a {cfg.model.name!r} model; augment needs an image-to-image DAGAN")
     if int(cfg.model.image_size) != pf.patch_size:
