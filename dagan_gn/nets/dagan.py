@@ -115,6 +115,14 @@ class DAGANGenerator(nn.Module):
             kernel ``[1, 2, 1]ᵀ[1, 2, 1] / 16``, whose response is exactly zero at the Nyquist frequency: the
             sub-pixel phases of ``PixelShuffle`` can then not drift apart into a checkerboard, while the source's own
             fine detail (the residual) is untouched.
+        warp: largest displacement of the *deformation* output, as a fraction of the image side (0: no
+            deformation). With ``warp > 0`` the network also predicts a smooth displacement field, and the source is
+            resampled along it (``grid_sample``) before the appearance residual is added: ``G(x, z) =
+            tanh(atanh(warp_z(x)) + r_z(x))``. A deformed source keeps its identity by construction (the strokes of
+            a new character, the lesion of a patch), so the variants of a class the generator never saw are still
+            drawings of *their* source rather than re-drawings in the style of the training classes.
+        warp_grid: side of the coarse grid the displacement field is averaged to before it is upsampled (bicubic)
+            to the image: the deformation's smoothness (4-8 for elastic-like warps of 32-64 px images).
 
     Forward: ``x`` [B, C, S, S] in [-1, 1], ``z`` [B, z_dim], ``y`` LongTensor [B] or None → [B, C, S, S] in (-1, 1).
     """
@@ -124,7 +132,8 @@ class DAGANGenerator(nn.Module):
                  widths: Sequence[int] | None = None, bottleneck_size: int = 4, z_channels: int | None = None,
                  embedding_dim: int | None = None, max_width: int | None = None, stem_factor: int = 2,
                  act: str = "relu", input_residual: bool = True, residual_gain: float | None = None,
-                 noise_maps: int = 0, noise_map_max_size: int = 32, smooth_output: bool = False) -> None:
+                 noise_maps: int = 0, noise_map_max_size: int = 32, smooth_output: bool = False,
+                 warp: float = 0.0, warp_grid: int = 8) -> None:
         super().__init__()
         if stem_factor < 1 or image_size % stem_factor:
             raise ValueError(f"DAGANGenerator: stem_factor {stem_factor} must be >= 1 and divide image_size "
@@ -200,7 +209,15 @@ class DAGANGenerator(nn.Module):
         if residual_gain is None:
             residual_gain = 0.1 if self.input_residual else 1.0
         self.residual_gain = float(residual_gain)
-        self.out_conv = _icnr_conv(widths[0], channels, f, norm, gain=self.residual_gain)
+        if not 0.0 <= warp <= 0.5:
+            raise ValueError(f"DAGANGenerator: warp must be in [0, 0.5] (a fraction of the image side), got {warp}")
+        if warp and not 1 <= warp_grid <= image_size:
+            raise ValueError(f"DAGANGenerator: warp_grid must be in [1, image_size], got {warp_grid}")
+        self.warp = float(warp)
+        self.warp_grid = int(warp_grid)
+        # Two extra output channels, the displacement (x, y), ahead of the image channels.
+        self.flow_channels = 2 if self.warp else 0
+        self.out_conv = _icnr_conv(widths[0], self.flow_channels + channels, f, norm, gain=self.residual_gain)
         self.depth_to_space = nn.PixelShuffle(f) if f > 1 else nn.Identity()
         self.smooth_output = bool(smooth_output)
         if self.smooth_output:
@@ -237,6 +254,10 @@ class DAGANGenerator(nn.Module):
             h = block(h, skip, cond, y)
         h = self.out_act(apply_norm(self.out_norm, h, y))
         out = self.depth_to_space(self.out_conv(h))
+        source = x
+        if self.warp:
+            flow, out = out[:, :2], out[:, 2:]
+            source = self.deform(x, flow)
         if self.smooth_output:
             out = nn.functional.conv2d(nn.functional.pad(out, (1, 1, 1, 1), mode="replicate"),
                                        self.smoothing_kernel.to(out.dtype), groups=self.channels)
@@ -245,8 +266,23 @@ class DAGANGenerator(nn.Module):
             # pre-activation space, so from the first step the output lives near the source patch and training
             # spends its steps on plausible variations rather than on re-learning to draw a mammogram. The pair
             # critic still penalises copies (a real pair is two different patches).
-            out = out + torch.atanh(x.clamp(-_ATANH_LIMIT, _ATANH_LIMIT))
+            out = out + torch.atanh(source.clamp(-_ATANH_LIMIT, _ATANH_LIMIT))
         return torch.tanh(out)
+
+    def deform(self, x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+        """Resample ``x`` along the displacement ``flow`` [B, 2, S, S] (the network's raw output): averaged to a
+        ``warp_grid``² grid, bounded by ``tanh`` to ``warp`` of the side, upsampled bicubically to S×S."""
+        size = x.shape[-1]
+        coarse = nn.functional.adaptive_avg_pool2d(flow.float(), self.warp_grid)
+        # grid_sample's coordinates span [-1, 1] over the image: a fraction w of the side is 2w there.
+        coarse = torch.tanh(coarse) * (2.0 * self.warp)
+        dense = nn.functional.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)
+        identity = torch.eye(2, 3, dtype=dense.dtype, device=x.device).expand(x.shape[0], 2, 3)
+        grid = nn.functional.affine_grid(identity, [x.shape[0], 1, size, size], align_corners=False)
+        grid = grid + dense.permute(0, 2, 3, 1)
+        # Border padding: what moves in from outside is the edge's own background, not black.
+        return nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border",
+                                         align_corners=False).to(x.dtype)
 
 
 class DAGANCritic(nn.Module):

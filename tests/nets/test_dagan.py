@@ -270,3 +270,48 @@ def test_smooth_output_removes_the_nyquist_checkerboard_of_the_generated_part():
     assert rough > 0.3 and smooth < 0.15 * rough, (rough, smooth)  # measured: 2.29 -> 0.18
     g = _tiny_g(64, smooth_output=True)
     assert "smoothing_kernel" not in g.state_dict()  # a constant, not a weight
+
+
+def test_warp_output_adds_two_flow_channels_and_checks_its_bounds():
+    plain, warped = _tiny_g(64), _tiny_g(64, warp=0.1, warp_grid=4)
+    assert plain.out_conv.out_channels == 4 and warped.out_conv.out_channels == 3 * 4  # (2 flow + 1 image) x 2²
+    with pytest.raises(ValueError, match="warp must be"):
+        _tiny_g(64, warp=0.6)
+    with pytest.raises(ValueError, match="warp_grid"):
+        _tiny_g(64, warp=0.1, warp_grid=0)
+
+
+def test_deform_with_zero_flow_is_the_identity_and_a_constant_flow_shifts_by_whole_pixels():
+    g = _tiny_g(32, warp=0.1, warp_grid=4)
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+    torch.testing.assert_close(g.deform(x, torch.zeros(2, 2, 32, 32)), x, atol=1e-5, rtol=0)
+    # displacement d (a fraction of the side) is 2d in grid units = tanh(raw) * 2 * warp: one pixel right is 1/32
+    raw = torch.atanh(torch.tensor((1 / 32) / 0.1))
+    flow = torch.zeros(2, 2, 32, 32)
+    flow[:, 0] = raw  # x displacement: each output pixel samples the input one pixel to its right
+    shifted = g.deform(x, flow)
+    torch.testing.assert_close(shifted[..., :-1], x[..., 1:], atol=1e-4, rtol=0)
+
+
+def test_deform_never_moves_a_pixel_further_than_warp():
+    g = _tiny_g(32, warp=0.125, warp_grid=4)
+    x = torch.zeros(1, 1, 32, 32) - 1
+    x[..., 16, 16] = 1.0  # one bright pixel; a huge flow pushes it as far as the bound allows
+    flow = torch.full((1, 2, 32, 32), 50.0)
+    out = g.deform(x, flow)
+    bright = (out > 0).nonzero()[:, -2:].float()
+    assert len(bright) >= 1
+    # tanh saturates at warp · side = 4 px: the bright pixel moves 4 px up-left, not off the image
+    assert torch.all((bright - torch.tensor([12.0, 12.0])).abs() <= 1.0), bright
+
+
+def test_warp_generator_keeps_the_source_structure_at_init_and_differs_per_noise():
+    torch.manual_seed(0)
+    g = _tiny_g(32, warp=0.1, warp_grid=4, smooth_output=True).eval()
+    x = torch.rand(3, 1, 32, 32) * 1.6 - 0.8
+    with torch.no_grad():
+        a, b = g(x, torch.randn(3, 8)), g(x, torch.randn(3, 8))
+    assert a.shape == x.shape and a.abs().max() < 1
+    assert not torch.equal(a, b)
+    corr = torch.corrcoef(torch.stack([a.flatten(), x.flatten()]))[0, 1].item()
+    assert corr > 0.8, corr

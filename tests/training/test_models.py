@@ -148,9 +148,10 @@ def _params(module):
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def test_resume_with_identity_terms_and_rotations_is_bit_for_bit(tmp_path):
+def test_resume_with_identity_terms_rotations_and_warp_is_bit_for_bit(tmp_path):
     cfg = make_cfg("train.steps=4", "train.checkpoint_every=1", "data.rotate90=0.5", "loss.mode_seeking=0.1",
-                   "loss.mode_seeking_target=0.3", "loss.diffaugment=translation,cutout", *IDENTITY)
+                   "loss.mode_seeking_target=0.3", "loss.diffaugment=translation,cutout",
+                   "model.g_kwargs={warp: 0.1, warp_grid: 4}", *IDENTITY)
 
     def run(folder, resume=False, stop_at=None):
         trainer = Trainer(cfg, folder, resume=resume, dataset=TinyPairs(k=3), log=lambda m: None)
@@ -159,6 +160,7 @@ def test_resume_with_identity_terms_and_rotations_is_bit_for_bit(tmp_path):
         return trainer
 
     straight = run(tmp_path / "a")
+    assert straight.g_bare.warp == 0.1 and straight.g_bare.flow_channels == 2
     run(tmp_path / "b", stop_at=2)
     assert latest_checkpoint(tmp_path / "b").name == "step_0000002.pt"
     resumed = run(tmp_path / "b", resume=True)
