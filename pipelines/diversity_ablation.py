@@ -13,6 +13,8 @@ variants of every training patch with ``augment``'s per-variant noise seeds, and
   than of overall brightness (a brightness shift is what classical augmentation already gives);
 * **distance-to-source ratio**: mean |variant − source| over the same real same-class distance (0 = copies of the
   source; ~1 = as far from the source as another real patch of its class);
+* **identity**: the share of variants whose nearest training patch (pixel L1, among all sources) is their own
+  source — the demo's and ``dagan assess``'s definition;
 * wall and CPU time of training (the budget; on a shared machine the CPU seconds of the process are the fairer
   comparison), and a contact sheet per setting.
 
@@ -22,7 +24,8 @@ variants of every training patch with ``augment``'s per-variant noise seeds, and
         --setting base= --setting ms1=loss.mode_seeking=1.0 \\
         --setting da=loss.diffaugment=translation,cutout --setting noires="model.g_kwargs={input_residual: false}"
 
-A setting is ``name=override;override;...`` (``;`` separates overrides, since values may hold commas). Each result
+``--truncations 0,0.5,0.6`` measures the same trained run at several noise bounds (``dagan augment --truncation``),
+one row each. A setting is ``name=override;override;...`` (``;`` separates overrides, since values may hold commas). Each result
 is appended as one JSON line to ``--log`` (default ``pipelines/results/diversity_log.jsonl``) and printed as a
 Markdown table row. A setting whose run folder already holds a finished checkpoint is measured without retraining.
 """
@@ -71,8 +74,11 @@ def diversity_figures(sources: torch.Tensor, variants: torch.Tensor, labels: np.
     return out
 
 
-def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheet: Path) -> dict[str, float]:
-    """Variants of every training patch (``augment``'s noise seeds) and their diversity figures."""
+def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheet: Path,
+            truncation: float = 0.0) -> dict[str, float]:
+    """Variants of every training patch (``augment``'s noise seeds, truncated at ``truncation``) and their
+    diversity and identity figures."""
+    from dagan_gn.metrics.diversity import source_identity
     from dagan_gn.datasets.patches import PatchDataset
     from dagan_gn.jobs.augment import generate_variants, noise_seed, write_contact_sheet
     from dagan_gn.training.families import load_generator
@@ -84,9 +90,11 @@ def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheet: Path)
     x = real.repeat_interleave(variants, dim=0)
     seeds = [noise_seed(seed, int(row), k) for row in ds.rows for k in range(variants)]
     y = torch.as_tensor(labels).repeat_interleave(variants) if cfg.model.num_classes > 0 else None
-    fakes = generate_variants(generator, x, seeds, y).view(len(ds), variants, *real.shape[1:])
+    fakes = generate_variants(generator, x, seeds, y, truncation=truncation).view(len(ds), variants,
+                                                                                  *real.shape[1:])
     write_contact_sheet(real[:8], fakes[:8], sheet)
-    return diversity_figures(real, fakes, labels, real, labels)
+    identity = source_identity(real, fakes, labels, p=1.0)["nearest_is_source"]
+    return {**diversity_figures(real, fakes, labels, real, labels), "identity": float(identity.float().mean())}
 
 
 def main() -> None:
@@ -98,8 +106,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--setting", action="append", default=[], help="name=override;override;... (repeatable)")
     parser.add_argument("--log", type=Path, default=Path(__file__).parent / "results" / "diversity_log.jsonl")
+    parser.add_argument("--truncations", default="0",
+                        help="comma-separated noise bounds to sample each run at (0: untruncated)")
     parser.add_argument("--progress", action="store_true", help="show training progress bars")
     args = parser.parse_args()
+    truncations = [float(t) for t in args.truncations.split(",")]
 
     from dagan_gn.jobs.demo import demo_train_config
     from dagan_gn.config import parse_setting
@@ -108,8 +119,9 @@ def main() -> None:
 
     torch.set_num_threads(1)
     args.log.parent.mkdir(parents=True, exist_ok=True)
-    print("| setting | steps | train s (CPU s) | diversity | blurred | centred | dist. to source | overrides |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| setting | steps | train s (CPU s) | truncation | diversity | blurred | centred | dist. to source | "
+          "identity | overrides |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for spec in args.setting or ["base="]:
         name, overrides = parse_setting(spec)
         run = args.out / name
@@ -119,17 +131,20 @@ def main() -> None:
         trained = train_unless_finished(cfg, run).trained_here
         seconds, cpu_seconds = ((time.perf_counter() - t0, time.process_time() - c0) if trained
                                 else (float("nan"), float("nan")))
-        figures = measure(run, args.data, args.variants, args.seed, args.out / f"{name}_contact_sheet.png")
-        record = {"setting": name, "overrides": overrides, "steps": args.steps, "seed": args.seed,
-                  "data": str(args.data), "variants": args.variants, "train_seconds": round(seconds, 1),
-                  "train_cpu_seconds": round(cpu_seconds, 1), **figures,
-                  "time": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment_info(cfg.train.device)}
-        with args.log.open("a") as fh:
-            fh.write(json.dumps(record) + "\n")
-        print(f"| {name} | {args.steps} | {seconds:.0f} ({cpu_seconds:.0f}) | {figures['diversity_ratio']:.3f} | "
-              f"{figures['blurred_diversity_ratio']:.3f} | {figures['centred_diversity_ratio']:.3f} | "
-              f"{figures['source_distance_ratio']:.3f} | "
-              f"{'; '.join(overrides)} |", flush=True)
+        for truncation in truncations:
+            suffix = f"_t{truncation:g}" if truncation else ""
+            figures = measure(run, args.data, args.variants, args.seed,
+                              args.out / f"{name}{suffix}_contact_sheet.png", truncation)
+            record = {"setting": name, "overrides": overrides, "steps": args.steps, "seed": args.seed,
+                      "data": str(args.data), "variants": args.variants, "truncation": truncation,
+                      "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), **figures,
+                      "time": time.strftime("%Y-%m-%d %H:%M:%S"), "environment": environment_info(cfg.train.device)}
+            with args.log.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            print(f"| {name} | {args.steps} | {seconds:.0f} ({cpu_seconds:.0f}) | {truncation:g} | "
+                  f"{figures['diversity_ratio']:.3f} | {figures['blurred_diversity_ratio']:.3f} | "
+                  f"{figures['centred_diversity_ratio']:.3f} | {figures['source_distance_ratio']:.3f} | "
+                  f"{figures['identity']:.2f} | {'; '.join(overrides)} |", flush=True)
 
 
 if __name__ == "__main__":
