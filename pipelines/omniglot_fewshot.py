@@ -597,6 +597,15 @@ def summarize(runs: list[dict[str, Any]], shots: Sequence[int]) -> dict[str, Any
             diffs = [acc[(k, s, a)] - acc[(k, s, b)] for s in seeds if (k, s, a) in acc and (k, s, b) in acc]
             m, h = mean_ci(diffs)
             gains[k][name] = {"mean": m, "ci95": h, "n": len(diffs), "per_seed": diffs}
+    # Class identity of the variants of the k shots in the classical classifier's features (a classifier that never
+    # saw a variant): the share nearest their own character's prototype.
+    class_identity = {}
+    for k in shots:
+        vals = [r["synthetic_class_identity"] for r in runs
+                if r["k"] == k and r["regime"] == "real+albumentations" and "synthetic_class_identity" in r]
+        m, h = mean_ci(vals)
+        class_identity[k] = {"mean": m, "ci95": h, "n": len(vals), "per_seed": vals}
+
     def verdict(value: float, passes: bool) -> bool | None:  # None: not measured (regime not run)
         return None if not math.isfinite(value) else bool(passes)
 
@@ -608,7 +617,7 @@ def summarize(runs: list[dict[str, Any]], shots: Sequence[int]) -> dict[str, Any
     for k in shots:
         g = gains[k]["both_minus_classical"]["mean"]
         targets[f"both_beats_classical_at_k{k}"] = verdict(g, g > 0)
-    return {"table": table, "gains": gains, "targets": targets}
+    return {"table": table, "gains": gains, "targets": targets, "class_identity": class_identity}
 
 
 def render_markdown(report: dict[str, Any]) -> str:
@@ -671,6 +680,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         "- variants of the first seed's shots, as `dagan assess` measures them (pixel L1 ratios to two real drawings "
         f"of a character): diversity {div['diversity']:.2f}, distance to source {div['distance_to_source']:.2f}, "
         f"identity {100 * div['identity']:.0f} % (nearest shot is their own)",
+        *(["- class identity of the variants in each seed's real+albumentations classifier (a classifier that never "
+           "saw a variant; share nearest their own character's prototype, mean ± 95 % CI over seeds; chance "
+           f"{100 / n_cls:.0f} %): " + ", ".join(f"k = {k}: {_fmt_pct(c['mean'], c['ci95'])}"
+                                              for k, c in summ.get("class_identity", {}).items() if c["n"])]
+          if any(c["n"] for c in summ.get("class_identity", {}).values()) else []),
         "",
         "## Classifier",
         "",

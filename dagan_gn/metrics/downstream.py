@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from dagan_gn.errors import DaganError
+from dagan_gn.metrics.prototypes import off_class_mask
 
 __all__ = [
     "DownstreamError",
@@ -268,30 +269,6 @@ def evaluate_classifier(
 
 
 @torch.no_grad()
-def off_class_mask(embed: Callable[[torch.Tensor], torch.Tensor], real_images: torch.Tensor, real_labels: torch.Tensor,
-                   synthetic_images: torch.Tensor, synthetic_labels: torch.Tensor,
-                   batch_size: int = 256) -> torch.Tensor:
-    """True for each synthetic image whose embedding (``embed``: images → ``[B, D]``) lies nearest, by cosine, to
-    another class's prototype (the mean normalised embedding of that class's real images) than to its own label's.
-    A synthetic label with no real image has no prototype to be near: refused."""
-    def embedded(images: torch.Tensor) -> torch.Tensor:
-        return torch.cat([embed(images[a : a + batch_size]).float().flatten(1)
-                          for a in range(0, len(images), batch_size)])
-
-    real_labels, synthetic_labels = real_labels.long().cpu(), synthetic_labels.long().cpu()
-    missing = sorted(set(synthetic_labels.tolist()) - set(real_labels.tolist()))
-    if missing:
-        raise DownstreamError(f"synthetic class(es) {missing} have no real images to build a prototype from")
-    real = nn.functional.normalize(embedded(real_images).cpu(), dim=1)
-    classes = int(max(real_labels.max(), synthetic_labels.max())) + 1
-    prototypes = torch.zeros(classes, real.shape[1]).index_add_(0, real_labels, real)
-    present = torch.bincount(real_labels, minlength=classes) > 0
-    prototypes = nn.functional.normalize(prototypes, dim=1)
-    similarity = nn.functional.normalize(embedded(synthetic_images).cpu(), dim=1) @ prototypes.t()
-    similarity[:, ~present] = -float("inf")
-    return similarity.argmax(1) != synthetic_labels
-
-
 def _stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
     return (torch.stack([torch.as_tensor(it["image"]) for it in items]).float(),
@@ -439,14 +416,13 @@ def evaluate_augmentation(
     bar = tqdm(total=len(regimes) * len(config.seeds), desc="evaluate-augmentation", unit="run",
                disable=not progress)
     classical_models: dict[int, nn.Module] = {}  # seed → the real+albumentations classifier (rejection embedding)
-    kept_synthetic: dict[int, tuple[Dataset, float]] = {}
+    off_class: dict[int, torch.Tensor] = {}  # seed → per synthetic item: nearest another class's prototype
     stacked: list[tuple[torch.Tensor, torch.Tensor]] = []  # real and synthetic items as tensors, read once
 
-    def synthetic_for(seed: int) -> tuple[Dataset | None, float | None]:
-        """The synthetic items of the DAGAN regimes for ``seed``: all, or those ``reject_off_class`` keeps."""
-        if not config.reject_off_class or synthetic is None:
-            return synthetic, None
-        if seed not in kept_synthetic:
+    def off_class_for(seed: int) -> torch.Tensor:
+        """:func:`off_class_mask` of the synthetic items in the seed's ``real+albumentations`` classifier's features
+        (trained here first when that regime has not run yet): a classifier that never saw a variant."""
+        if seed not in off_class:
             from dagan_gn.metrics.diversity import PenultimateFeatures
 
             model = classical_models.get(seed)
@@ -460,12 +436,18 @@ def evaluate_augmentation(
             if not stacked:
                 stacked.extend((_stack(real_train), _stack(synthetic)))
             (real_x, real_y), (syn_x, syn_y) = stacked
-            reject = off_class_mask(lambda x: features(x.to(device)), real_x, real_y, syn_x, syn_y)
-            keep = torch.nonzero(~reject).flatten().tolist()
-            if not keep:
-                raise DownstreamError(f"seed {seed}: every synthetic item lies nearest another class's prototype")
-            kept_synthetic[seed] = (torch.utils.data.Subset(synthetic, keep), float(reject.float().mean()))
-        return kept_synthetic[seed]
+            off_class[seed] = off_class_mask(lambda x: features(x.to(device)), real_x, real_y, syn_x, syn_y)
+        return off_class[seed]
+
+    def synthetic_for(seed: int) -> tuple[Dataset | None, float | None]:
+        """The synthetic items of the DAGAN regimes for ``seed``: all, or those ``reject_off_class`` keeps."""
+        if not config.reject_off_class or synthetic is None:
+            return synthetic, None
+        reject = off_class_for(seed)
+        keep = torch.nonzero(~reject).flatten().tolist()
+        if not keep:
+            raise DownstreamError(f"seed {seed}: every synthetic item lies nearest another class's prototype")
+        return torch.utils.data.Subset(synthetic, keep), float(reject.float().mean())
 
     for regime in regimes:
         for seed in config.seeds:
@@ -481,11 +463,14 @@ def evaluate_augmentation(
                 raise DownstreamError(f"regime {regime}: {exc}") from exc
             model = train_classifier(data, num_classes, steps=steps, config=config, seed=int(seed),
                                      image_size=image_size, in_channels=in_channels, device=device)
-            if regime == "real+albumentations":
-                classical_models[int(seed)] = model
             row = {"regime": regime, "seed": int(seed),
                    **evaluate_classifier(model, test, num_classes, device=device),
                    "train_items": len(data), "synthetic_items": data.num_synthetic, "steps": steps}
+            if regime == "real+albumentations":
+                classical_models[int(seed)] = model
+                if synthetic is not None:
+                    # Class identity of the variants as a classifier that never saw one tells it.
+                    row["synthetic_class_identity"] = 1.0 - float(off_class_for(int(seed)).float().mean())
             if rejected is not None:
                 row["rejected_share"] = rejected
             runs.append(row)

@@ -215,7 +215,7 @@ def test_train_classifier_recalibrates_only_the_batch_norm_buffers():
 
 
 def test_off_class_mask_rejects_variants_nearest_another_prototype():
-    from dagan_gn.metrics.downstream import DownstreamError, off_class_mask
+    from dagan_gn.metrics.prototypes import PrototypeError, off_class_mask
 
     real = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
     real_y = torch.tensor([0, 0, 1, 1])
@@ -223,7 +223,7 @@ def test_off_class_mask_rejects_variants_nearest_another_prototype():
     syn_y = torch.tensor([0, 0, 1, 1])
     mask = off_class_mask(lambda x: x, real, real_y, syn, syn_y, batch_size=3)
     assert mask.tolist() == [False, True, False, True]
-    with pytest.raises(DownstreamError, match=r"class\(es\) \[2\]"):
+    with pytest.raises(PrototypeError, match=r"class\(es\) \[2\]"):
         off_class_mask(lambda x: x, real, real_y, syn, torch.tensor([0, 0, 2, 1]))
 
 
@@ -268,4 +268,26 @@ def test_reject_off_class_reports_the_share_dropped():
                                    config=cfg, regimes=["real+albumentations", "real+dagan"], progress=False)
     row = next(r for r in report.runs if r["regime"] == "real+dagan")
     assert 0.3 <= row["rejected_share"] <= 0.7  # the mislabelled half, as told by a 6-epoch classifier
-    assert "rejected_share" not in next(r for r in report.runs if r["regime"] == "real+albumentations")
+    classical = next(r for r in report.runs if r["regime"] == "real+albumentations")
+    assert "rejected_share" not in classical
+    # the same classifier's features tell the class identity: the kept share
+    assert classical["synthetic_class_identity"] == pytest.approx(1.0 - row["rejected_share"])
+
+
+def test_classical_run_reports_the_class_identity_of_the_variants_without_rejecting_any():
+    x, y = blobs(24, 4)
+    test_x, test_y = blobs(16, 4, seed=1)
+    sx, sy = blobs(24, 4, seed=2)
+    cfg = DownstreamConfig(width=4, epochs=6, batch_size=8, seeds=[0], device="cpu", augmentation="natural")
+    right = evaluate_augmentation(Items(x, y), Items(test_x, test_y), Items(sx, sy), num_classes=4, config=cfg,
+                                  regimes=["real+albumentations", "real+dagan"], progress=False)
+    wrong = evaluate_augmentation(Items(x, y), Items(test_x, test_y), Items(sx, (sy + 1) % 4), num_classes=4,
+                                  config=cfg, regimes=["real+albumentations"], progress=False)
+    shares = [next(r for r in rep.runs if r["regime"] == "real+albumentations")["synthetic_class_identity"]
+              for rep in (right, wrong)]
+    assert shares[0] >= 0.8 and shares[1] <= 0.2, shares  # true labels vs every label shifted by one class
+    dagan_row = next(r for r in right.runs if r["regime"] == "real+dagan")
+    assert "synthetic_class_identity" not in dagan_row and dagan_row["synthetic_items"] > 0
+    alone = evaluate_augmentation(Items(x, y), Items(test_x, test_y), None, num_classes=4, config=cfg,
+                                  regimes=["real+albumentations"], progress=False)
+    assert "synthetic_class_identity" not in alone.runs[0]

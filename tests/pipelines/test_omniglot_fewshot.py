@@ -59,6 +59,13 @@ def test_smoke_protocol_report_and_leak_checks(smoke_run):
     assert gains["per_seed"] == [runs[(2, s, "real+dagan")] - runs[(2, s, "real")] for s in (0, 1)]
     assert set(report["seconds"]) >= {"read", "dagan_train", "augment", "classifiers", "total"}
     assert report["settings"]["task_classes"] == ["Held/character01", "Held/character02", "Held/character03"]
+    # class identity of the variants, from each seed's classical classifier: a share per seed, summarised per k
+    for k in ("1", "2"):
+        identity = report["summary"]["class_identity"][k]
+        per_run = [r["synthetic_class_identity"] for r in report["runs"]
+                   if r["k"] == int(k) and r["regime"] == "real+albumentations"]
+        assert identity["n"] == 2 and identity["per_seed"] == per_run and all(0 <= v <= 1 for v in per_run)
+    assert "class identity of the variants in each seed's real+albumentations classifier" in markdown
 
     # The DAGAN was trained on the training alphabets only: its data file, as named in the run's config.
     cfg = yaml.safe_load((out / "dagan" / "config.yaml").read_text())
