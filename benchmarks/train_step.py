@@ -244,7 +244,10 @@ def side_rows(result: dict, n_critic: int, reference_s: float | None = None) -> 
 RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
     "omniglot, before (w32, 5 critic steps)": ("configs/dagan_omniglot_32.yaml", (
         "model.z_dim=128", "model.g_width=32", "model.d_width=32", "model.critic_classes=0", "optim.n_critic=5",
-        "loss.class_weight=0", "loss.reconstruction=0", "data.rotate90=0", "train.ema_start=500")),
+        "loss.class_weight=0", "loss.reconstruction=0", "data.rotate90=0", "train.ema_start=500",
+        "model.g_kwargs={smooth_output: true}")),
+    "omniglot, the config without the deformation output": ("configs/dagan_omniglot_32.yaml", (
+        "model.g_kwargs={smooth_output: true}",)),
     "omniglot, configs/dagan_omniglot_32.yaml": ("configs/dagan_omniglot_32.yaml", ()),
 }
 
