@@ -333,6 +333,11 @@ class DownstreamReport:
         ]
         for regime, m in self.summary().items():
             lines.append(f"| {regime} | {fmt(*m['accuracy'])} | {fmt(*m['auc'])} |")
+        identity = [r["synthetic_class_identity"] for r in self.runs if "synthetic_class_identity" in r]
+        if identity:
+            lines += ["", f"Class identity of the synthetic patches: {fmt(*mean_ci(identity))} of them lie nearest "
+                      "their own class's prototype in the real+albumentations classifier's features (a classifier "
+                      "that never saw one; 1 − the share `--reject-off-class` drops)."]
         return "\n".join(lines) + "\n"
 
     def to_dict(self) -> dict[str, Any]:

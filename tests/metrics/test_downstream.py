@@ -286,6 +286,8 @@ def test_classical_run_reports_the_class_identity_of_the_variants_without_reject
     shares = [next(r for r in rep.runs if r["regime"] == "real+albumentations")["synthetic_class_identity"]
               for rep in (right, wrong)]
     assert shares[0] >= 0.8 and shares[1] <= 0.2, shares  # true labels vs every label shifted by one class
+    assert "Class identity of the synthetic patches: " in right.to_markdown()
+    assert f"{shares[1]:.3f}" in wrong.to_markdown()
     dagan_row = next(r for r in right.runs if r["regime"] == "real+dagan")
     assert "synthetic_class_identity" not in dagan_row and dagan_row["synthetic_items"] > 0
     alone = evaluate_augmentation(Items(x, y), Items(test_x, test_y), None, num_classes=4, config=cfg,
