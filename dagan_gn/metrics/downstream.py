@@ -268,7 +268,6 @@ def evaluate_classifier(
     return {"accuracy": acc, "auc": auc}
 
 
-@torch.no_grad()
 def _stack(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
     items = [dataset[i] for i in range(len(dataset))]  # type: ignore[arg-type]
     return (torch.stack([torch.as_tensor(it["image"]) for it in items]).float(),

@@ -22,6 +22,7 @@ class PrototypeError(DaganError, ValueError):
     """A synthetic class with no real items to build a prototype from."""
 
 
+@torch.no_grad()
 def off_class_mask(embed: Callable[[torch.Tensor], torch.Tensor], real_images: torch.Tensor, real_labels: torch.Tensor,
                    synthetic_images: torch.Tensor, synthetic_labels: torch.Tensor,
                    batch_size: int = 256) -> torch.Tensor:
