@@ -74,10 +74,11 @@ def diversity_figures(sources: torch.Tensor, variants: torch.Tensor, labels: np.
     return out
 
 
-def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheet: Path,
-            truncation: float = 0.0) -> dict[str, float]:
-    """Variants of every training patch (``augment``'s noise seeds, truncated at ``truncation``) and their
-    diversity and identity figures."""
+def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheets: dict[float, Path]
+            ) -> dict[float, dict[str, float]]:
+    """Variants of every training patch (``augment``'s noise seeds), truncated at each bound of ``sheets`` (bound →
+    contact sheet path), and their diversity and identity figures per bound. The generator and the patches are read
+    once for all bounds."""
     from dagan_gn.metrics.diversity import source_identity
     from dagan_gn.datasets.patches import PatchDataset
     from dagan_gn.jobs.augment import generate_variants, noise_seed, write_contact_sheet
@@ -90,11 +91,15 @@ def measure(run_dir: Path, patches: Path, variants: int, seed: int, sheet: Path,
     x = real.repeat_interleave(variants, dim=0)
     seeds = [noise_seed(seed, int(row), k) for row in ds.rows for k in range(variants)]
     y = torch.as_tensor(labels).repeat_interleave(variants) if cfg.model.num_classes > 0 else None
-    fakes = generate_variants(generator, x, seeds, y, truncation=truncation).view(len(ds), variants,
-                                                                                  *real.shape[1:])
-    write_contact_sheet(real[:8], fakes[:8], sheet)
-    identity = source_identity(real, fakes, labels, p=1.0)["nearest_is_source"]
-    return {**diversity_figures(real, fakes, labels, real, labels), "identity": float(identity.float().mean())}
+    figures: dict[float, dict[str, float]] = {}
+    for truncation, sheet in sheets.items():
+        fakes = generate_variants(generator, x, seeds, y, truncation=truncation).view(len(ds), variants,
+                                                                                      *real.shape[1:])
+        write_contact_sheet(real[:8], fakes[:8], sheet)
+        identity = source_identity(real, fakes, labels, p=1.0)["nearest_is_source"]
+        figures[truncation] = {**diversity_figures(real, fakes, labels, real, labels),
+                               "identity": float(identity.float().mean())}
+    return figures
 
 
 def main() -> None:
@@ -131,10 +136,8 @@ def main() -> None:
         trained = train_unless_finished(cfg, run).trained_here
         seconds, cpu_seconds = ((time.perf_counter() - t0, time.process_time() - c0) if trained
                                 else (float("nan"), float("nan")))
-        for truncation in truncations:
-            suffix = f"_t{truncation:g}" if truncation else ""
-            figures = measure(run, args.data, args.variants, args.seed,
-                              args.out / f"{name}{suffix}_contact_sheet.png", truncation)
+        sheets = {t: args.out / f"{name}{f'_t{t:g}' if t else ''}_contact_sheet.png" for t in truncations}
+        for truncation, figures in measure(run, args.data, args.variants, args.seed, sheets).items():
             record = {"setting": name, "overrides": overrides, "steps": args.steps, "seed": args.seed,
                       "data": str(args.data), "variants": args.variants, "truncation": truncation,
                       "train_seconds": round(seconds, 1), "train_cpu_seconds": round(cpu_seconds, 1), **figures,

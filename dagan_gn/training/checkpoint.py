@@ -15,7 +15,7 @@ A checkpoint is a dict of tensors and plain Python values (the contract in ``doc
     format_version           CHECKPOINT_FORMAT_VERSION
 
 Rebuilding the generator of a checkpoint (``load_generator``, ``generator_from_state``) is the model family's job:
-:mod:`dagan_gn.training.families` (the old names here still resolve to those, lazily).
+:mod:`dagan_gn.training.families`.
 
 Reliability: a save writes a temporary file beside the target, fsyncs and renames it, so a kill or a full disk never
 replaces the previous checkpoint with a broken one; a failed save raises one :class:`CheckpointError` line; temporary
