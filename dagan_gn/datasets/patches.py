@@ -33,6 +33,9 @@ class PatchDataset(Dataset):
         classes: keep only these class names; labels are then indices into ``classes`` (in the given order).
             ``None`` keeps every class with the file's class table.
         transform: optional callable applied to the image tensor (after scaling to [-1, 1]).
+        in_memory: read the split's patches into memory once (as stored, uint16: 2 bytes a pixel) instead of one
+            HDF5 read per item. For small sets: 3,840 Omniglot drawings at 32 px take 7.9 MB and a batch of 32
+            pairs goes from ~10 ms to ~1 ms, which is what limits a small net on a GPU. The same values either way.
     """
 
     def __init__(
@@ -41,6 +44,7 @@ class PatchDataset(Dataset):
         split: str | None = "train",
         classes: Sequence[str] | None = None,
         transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        in_memory: bool = False,
     ) -> None:
         self.path = Path(path)
         self.split = split
@@ -65,6 +69,15 @@ class PatchDataset(Dataset):
         self.labels: np.ndarray = remap[file_labels[self.rows]].astype(np.int64)
         self._h5: h5py.File | None = None
         self._pid: int | None = None
+        # Keyed by file row (sorted), so a copy with fewer rows (limit_patches_per_class) still finds its patches.
+        self._memory_rows: np.ndarray | None = None
+        self._memory: np.ndarray | None = None
+        if in_memory:
+            self._memory_rows = np.unique(self.rows)
+            if len(self._memory_rows):
+                lo, hi = int(self._memory_rows[0]), int(self._memory_rows[-1])
+                with PatchFile(self.path) as pf:  # one contiguous read: h5py's fancy indexing is slow for many rows
+                    self._memory = pf.patches[lo : hi + 1][self._memory_rows - lo]
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
@@ -78,7 +91,10 @@ class PatchDataset(Dataset):
 
     def read_image(self, i: int) -> torch.Tensor:
         """Item ``i`` as FloatTensor [C, S, S] in [-1, 1] (before ``transform``): the store's scale."""
-        return torch.from_numpy(uint16_to_signed(self._patches()[int(self.rows[i])]))
+        row = int(self.rows[i])
+        if self._memory is not None:
+            return torch.from_numpy(uint16_to_signed(self._memory[np.searchsorted(self._memory_rows, row)]))
+        return torch.from_numpy(uint16_to_signed(self._patches()[row]))
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not -len(self) <= i < len(self):

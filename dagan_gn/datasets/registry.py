@@ -122,7 +122,8 @@ def _patches_split(cfg: "ExperimentConfig", name: str) -> Any:
 
     path = Path(cfg.data.path)
     try:
-        return PatchDataset(path, split=name, classes=list(cfg.data.classes) or None)
+        return PatchDataset(path, split=name, classes=list(cfg.data.classes) or None,
+                            in_memory=cfg.data.in_memory and name == cfg.data.split)
     except (KeyError, ValueError, OSError) as exc:
         raise DataError(f"cannot use {path} split '{name}': {exc}") from exc
 

@@ -10,18 +10,36 @@ own source (not with a class label), so it means the same for classes the genera
 The classifier's weights travel in the checkpoint (the training steps' ``train_model`` state), so a resumed run
 uses the same embedding without retraining it, and the training draws from a forked RNG, so the run's own random
 stream is the same with or without the term.
+
+``loss.embedding_file`` gives a run an embedding trained elsewhere instead: a file written by
+:func:`save_identity_embedding`, or a training checkpoint of a run that had one. Several runs (an ablation) then share
+one embedding, and a machine without albumentations (the GPU check's, ``benchmarks/prepare_gpu_bundle.py``) trains
+with the embedding the recipe trains on the CPU.
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
+import os
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-__all__ = ["IdentityEmbedding", "train_identity_embedding", "build_identity_embedding", "embedding_identity_loss",
-           "identity_embedding_for_run"]
+from dagan_gn.errors import DaganError
+
+__all__ = ["IdentityEmbedding", "IdentityEmbeddingError", "train_identity_embedding", "build_identity_embedding",
+           "embedding_identity_loss", "identity_embedding_for_run", "save_identity_embedding",
+           "load_identity_embedding"]
+
+#: The ``format`` string of an embedding file (:func:`save_identity_embedding`).
+EMBEDDING_FORMAT = "dagan-gn identity embedding v1"
+
+
+class IdentityEmbeddingError(DaganError, ValueError):
+    """An embedding file cannot be used; one line naming the file and the problem."""
 
 #: The classifier behind the embedding: MONAI ResNet width 8, layers 1-1-1-1 (0.08 M parameters, 8 MFLOP per
 #: 32-px image), AdamW 1e-3, batch 64: about a CPU-minute for 600 steps at 32 px.
@@ -64,10 +82,72 @@ class IdentityEmbedding(nn.Module):
 
 
 def build_identity_embedding(num_classes: int, channels: int, image_size: int) -> IdentityEmbedding:
-    """The untrained architecture (to load a checkpoint's weights into)."""
+    """The untrained architecture (to load a checkpoint's weights into). ``num_classes`` sizes only the classifier's
+    final layer, which the embedding drops: any count builds the same embedding."""
     from dagan_gn.metrics.downstream import build_classifier
 
     return IdentityEmbedding(build_classifier(num_classes, channels, image_size, width=_WIDTH))
+
+
+def save_identity_embedding(embedding: IdentityEmbedding, path: str | os.PathLike, *, channels: int, image_size: int,
+                            meta: dict[str, Any] | None = None) -> Path:
+    """Write ``embedding`` (weights and centre, on the CPU) with its input shape and ``meta`` (plain values: how it
+    was trained) atomically to ``path``, for ``loss.embedding_file``."""
+    from dagan_gn.fileio import atomic_path
+
+    state = {k: v.detach().cpu() for k, v in embedding.state_dict().items()}
+    payload = {"format": EMBEDDING_FORMAT, "channels": int(channels), "image_size": int(image_size),
+               "dim": int(embedding.dim), "state": state, "meta": dict(meta or {})}
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+    return path
+
+
+def load_identity_embedding(path: str | os.PathLike, *, channels: int, image_size: int,
+                            device: torch.device | str = "cpu") -> IdentityEmbedding:
+    """The frozen embedding in ``path``: a :func:`save_identity_embedding` file, or a training checkpoint whose run
+    had ``loss.embedding_identity`` on. Loaded with ``weights_only=True``.
+
+    Raises:
+        IdentityEmbeddingError: missing or unreadable, neither kind of file, made for other images than
+            ``channels`` × ``image_size`` px, or weights that do not fit the architecture.
+    """
+    from dagan_gn.training.checkpoint import CheckpointError, first_line, load_checkpoint
+
+    path = Path(path)
+    if not path.is_file():
+        raise IdentityEmbeddingError(f"identity embedding {path}: no such file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - truncated, not a torch file, or objects other than tensors
+        raise IdentityEmbeddingError(f"identity embedding {path}: cannot read it ({type(exc).__name__}: "
+                                     f"{first_line(exc)})") from exc
+    if isinstance(raw, dict) and raw.get("format") == EMBEDDING_FORMAT:
+        state, shape = raw.get("state"), (raw.get("channels"), raw.get("image_size"))
+    elif isinstance(raw, dict) and "format_version" in raw:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            raise IdentityEmbeddingError(f"identity embedding {path}: {exc}") from exc
+        state = (ckpt.get("train_model") or {}).get("identity_embedding")
+        if state is None:
+            raise IdentityEmbeddingError(f"identity embedding {path}: this checkpoint's run had no identity "
+                                         "embedding (loss.embedding_identity was 0)")
+        model = ckpt["config"].get("model", {})
+        shape = (model.get("channels"), model.get("image_size"))
+    else:
+        raise IdentityEmbeddingError(f"identity embedding {path}: not an embedding file or a dagan-gn checkpoint")
+    if shape != (channels, image_size):
+        raise IdentityEmbeddingError(f"identity embedding {path}: made for {shape[0]}×{shape[1]}px images, the run "
+                                     f"has {channels}×{image_size}px")
+    embedding = build_identity_embedding(2, channels, image_size)
+    try:
+        embedding.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as exc:
+        raise IdentityEmbeddingError(f"identity embedding {path}: its weights do not fit the embedding "
+                                     f"({first_line(exc)})") from exc
+    return embedding.to(device)
 
 
 def train_identity_embedding(
@@ -123,15 +203,20 @@ class _ImagesAndLabels(Dataset):
 
 def identity_embedding_for_run(cfg: Any, dataset: Dataset, state: dict[str, Any] | None, device: torch.device,
                                say: Callable[[str], None] = print) -> IdentityEmbedding:
-    """The frozen embedding of a run's ``loss.embedding_identity``: trained on the training data for a new run; for a
-    resumed one (``state`` holds the training steps' ``identity_embedding``) only its architecture, which loading the
-    checkpoint's ``train_model`` state fills with the saved weights, so nothing is retrained."""
+    """The frozen embedding of a run's ``loss.embedding_identity``: for a resumed run (``state`` holds the training
+    steps' ``identity_embedding``) only its architecture, which loading the checkpoint's ``train_model`` state fills
+    with the saved weights, so nothing is retrained; else ``loss.embedding_file``'s when set; else one trained on the
+    training data."""
     from dagan_gn.datasets.loader import data_class_count
 
-    classes = data_class_count(dataset)
     saved = ((state or {}).get("train_model") or {}).get("identity_embedding")
     if saved is not None:
-        return build_identity_embedding(classes, cfg.model.channels, cfg.model.image_size).to(device)
+        return build_identity_embedding(2, cfg.model.channels, cfg.model.image_size).to(device)
+    if cfg.loss.embedding_file:
+        say(f"identity embedding from {cfg.loss.embedding_file}")
+        return load_identity_embedding(cfg.loss.embedding_file, channels=cfg.model.channels,
+                                       image_size=cfg.model.image_size, device=device)
+    classes = data_class_count(dataset)
     say(f"training the identity embedding: {classes} classes, {cfg.loss.embedding_steps} steps")
     return train_identity_embedding(
         dataset, classes, channels=cfg.model.channels, image_size=cfg.model.image_size,

@@ -58,6 +58,36 @@ def test_class_selection_and_transform(patch_file):
         PatchDataset(patch_file, classes=["cyst"])
 
 
+def test_in_memory_gives_the_same_items_without_reading_the_file_again(patch_file, monkeypatch):
+    from dagan_gn.datasets.patches import limit_patches_per_class
+
+    for split, classes in (("train", None), (None, ["malignant", "normal"]), ("val", None)):
+        on_disk = PatchDataset(patch_file, split=split, classes=classes)
+        in_memory = PatchDataset(patch_file, split=split, classes=classes, in_memory=True)
+        assert in_memory._memory.dtype == np.uint16 and len(in_memory._memory) == len(on_disk)
+        for i in range(len(on_disk)):
+            a, b = on_disk[i], in_memory[i]
+            assert a["label"] == b["label"] and a["index"] == b["index"] and torch.equal(a["image"], b["image"])
+    ds = PatchDataset(patch_file, split="train", in_memory=True)
+    monkeypatch.setattr(PatchDataset, "_patches", lambda self: pytest.fail("read the file again"))
+    limited = limit_patches_per_class(ds, 1, seed=0)  # fewer rows: still found by file row
+    assert [int(limited[i]["image"][0, 0, 0].add(1).mul(65535 / 2).round()) for i in range(len(limited))] == [
+        1000 * int(r) for r in limited.rows]
+    batches = list(DataLoader(SameClassPairDataset(ds, seed=0), batch_size=3, num_workers=0))
+    assert sum(len(b["index"]) for b in batches) == 9
+
+
+def test_training_split_in_memory_from_the_config(patch_file):
+    from dagan_gn.config import load_config
+    from dagan_gn.datasets.registry import training_images
+
+    cfg = load_config(None, [f"data.path={patch_file}", "data.in_memory=true"])
+    images = training_images(cfg)
+    assert images._memory is not None and len(images._memory) == 9
+    cfg = load_config(None, [f"data.path={patch_file}"])
+    assert training_images(cfg)._memory is None
+
+
 def test_dataloader_with_workers(patch_file):
     ds = PatchDataset(patch_file, split=None)
     ds[0]  # open a handle in the parent first: workers must not reuse it

@@ -77,3 +77,49 @@ def test_run_checkpoints_the_embedding_and_a_resume_does_not_retrain_it(tmp_path
     assert resumed.step == 3
     pa, pb = straight.g_bare.state_dict(), resumed.g_bare.state_dict()
     assert all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_embedding_file_round_trips_and_a_run_uses_it_without_training(tmp_path, monkeypatch):
+    emb = train_identity_embedding(ShadedPairs(), 3, channels=1, image_size=32, steps=5, augmentation="", seed=0)
+    path = identity.save_identity_embedding(emb, tmp_path / "emb.pt", channels=1, image_size=32,
+                                            meta={"steps": 5, "classes": 3})
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == identity.EMBEDDING_FORMAT and raw["meta"] == {"steps": 5, "classes": 3}
+    loaded = identity.load_identity_embedding(path, channels=1, image_size=32)
+    images = ShadedPairs().images
+    assert torch.equal(loaded(images), emb(images))
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("loss.embedding_file given: nothing is trained")
+
+    monkeypatch.setattr(identity, "train_identity_embedding", refuse)
+    cfg = make_cfg("train.steps=2", "train.checkpoint_every=2", *EMBEDDING, f"loss.embedding_file={path}")
+    trainer = Trainer(cfg, tmp_path / "run", dataset=ShadedPairs(), log=lambda m: None)
+    trainer.fit()
+    trainer.close()
+    assert torch.equal(trainer.model.identity_embedding(images), emb(images))
+    # a run's checkpoint is itself an embedding file for the next run
+    ckpt = latest_checkpoint(tmp_path / "run")
+    assert torch.equal(identity.load_identity_embedding(ckpt, channels=1, image_size=32)(images), emb(images))
+
+
+def test_unusable_embedding_files_are_refused_naming_the_file(tmp_path):
+    emb = train_identity_embedding(ShadedPairs(), 3, channels=1, image_size=32, steps=2, augmentation="", seed=0)
+    path = identity.save_identity_embedding(emb, tmp_path / "emb.pt", channels=1, image_size=32)
+    with pytest.raises(identity.IdentityEmbeddingError, match=r"emb\.pt: made for 1×32px images, the run has 3×32px"):
+        identity.load_identity_embedding(path, channels=3, image_size=32)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(identity.IdentityEmbeddingError, match=r"junk\.pt: cannot read it"):
+        identity.load_identity_embedding(tmp_path / "junk.pt", channels=1, image_size=32)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(identity.IdentityEmbeddingError, match=r"other\.pt: not an embedding file"):
+        identity.load_identity_embedding(tmp_path / "other.pt", channels=1, image_size=32)
+    with pytest.raises(identity.IdentityEmbeddingError, match=r"missing\.pt: no such file"):
+        identity.load_identity_embedding(tmp_path / "missing.pt", channels=1, image_size=32)
+    cfg = make_cfg("train.steps=1", "train.checkpoint_every=1")  # a run without the embedding term
+    trainer = Trainer(cfg, tmp_path / "plain", dataset=ShadedPairs(), log=lambda m: None)
+    trainer.fit()
+    trainer.close()
+    with pytest.raises(identity.IdentityEmbeddingError, match="had no identity embedding"):
+        identity.load_identity_embedding(latest_checkpoint(tmp_path / "plain"), channels=1, image_size=32)
