@@ -1,39 +1,49 @@
-"""The GPU check (issue 12): every CUDA path of dagan-gn run, timed and checked by one command that leaves a report.
+"""The GPU check (issues 12 and 19): every CUDA path of dagan-gn run, timed and checked by one command that leaves a
+report, with the stages ordered by what a short GPU loan is worth.
 
-    python3 benchmarks/gpu_check.py --out OUT [--budget-s 480] [--stages 1,2,3,4,5] [--seed 0] [--workdir DIR]
-    python benchmarks/gpu_check.py --cpu-dry-run --out OUT     # every stage at toy sizes on the CPU (the test suite)
+    python3 benchmarks/gpu_check.py --out OUT [--budget-s 540] [--stages 1,2,3,4,5,6] [--seed 0] [--workdir DIR]
+    python benchmarks/gpu_check.py --cpu-dry-run --out OUT --omniglot-dir DIR   # every stage at toy sizes (CI)
 
 Stages, in order; each is timed, and one that fails records its error (one line, and the traceback in the JSON) and
 the next one runs:
 
 1. **environment** — Python/torch/CUDA/cuDNN versions, the device, TF32 settings, and the measured dense matmul rate
    in bf16, fp16 and fp32 (``benchmarks/train_step.matmul_rate``).
-2. **training step** — ``benchmarks/train_step.bench_model`` for DAGAN 64 (batch 64), DAGAN 256 (batch 32) and the
+2. **omniglot dagan** — the Omniglot few-shot protocol's DAGAN (``configs/dagan_omniglot_32.yaml``, the chosen
+   identity-keeping recipe: deformation output, frozen identity embedding, reconstruction) at reference scale: the
+   protocol's training file and the embedding trained on the CPU (``prepare_gpu_bundle.py``: the GPU machine has no
+   albumentations), bf16 autocast, the training split in memory; a short calibration run measures steps/s and the
+   run takes as many generator steps as fit (up to :attr:`Sizes.omniglot_steps`), its linear LR decay aimed at them;
+   a watchdog stops it with a checkpoint if time runs out. The checkpoint and ``metrics.jsonl`` come back under
+   ``OUT/omniglot_dagan/``, the run folder ``pipelines/omniglot_fewshot.py --reuse-dagan`` takes on the CPU.
+3. **quality** — the CIFAR ResNet WGAN-GP with a group-norm, a layer-norm and a no-norm critic (``jobs.cifar10_study``'s
+   cell config, bf16), the same steps and seed, trained on the CIFAR-10 test zip, FID/KID of a few thousand samples
+   (``metrics.fidelity.compute_fidelity``, torch-fidelity's Inception from the bundle's fp16 weights); steps are sized
+   to the time left by a calibration run. No IS: the FID Inception that travels has no classifier.
+4. **training step** — ``benchmarks/train_step.bench_model`` for DAGAN 64 (batch 64), DAGAN 256 (batch 32) and the
    CIFAR ResNet (batch 64): the reference loop (fp32) and the engine in fp32, bf16, bf16 with
    ``cudnn.benchmark``, and bf16 with ``torch.compile`` (inductor), channels_last: seconds per iteration, images/s,
    percentage of the measured bf16 (and fp32) matmul rate, speed-up over the reference timed in the same run.
-3. **correctness** — a synthetic DICOM archive made there (``phantom.make_demo_archive``) → ``extract_patches`` (64
+5. **augment throughput** — ``benchmarks/augment.forward_sweep`` of the default 256-px generator (fp32 as ``augment``
+   runs it, and bf16 channels_last), patches/s and peak GPU memory, and one whole ``augment()`` job (HDF5 in and
+   out); goal ≥ 5,000 patches/s on an H100.
+6. **correctness** — a synthetic DICOM archive made there (``phantom.make_demo_archive``) → ``extract_patches`` (64
    px) → ``jobs.train.train`` of DAGAN-64 (``configs/dagan_mammo_64.yaml``, conditional) in bf16 and in fp16: the
    critic's convolutions run in the autocast dtype while the gradient penalty and the master weights are fp32, the
    GradScaler is on for fp16 only, losses are finite, checkpoints are written; with
    ``torch.use_deterministic_algorithms`` a run stopped half-way and resumed equals the straight run (the max absolute
-   difference is recorded when it is not bit-equal); then ``jobs.augment.augment`` from that checkpoint.
-4. **augment throughput** — ``benchmarks/augment.forward_sweep`` of the default 256-px generator (fp32 as ``augment``
-   runs it, and bf16 channels_last), patches/s and peak GPU memory, and one whole ``augment()`` job (HDF5 in and
-   out); goal ≥ 5,000 patches/s on an H100.
-5. **quality** — the CIFAR ResNet WGAN-GP with a group-norm vs a layer-norm critic (``jobs.cifar10_study``'s cell
-   config, bf16), the same steps and seed, trained on the CIFAR-10 test zip, FID/KID of a few thousand samples
-   (``metrics.fidelity.compute_fidelity``, torch-fidelity's Inception from the bundle's fp16 weights); steps are sized
-   to the time left. Also the mean diversity ratio of stage 3's variants when ``dagan_gn.metrics.diversity`` exists.
+   difference is recorded when it is not bit-equal); then ``jobs.augment.augment`` from that checkpoint, and the mean
+   diversity ratio of its variants.
 
 ``OUT/gpu_check.json`` (every measurement, each check with pass/fail, timings, errors) and ``OUT/gpu_check.md`` (the
 tables) are rewritten atomically after every stage and every training-step row, so a run killed at its time limit
-still leaves a report; the tables are printed at the end. Exit status: 0 when every stage ran and every check passed,
-1 otherwise, 2 for bad arguments.
+still leaves a report; the tables are printed at the end. What comes back stays within the device tool's limits
+(at most 8 files, 2 folders down): the two reports, the Omniglot checkpoint and log, ``cifar_samples.png`` and
+``contact_sheet.png``. Exit status: 0 when every stage ran and every check passed, 1 otherwise, 2 for bad arguments.
 
-Budget: ``--budget-s`` (default 480 s, issue 12's 8 minutes) is shared out over the selected stages in proportion to
-:data:`STAGE_WEIGHTS`; time a stage leaves unused goes to the later ones. A stage (and each training-step row)
-starts only if its share allows, else it is recorded as skipped with a note.
+Budget: ``--budget-s`` (default 540 s: one command inside the device tool's 10 minutes) is shared out over the
+selected stages in proportion to :data:`STAGE_WEIGHTS`; time a stage leaves unused goes to the later ones. A stage
+(and each training-step row) starts only if its share allows, else it is recorded as skipped with a note.
 
 ``--cpu-dry-run`` runs the same stages with the same code on the CPU at toy sizes (tiny widths, a few steps,
 ``train.amp_on_cpu`` for the mixed-precision paths, the ``tiny`` feature extractor for FID/KID); only what needs CUDA
@@ -69,7 +79,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # scripts beside it (train_step, augment, prepare_gpu_bundle, and their _timing), whose folder is not on sys.path when
 # the file is run through runpy (tests/benchmarks/gpu_machine_python.py).
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
-# Before CUDA initialises: cuBLAS needs a fixed workspace for stage 3's deterministic comparison.
+# Before CUDA initialises: cuBLAS needs a fixed workspace for the correctness stage's deterministic comparison.
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -77,9 +87,11 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-STAGE_NAMES = {1: "environment", 2: "training step", 3: "correctness", 4: "augment throughput", 5: "quality"}
-#: Share of the budget of each stage (renormalised over the selected stages that are still to run).
-STAGE_WEIGHTS = {1: 0.03, 2: 0.30, 3: 0.22, 4: 0.08, 5: 0.37}
+STAGE_NAMES = {1: "environment", 2: "omniglot dagan", 3: "quality", 4: "training step", 5: "augment throughput",
+               6: "correctness"}
+#: Share of the budget of each stage (renormalised over the selected stages that are still to run), by value (issue
+#: 19): of 540 s, about 10 s environment, 300 s the Omniglot DAGAN, 145 s the CIFAR critics, then the speed rows.
+STAGE_WEIGHTS = {1: 0.02, 2: 0.55, 3: 0.27, 4: 0.08, 5: 0.03, 6: 0.05}
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -88,7 +100,14 @@ class Sizes:
     """Everything a stage sizes: the GPU run (:data:`FULL`) and the CPU dry run (:data:`DRY`)."""
 
     matmul_n: int
-    # stage 2
+    # omniglot dagan
+    omniglot_overrides: tuple[str, ...]
+    #: (fewest worth running, most) generator steps; equal: fixed (the dry run).
+    omniglot_steps: tuple[int, int]
+    omniglot_calibration_steps: int
+    #: Seconds kept for copying the run back and the stage's checks after training.
+    omniglot_reserve_s: float
+    # training step
     train_models: tuple[tuple[str, int], ...]
     #: Models that get every row; the others get one fp32 engine row (the dry run's CPU time).
     train_full_models: tuple[str, ...]
@@ -98,7 +117,7 @@ class Sizes:
     cudnn_benchmark_rows: bool
     compile_rows: bool
     compile_estimate_s: float
-    # stage 3
+    # correctness
     demo_patients: int
     demo_size: tuple[int, int]
     per_image: int
@@ -110,14 +129,14 @@ class Sizes:
     log_every: int
     augment_n: int
     augment_batch: int
-    # stage 4
+    # augment throughput
     sweep_batches: tuple[int, ...]
     sweep_repeats: int
     sweep_reference: bool
     job_sources: int
     job_n: int
     job_batch: int
-    # stage 5
+    # quality
     cifar_preset: str
     cifar_overrides: tuple[str, ...]
     cifar_limit_per_class: int
@@ -133,11 +152,12 @@ class Sizes:
 #: context, and 24 small images take a second or two.
 FULL = Sizes(
     matmul_n=8192,
+    omniglot_overrides=(), omniglot_steps=(2_000, 60_000), omniglot_calibration_steps=300, omniglot_reserve_s=15.0,
     train_models=(("dagan64", 64), ("dagan256", 32), ("cifar_resnet", 64)),
     train_full_models=("dagan64", "dagan256", "cifar_resnet"), train_iters=5, train_n_critic=5,
     train_overrides={}, cudnn_benchmark_rows=True, compile_rows=True, compile_estimate_s=60.0,
     demo_patients=6, demo_size=(768, 512), per_image=24, per_lesion=6, extract_workers=1, dagan_batch=64,
-    dagan_overrides=(), correctness_steps=200, log_every=10, augment_n=8, augment_batch=256,
+    dagan_overrides=(), correctness_steps=100, log_every=10, augment_n=8, augment_batch=256,
     sweep_batches=(32, 128, 256), sweep_repeats=5, sweep_reference=True, job_sources=256, job_n=8, job_batch=256,
     cifar_preset="seed-10k", cifar_overrides=(), cifar_limit_per_class=0, cifar_steps=(100, 20_000),
     cifar_num_workers=4, fid_samples=5000, kid_subset=1000, metric_reserve_s=60.0, calibration_steps=20,
@@ -145,6 +165,8 @@ FULL = Sizes(
 _TOY_DAGAN = ("model.g_width=8", "model.d_width=8", "model.z_dim=8")
 DRY = Sizes(
     matmul_n=256,
+    omniglot_overrides=(*_TOY_DAGAN, "data.batch_size=8", "loss.embedding_steps=2", "train.ema_start=0"),
+    omniglot_steps=(4, 4), omniglot_calibration_steps=0, omniglot_reserve_s=0.0,
     # DAGAN 256 differs from DAGAN 64 by its config file only, and costs seconds per toy iteration on a CPU.
     train_models=(("dagan64", 1), ("cifar_resnet", 1)), train_full_models=("dagan64",),
     train_iters=1, train_n_critic=1,
@@ -281,7 +303,7 @@ class Context:
     work: Path
     out: Path
     report: Report
-    #: Results later stages use (matmul rates, engine step times, stage 3's files).
+    #: Results later stages use (matmul rates, engine step times).
     shared: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -311,7 +333,7 @@ def _quiet(msg: str) -> None:
     print(f"  [train] {msg}", file=sys.stderr, flush=True)
 
 
-# ============================================================================================ stage 1
+# ============================================================================================ environment
 def stage_environment(ctx: Context, st: dict, deadline: float) -> None:
     from importlib import metadata
 
@@ -354,9 +376,162 @@ def stage_environment(ctx: Context, st: dict, deadline: float) -> None:
           min(rates.values()) / 1e12, "> 0 TFLOP/s")
 
 
-# ============================================================================================ stage 2
+# ============================================================================================ omniglot dagan
+#: Where the Omniglot run comes back: ``OUT/omniglot_dagan/checkpoints/step_N.pt`` (two folders down, as the device tool
+#: returns) and ``metrics.jsonl``; the folder is what ``omniglot_fewshot.py --reuse-dagan`` takes.
+OMNIGLOT_RUN = "omniglot_dagan"
+
+
+def _omniglot_inputs(ctx: Context) -> tuple[Path, Path]:
+    """(the protocol's DAGAN training file, the CPU-trained identity embedding): ``--omniglot-dir``, else the
+    bundle's."""
+    from prepare_gpu_bundle import BUNDLE_DIR, OMNIGLOT_DIR, OMNIGLOT_EMBEDDING, OMNIGLOT_TRAIN
+
+    folder = ctx.args.omniglot_dir or BUNDLE_DIR / OMNIGLOT_DIR
+    files = (Path(folder) / OMNIGLOT_TRAIN, Path(folder) / OMNIGLOT_EMBEDDING)
+    missing = [f for f in files if not f.is_file()]
+    if missing:
+        raise StageSkipped(f"no {missing[0]}: run benchmarks/prepare_gpu_bundle.py (or pass --omniglot-dir)")
+    return files
+
+
+def _omniglot_config(ctx: Context, train_file: Path, embedding: Path, steps: int):
+    """The protocol's own DAGAN config (``omniglot_fewshot.dagan_config``: ``configs/dagan_omniglot_32.yaml`` and its
+    fixed keys) for ``steps`` generator steps on this device, in bf16, with the bundle's embedding and the training
+    split in memory; ``data.classes`` lists the training characters, so the CPU's ``--reuse-dagan`` can tell that it
+    never saw a test character without the training file."""
+    from prepare_gpu_bundle import omniglot_pipeline
+
+    from dagan_gn.store.patch_file import PatchFile
+
+    fewshot = omniglot_pipeline()
+    log_every = min(steps, max(50, steps // 100))  # each log syncs the GPU: not every step
+    args = fewshot.parse_args([
+        *ctx.sizes.omniglot_overrides, f"loss.embedding_file={embedding}", *ctx.amp_overrides("bf16"),
+        "data.in_memory=true", "data.num_workers=0", f"train.log_every={log_every}",
+        f"train.checkpoint_every={max(1, steps // 5)}", "train.keep_checkpoints=1", f"train.sample_every={steps}",
+        "--out", str(ctx.work / "omniglot"), "--device", ctx.device.type, "--seed", str(ctx.args.seed), "--quiet",
+        "--steps", str(steps),
+    ])
+    cfg = fewshot.dagan_config(args, train_file)
+    with PatchFile(train_file) as pf:
+        classes = list(pf.class_names)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, classes=classes))
+
+
+def _return_run(run: Path, dest: Path) -> dict[str, Any]:
+    """Copy a run's newest checkpoint and its ``metrics.jsonl`` to ``dest`` (atomically, the older copy replaced)."""
+    import shutil
+
+    from dagan_gn.fileio import atomic_path, sha256_file
+    from dagan_gn.training.checkpoint import checkpoint_dir, latest_checkpoint
+
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        return {}
+    for old in checkpoint_dir(dest).glob("step_*.pt") if checkpoint_dir(dest).is_dir() else ():
+        if old.name != ckpt.name:
+            old.unlink()
+    copies = {"checkpoint": (ckpt, checkpoint_dir(dest) / ckpt.name), "metrics": (run / "metrics.jsonl",
+                                                                               dest / "metrics.jsonl")}
+    for src, dst in copies.values():
+        if src.is_file():
+            with atomic_path(dst) as tmp:
+                shutil.copyfile(src, tmp)
+    back = copies["checkpoint"][1]
+    return {"checkpoint": str(back.relative_to(dest.parent)), "bytes": back.stat().st_size,
+            "sha256": sha256_file(back)}
+
+
+def stage_omniglot(ctx: Context, st: dict, deadline: float) -> None:
+    import threading
+
+    from dagan_gn.fileio import sha256_file
+    from dagan_gn.training.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+    from dagan_gn.training.families import generator_from_state
+    from dagan_gn.training.run_log import read_metrics
+    from dagan_gn.training.trainer import Trainer
+
+    s, dev = ctx.sizes, ctx.device
+    train_file, embedding = _omniglot_inputs(ctx)
+    st["measurements"]["inputs"] = {"train_file_sha256": sha256_file(train_file),
+                                    "embedding": torch.load(embedding, weights_only=True).get("meta", {})}
+    lo, hi = s.omniglot_steps
+    if lo == hi:
+        steps, how, rate = lo, "fixed (dry run)", None
+    else:
+        # A short run of the same config: its steps/s (from the start of its loop, so warm-up included) and the
+        # seconds it took to start (data, nets, embedding) size the real run.
+        calibration = _omniglot_config(ctx, train_file, embedding, s.omniglot_calibration_steps)
+        seconds = _train_run(calibration, ctx.work / "omniglot_calibration")
+        rates = [r["steps_per_s"] for r in read_metrics(ctx.work / "omniglot_calibration" / "metrics.jsonl")
+                 if r.get("steps_per_s")]
+        rate = rates[-1] if rates else s.omniglot_calibration_steps / seconds
+        startup = max(0.0, seconds - s.omniglot_calibration_steps / rate)
+        left = deadline - time.perf_counter() - s.omniglot_reserve_s - startup
+        # The calibration's rate already holds the data, EMA and logging: 5 % more for the checkpoints.
+        steps = steps_for_budget(left, 1 / rate, 1, lo, hi, overhead=1.05, multiple=1000)
+        how = (f"a {s.omniglot_calibration_steps}-step calibration run: {rate:.1f} steps/s, {startup:.1f} s to "
+               f"start, {max(left, 0):.0f} s left")
+        st["measurements"].update(calibration_steps_per_s=rate, calibration_seconds=seconds)
+        if steps == 0:
+            raise StageSkipped(f"{how}: fewer than {lo} steps fit")
+    cfg = _omniglot_config(ctx, train_file, embedding, steps)
+    run = ctx.work / OMNIGLOT_RUN
+    st["measurements"].update(steps_planned=steps, steps_sized_by=how, batch_size=cfg.data.batch_size,
+                              characters=len(cfg.data.classes), config="configs/dagan_omniglot_32.yaml")
+    st["notes"].append(f"{steps} generator steps planned (sized by {how}); batch {cfg.data.batch_size}, "
+                       f"n_critic {cfg.optim.n_critic}, bf16, seed {ctx.args.seed}, {len(cfg.data.classes)} training "
+                       "characters, the identity embedding trained on the CPU (prepare_gpu_bundle.py)")
+    ctx.report.save()
+    trainer = Trainer(cfg, run, log=_quiet)
+    # The watchdog: if the stage's time runs out, the run stops after its current step with a checkpoint (its LR
+    # schedule still aimed at the planned steps) and that checkpoint comes back.
+    watchdog = threading.Timer(max(0.0, deadline - time.perf_counter() - s.omniglot_reserve_s), trainer.stops.request)
+    watchdog.daemon = True
+    t0 = time.perf_counter()
+    watchdog.start()
+    try:
+        trainer.fit()
+    finally:
+        watchdog.cancel()
+        trainer.close()
+        _sync(dev)
+        seconds = time.perf_counter() - t0
+        returned = _return_run(run, ctx.out / OMNIGLOT_RUN)
+        st["measurements"]["returned"] = returned
+        ctx.report.save()
+    ckpt = latest_checkpoint(run)
+    reached = checkpoint_step(ckpt) if ckpt is not None else 0
+    finite, last, n_logged = _finite_losses(run)
+    st["measurements"].update(steps_reached=reached, seconds=seconds, steps_per_s=reached / seconds,
+                              final_losses=last, stopped_by_watchdog=reached < steps)
+    st["tables"].append({"title": "Omniglot DAGAN (configs/dagan_omniglot_32.yaml) at reference scale", "header": [
+        "steps planned", "steps reached", "train s", "steps/s", "final critic loss", "final generator loss",
+        "checkpoint MiB"], "rows": [[steps, reached, seconds, reached / seconds, last.get("loss/critic"),
+                                     last.get("loss/generator"), returned.get("bytes", 0) / 2**20]]})
+    check(st, "omniglot: losses finite", finite, n_logged, "every logged loss finite")
+    check(st, "omniglot: the planned steps were trained", reached == steps, reached,
+          f"step {steps} (less: the watchdog stopped the run at the stage's time)")
+    check(st, "omniglot: checkpoint back under OUT, ≤ 16 MiB", 0 < returned.get("bytes", 0) <= 16 * 2**20,
+          returned.get("bytes"), "the device tool returns files of at most 16 MiB")
+    # What the CPU's --reuse-dagan will do first: the checkpoint loads as a generator that makes finite variants.
+    state = load_checkpoint(ctx.out / returned["checkpoint"])
+    generator, _ = generator_from_state(state, ctx.out / returned["checkpoint"], device="cpu", use_ema=True)
+    sources = trainer.dataset[0]["image"].unsqueeze(0).repeat(4, 1, 1, 1)
+    with torch.no_grad():
+        z = torch.randn(4, cfg.model.z_dim, generator=torch.Generator().manual_seed(ctx.args.seed))
+        variants = generator(sources, z)
+    spread = float((variants[0] - variants[1]).abs().mean())
+    check(st, "omniglot: the returned checkpoint's generator makes finite, differing variants",
+          bool(torch.isfinite(variants).all()) and spread > 0, spread, "finite, mean |v0 − v1| > 0")
+    st["notes"].append(f"on the CPU: python pipelines/omniglot_fewshot.py --out runs/omniglot_gpu --seeds 0,1,2,3,4 "
+                       f"--threads 2 --workers 2 --quiet --reuse-dagan <OUT>/{OMNIGLOT_RUN}")
+
+
+# ============================================================================================ training step
 def _train_step_plan(sizes: Sizes) -> list[dict[str, Any]]:
-    """Rows of stage 2: every model eagerly (fp32 with the reference and the literal-net engine, then the engine in
+    """Rows of the training-step stage: every model eagerly (fp32 with the reference and the literal-net engine, then the engine in
     bf16 and bf16 + cudnn.benchmark), then the compiled engine rows last (the costliest, first to go when time is
     short). Models not in ``train_full_models`` get one fp32 engine row only."""
     rows = []
@@ -476,7 +651,7 @@ def stage_train_step(ctx: Context, st: dict, deadline: float) -> None:
              100 * best["fraction_of_peak"], 35, "% of the measured bf16 matmul rate")
 
 
-# ============================================================================================ stage 3
+# ============================================================================================ correctness
 @contextlib.contextmanager
 def deterministic_algorithms():
     """``torch.use_deterministic_algorithms(True, warn_only=True)`` with cuDNN deterministic and not benchmarking;
@@ -705,9 +880,14 @@ def stage_correctness(ctx: Context, st: dict, deadline: float) -> None:
           float(np.abs(first - second).mean()) > 0, float(np.abs(first - second).mean()), "> 0 mean |difference|")
     check(st, "augment: synthetic patches not constant", float(images.std()) > 1e-3, float(images.std()), "std > 1e-3")
     ctx.shared.update(patches=patches, synthetic=synthetic)
+    try:
+        _diversity(ctx, st)
+    except Exception as exc:  # noqa: BLE001 - a metric's failure must not cost the checks above
+        st["measurements"]["diversity"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+        check(st, "diversity ratio computed", False, f"{type(exc).__name__}", "dagan_gn.metrics.diversity ran")
 
 
-# ============================================================================================ stage 4
+# ============================================================================================ augment throughput
 def stage_augment_throughput(ctx: Context, st: dict, deadline: float) -> None:
     import augment as augment_bench  # benchmarks/augment.py
 
@@ -748,7 +928,7 @@ def stage_augment_throughput(ctx: Context, st: dict, deadline: float) -> None:
          5000, "patches/s on an H100")
 
 
-# ============================================================================================ stage 5
+# ============================================================================================ quality
 def _cifar_zip(ctx: Context) -> Path:
     """The CIFAR-10 test zip: ``--cifar-zip``, the bundle's copy, ../shared's; in a dry run without any, a tiny
     synthetic zip of the same layout."""
@@ -775,7 +955,7 @@ def _cifar_zip(ctx: Context) -> Path:
                 buf = io.BytesIO()
                 Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buf, format="JPEG")
                 zf.writestr(f"test/{name}/{i:04d}.jpg", buf.getvalue())
-    ctx.report.stage(5)["notes"].append("no CIFAR-10 zip here: a synthetic 32×32 zip of the same layout was used")
+    ctx.report.stage(3)["notes"].append("no CIFAR-10 zip here: a synthetic 32×32 zip of the same layout was used")
     return path
 
 
@@ -796,7 +976,8 @@ def _inception_weights(ctx: Context) -> tuple[str, str | None]:
 
 
 def _diversity(ctx: Context, st: dict) -> None:
-    """Mean diversity ratio of stage 3's variants (``dagan_gn.metrics.diversity``, when that module exists)."""
+    """Mean diversity ratio of the correctness stage's variants (``dagan_gn.metrics.diversity``, when that module
+    exists)."""
     try:
         from dagan_gn.metrics.diversity import diversity_ratios
     except ModuleNotFoundError:
@@ -804,7 +985,7 @@ def _diversity(ctx: Context, st: dict) -> None:
         st["notes"].append("diversity ratio skipped: dagan_gn.metrics.diversity not present")
         return
     if "synthetic" not in ctx.shared:
-        st["notes"].append("diversity ratio skipped: stage 3 made no synthetic file")
+        st["notes"].append("diversity ratio skipped: no synthetic file was made")
         return
     from dagan_gn.store.patch_file import PatchFile, uint16_to_signed
 
@@ -826,11 +1007,17 @@ def _diversity(ctx: Context, st: dict) -> None:
     check(st, "diversity ratio finite", math.isfinite(mean), mean, "finite")
 
 
-def steps_for_budget(seconds: float, s_per_step: float, arms: int, lo: int, hi: int) -> int:
-    """Generator steps per arm that fit ``seconds`` for ``arms`` runs at ``s_per_step`` (+25 % for data loading, EMA
-    and logging), a multiple of 10 capped at ``hi``; 0 when fewer than ``lo`` fit."""
-    steps = int(max(seconds, 0.0) / arms / (1.25 * s_per_step)) // 10 * 10
+def steps_for_budget(seconds: float, s_per_step: float, arms: int, lo: int, hi: int, *, overhead: float = 1.25,
+                     multiple: int = 10) -> int:
+    """Generator steps per arm that fit ``seconds`` for ``arms`` runs at ``s_per_step`` times ``overhead`` (what the
+    timing left out: data loading, EMA, logging, checkpoints), a multiple of ``multiple`` capped at ``hi``; 0 when
+    fewer than ``lo`` fit."""
+    steps = int(max(seconds, 0.0) / arms / (overhead * s_per_step)) // multiple * multiple
     return 0 if steps < lo else min(steps, hi)
+
+
+#: The critic norms compared (issue 19: group vs layer vs none), and the sample rows of each in cifar_samples.png.
+QUALITY_ARMS, SAMPLE_ROWS = ("group", "layer", "none"), 2
 
 
 def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
@@ -843,17 +1030,12 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
     from dagan_gn.training.run_log import save_image_grid
 
     s, dev, seed = ctx.sizes, ctx.device, ctx.args.seed
-    try:
-        _diversity(ctx, st)
-    except Exception as exc:  # noqa: BLE001 - another branch's module: its failure must not cost the comparison
-        st["measurements"]["diversity"] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
-        check(st, "diversity ratio computed", False, f"{type(exc).__name__}", "dagan_gn.metrics.diversity ran")
     extractor, weights = _inception_weights(ctx)
     data = _cifar_zip(ctx)
     dataset = CIFAR10Dataset(data, "test", limit_per_class=s.cifar_limit_per_class, seed=seed,
                              cache_dir=ctx.work / "cache" / "cifar10")
     preset = PRESETS[s.cifar_preset]
-    arms = ("group", "layer")
+    arms = QUALITY_ARMS
 
     def config(norm: str, steps: int, folder: str):
         p = dataclasses.replace(preset, steps=steps, eval_every=0, num_workers=s.cifar_num_workers,
@@ -864,14 +1046,14 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
         return apply_overrides(cfg, [*ctx.amp_overrides("bf16"), f"train.channels_last={str(not ctx.dry).lower()}",
                                      *s.cifar_overrides]), ctx.work / folder
 
-    # Size the steps to the time left: stage 2's engine time for this net, batch and precision (+25 % for data
-    # loading, EMA and logging), else a short calibration run.
+    # Size the steps to the time left: the training-step stage's engine time for this net, batch and precision when
+    # it ran first (+25 % for data loading, EMA and logging), else a short calibration run.
     lo, hi = s.cifar_steps
     if lo == hi:
         steps, how = lo, "fixed (dry run)"
     else:
         s_it = ctx.shared.get("engine_s", {}).get(("cifar_resnet", preset.batch_size, "bf16", False, False))
-        how = "stage 2's engine bf16 time × 1.25"
+        how = "the training-step stage's engine bf16 time × 1.25"
         if s_it is None:
             cfg, run = config("group", s.calibration_steps, "cifar_calibration")
             s_it = _train_run(cfg, run, dataset=dataset) / s.calibration_steps
@@ -886,10 +1068,15 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
                        f"seed {seed}; trained and scored against the {len(dataset)} CIFAR-10 test images; "
                        f"{s.fid_samples} samples per arm; one seed per arm, so no interval across training runs "
                        "(KID ± is the std over subsets)")
-    table = {"title": "CIFAR ResNet WGAN-GP: group-norm vs layer-norm critic", "header": [
+    st["notes"].append("no IS: the Inception weights that travel are torch-fidelity's FID network, whose 1008-way "
+                       "classifier is not part of them, so the seed project's IS table cannot be recomputed here")
+    st["notes"].append(f"cifar_samples.png: {SAMPLE_ROWS} rows of 8 EMA samples per arm, arms top to bottom in the "
+                       f"order {', '.join(arms)}")
+    table = {"title": "CIFAR ResNet WGAN-GP: group-norm vs layer-norm vs no-norm critic", "header": [
         "critic norm", "steps", "train s", "steps/s", "FID", "KID", "KID std", "final critic loss"], "rows": []}
     st["tables"].append(table)
     arms_out = st["measurements"].setdefault("arms", {})
+    shown: list[torch.Tensor] = []
     for norm in arms:
         cfg, run = config(norm, steps, f"cifar_{norm}")
         seconds = _train_run(cfg, run, dataset=dataset)
@@ -898,7 +1085,8 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
         generator, _, _ = load_generator(run, device=dev, use_ema=True)
         fake = get_family(cfg.model.name).sample(generator, s.fid_samples, torch.Generator().manual_seed(10_000 + seed),
                                                  batch_size=500, device=dev)
-        save_image_grid(fake[:64], ctx.out / f"cifar_{norm}.png", 8)
+        shown.append(fake[: SAMPLE_ROWS * 8].cpu())
+        save_image_grid(torch.cat(shown), ctx.out / "cifar_samples.png", 8)  # one file: the device returns 8
         scores = compute_fidelity(fake, dataset.images_uint8, metrics=("fid", "kid"), inception_weights=weights,
                                   feature_extractor=extractor, device=dev, kid_subset_size=s.kid_subset,
                                   cache_key=f"gpu-check-cifar10-test-{len(dataset)}", cache_dir=ctx.work / "cache")
@@ -911,12 +1099,14 @@ def stage_quality(ctx: Context, st: dict, deadline: float) -> None:
             math.isfinite(float(scores.get(k, float("nan")))) for k in ("fid", "kid_mean")), scores.get("fid"),
             "finite")
         ctx.report.save()
-    if all(n in arms_out for n in arms):
-        st["measurements"]["fid_group_minus_layer"] = arms_out["group"]["fid"] - arms_out["layer"]["fid"]
+    for other in ("layer", "none"):
+        if "group" in arms_out and other in arms_out:
+            st["measurements"][f"fid_group_minus_{other}"] = arms_out["group"]["fid"] - arms_out[other]["fid"]
 
 
 STAGES: dict[int, Callable[[Context, dict, float], None]] = {
-    1: stage_environment, 2: stage_train_step, 3: stage_correctness, 4: stage_augment_throughput, 5: stage_quality,
+    1: stage_environment, 2: stage_omniglot, 3: stage_quality, 4: stage_train_step, 5: stage_augment_throughput,
+    6: stage_correctness,
 }
 
 
@@ -938,14 +1128,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, required=True, help="folder for gpu_check.json, gpu_check.md and the PNGs")
     p.add_argument("--cpu-dry-run", action="store_true", help="every stage at toy sizes on the CPU (CI)")
-    p.add_argument("--budget-s", type=float, default=480.0, help="wall-time budget of all stages (default 480)")
-    p.add_argument("--stages", default="1,2,3,4,5", help="comma-separated stage numbers (default 1,2,3,4,5)")
+    p.add_argument("--budget-s", type=float, default=540.0, help="wall-time budget of all stages (default 540)")
+    p.add_argument("--stages", default="1,2,3,4,5,6", help="comma-separated stage numbers (default 1,2,3,4,5,6)")
     p.add_argument("--seed", type=int, default=0, help="seed of every stage (default 0)")
     p.add_argument("--workdir", type=Path, default=None,
                    help="scratch folder for archives, patch files and runs (default: a new temporary folder; it is "
                         "not under --out, whose files are what comes back from the GPU machine)")
     p.add_argument("--cifar-zip", type=Path, default=None,
-                   help="CIFAR-10 test zip for stage 5 (default: .gpu_bundle/ or ../shared/data/cifar10/)")
+                   help="CIFAR-10 test zip for the quality stage (default: .gpu_bundle/ or ../shared/data/cifar10/)")
+    p.add_argument("--omniglot-dir", type=Path, default=None,
+                   help="folder with the Omniglot stage's dagan_train.h5 and identity_embedding.pt (default: "
+                        ".gpu_bundle/omniglot/, made by benchmarks/prepare_gpu_bundle.py)")
     p.add_argument("--inception-weights", type=Path, default=None,
                    help="torch-fidelity Inception weights (default: .gpu_bundle/inception-fp16.pt, unpacked)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op CPU threads (default: torch's)")

@@ -244,12 +244,21 @@ def omniglot_pipeline():
     return sys.modules[name]
 
 
-def prepare_omniglot(dest: Path, pipeline_args: list[str] | tuple[str, ...] = ()) -> dict:
+def _repository_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it (the manifest says which config, not where it lay)."""
+    try:
+        return str(Path(path).resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def prepare_omniglot(dest: Path, data: list[Path] | tuple[Path, ...], overrides: tuple[str, ...] = (),
+                     options: tuple[str, ...] = ()) -> dict:
     """Write the Omniglot stage's inputs into ``dest``: the protocol's DAGAN training file and the frozen identity
     embedding its config trains before the GAN (on this CPU, with the config's steps, augmentation and seed, as a run
-    of the pipeline would), for ``loss.embedding_file`` on the GPU machine. ``pipeline_args``: options and overrides
-    of ``omniglot_fewshot.py`` (``--data``, ``--train-alphabets``, ``--config``, ``section.key=value``). Returns
-    what was made (for the manifest)."""
+    of the pipeline would), for ``loss.embedding_file`` on the GPU machine. ``data``: the Omniglot zips;
+    ``overrides`` (``section.key=value``) and ``options`` (``--train-alphabets``, ``--config``, ...) as
+    ``omniglot_fewshot.py`` takes them, and as the GPU check passes them. Returns what was made (for the manifest)."""
     import os
 
     import torch
@@ -259,8 +268,8 @@ def prepare_omniglot(dest: Path, pipeline_args: list[str] | tuple[str, ...] = ()
 
     fewshot = omniglot_pipeline()
     dest.mkdir(parents=True, exist_ok=True)
-    args = fewshot.parse_args(["--out", str(dest), "--quiet", *pipeline_args])
-    data, train_classes, _ = fewshot.read_omniglot(args)
+    args = fewshot.parse_args([*overrides, "--out", str(dest), "--quiet", *options, "--data", *map(str, data)])
+    data, train_classes = fewshot.read_training_characters(args)
     # Public drawings: the provenance pseudonyms only need a salt, not a kept one.
     train_file = fewshot.write_dagan_train_file(dest / OMNIGLOT_TRAIN, data, train_classes, args.size, os.urandom(32))
     cfg = fewshot.dagan_config(args, train_file)
@@ -271,7 +280,8 @@ def prepare_omniglot(dest: Path, pipeline_args: list[str] | tuple[str, ...] = ()
     embedding = identity_embedding_for_run(cfg, dataset, None, torch.device("cpu"), say=lambda message: None)
     meta = {"steps": cfg.loss.embedding_steps, "augmentation": cfg.loss.embedding_augmentation,
             "seed": cfg.train.seed, "characters": len(train_classes), "drawings": len(dataset),
-            "train_file_sha256": _sha256(train_file), "config": str(args.config), "seconds": time.perf_counter() - t0}
+            "train_file_sha256": _sha256(train_file), "config": _repository_path(args.config),
+            "seconds": time.perf_counter() - t0}
     save_identity_embedding(embedding, dest / OMNIGLOT_EMBEDDING, channels=cfg.model.channels,
                             image_size=cfg.model.image_size, meta=meta)
     return meta
@@ -362,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     if absent:
         print(f"no Omniglot data: {absent[0]} does not exist (pass --omniglot-data ZIP ...)", file=sys.stderr)
         return 1
-    omniglot = prepare_omniglot(BUNDLE_DIR / OMNIGLOT_DIR, ["--data", *map(str, omniglot_data)])
+    omniglot = prepare_omniglot(BUNDLE_DIR / OMNIGLOT_DIR, omniglot_data)
     omniglot_files = [BUNDLE_DIR / OMNIGLOT_DIR / n for n in (OMNIGLOT_TRAIN, OMNIGLOT_EMBEDDING)]
 
     manifest = {

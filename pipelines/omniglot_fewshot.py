@@ -258,16 +258,27 @@ def draw_task(labels: np.ndarray, num_classes: int, pool: int, test_per_class: i
 
 
 # ------------------------------------------------------------------------------------------------------ stages
+def _read_drawings(args: argparse.Namespace, alphabets: Sequence[str]) -> tuple[Any, list[str]]:
+    """The drawings of ``alphabets`` (32 px, inverted) and the characters of the training alphabets among them."""
+    from dagan_gn.datasets.image_folder import class_matches, read_image_folder
+
+    data = read_image_folder(args.data, size=args.size, invert=True, class_prefixes=list(alphabets),
+                             progress=not args.quiet)
+    return data, [c for c in data.class_names if class_matches(c, args.train_alphabets)]
+
+
+def read_training_characters(args: argparse.Namespace) -> tuple[Any, list[str]]:
+    """The training alphabets' drawings alone and their characters: the DAGAN's data, without a task
+    (``benchmarks/prepare_gpu_bundle.py``)."""
+    return _read_drawings(args, args.train_alphabets)
+
+
 def read_omniglot(args: argparse.Namespace):
     """Stage 1: the images of the training and task characters; the task's class list."""
-    from dagan_gn.datasets.image_folder import read_image_folder
-
-    prefixes = list(dict.fromkeys([*args.train_alphabets, *([] if args.dev else args.test_alphabets)]))
-    data = read_image_folder(args.data, size=args.size, invert=True, class_prefixes=prefixes,
-                             progress=not args.quiet)
     from dagan_gn.datasets.image_folder import class_matches
 
-    train_classes = [c for c in data.class_names if class_matches(c, args.train_alphabets)]
+    prefixes = list(dict.fromkeys([*args.train_alphabets, *([] if args.dev else args.test_alphabets)]))
+    data, train_classes = _read_drawings(args, prefixes)
     if args.dev:
         if args.dev_classes > len(train_classes):
             raise ProtocolError(f"--dev-classes {args.dev_classes}: the training alphabets have only "
@@ -800,9 +811,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     from dagan_gn.fileio import atomic_write_text
     from dagan_gn.ingest.privacy import load_or_create_salt
-    from dagan_gn.jobs.import_images import write_images
     from dagan_gn.runtime import environment_info
-    from dagan_gn.store.patch_file import PatchFile
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)

