@@ -16,8 +16,8 @@ the next one runs:
    run takes as many generator steps as fit (up to :attr:`Sizes.omniglot_steps`), its linear LR decay aimed at them;
    a watchdog stops it with a checkpoint if time runs out. The checkpoint and ``metrics.jsonl`` come back under
    ``OUT/omniglot_dagan/``, the run folder ``pipelines/omniglot_fewshot.py --reuse-dagan`` takes on the CPU.
-3. **quality** — the CIFAR ResNet WGAN-GP with a group-norm, a layer-norm and a no-norm critic (``jobs.cifar10_study``'s
-   cell config, bf16), the same steps and seed, trained on the CIFAR-10 test zip, FID/KID of a few thousand samples
+3. **quality** — the CIFAR ResNet WGAN-GP with a group-norm, a layer-norm and a no-norm critic
+   (``jobs.cifar10_study``'s cell config, bf16), the same steps and seed, trained on the CIFAR-10 test zip, FID/KID of a few thousand samples
    (``metrics.fidelity.compute_fidelity``, torch-fidelity's Inception from the bundle's fp16 weights); steps are sized
    to the time left by a calibration run. No IS: the FID Inception that travels has no classifier.
 4. **training step** — ``benchmarks/train_step.bench_model`` for DAGAN 64 (batch 64), DAGAN 256 (batch 32) and the
@@ -350,7 +350,7 @@ def stage_environment(ctx: Context, st: dict, deadline: float) -> None:
         "CUBLAS_WORKSPACE_CONFIG": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
     }
     for pkg in ("numpy", "scipy", "h5py", "scikit-image", "matplotlib", "triton", "torchvision", "torch-fidelity",
-                "pydicom"):
+                "pydicom", "monai"):
         try:
             env[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -531,9 +531,9 @@ def stage_omniglot(ctx: Context, st: dict, deadline: float) -> None:
 
 # ============================================================================================ training step
 def _train_step_plan(sizes: Sizes) -> list[dict[str, Any]]:
-    """Rows of the training-step stage: every model eagerly (fp32 with the reference and the literal-net engine, then the engine in
-    bf16 and bf16 + cudnn.benchmark), then the compiled engine rows last (the costliest, first to go when time is
-    short). Models not in ``train_full_models`` get one fp32 engine row only."""
+    """Rows of the training-step stage: every model eagerly (fp32 with the reference and the literal-net engine, then
+    the engine in bf16 and bf16 + cudnn.benchmark), then the compiled engine rows last (the costliest, first to go
+    when time is short). Models not in ``train_full_models`` get one fp32 engine row only."""
     rows = []
     for model, batch in sizes.train_models:
         if model not in sizes.train_full_models:

@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compare fp32 and fp16-stored Inception features and FID/KID on N CIFAR test images, "
                         "N // 10 per class (0: skip)")
     p.add_argument("--omniglot-data", type=Path, nargs="+", default=None, metavar="ZIP",
-                   help="Omniglot zips for the Omniglot stage (default: omniglot_fewshot.py's, ../shared/data/omniglot)")
+                   help="Omniglot zips for the Omniglot stage (default: omniglot_fewshot.py's, in "
+                        "../shared/data/omniglot)")
     p.add_argument("--no-download", action="store_true", help="keep the wheels already in .whl/")
     args = p.parse_args(argv)
 

@@ -9,8 +9,8 @@ a hospital firewall. This module resolves weights from local files only, in this
    the standard TF ``pt_inception-2015-12-05`` graph without its classifier). Its tensors are read from the archive
    without running any of its code (:func:`read_torchscript_tensors`; ``torch.jit.load`` is deprecated and would
    execute the archive's TorchScript), its 94 conv+BatchNorm layers are mapped *in order* onto torch-fidelity's
-   :class:`FeatureExtractorInceptionV3` once, and the converted state dict is cached under ``<cache_dir>/inception/``. The classifier layer is filled with zeros and Inception Score is reported as
-   unavailable with these weights.
+   :class:`FeatureExtractorInceptionV3` once, and the converted state dict is cached under ``<cache_dir>/inception/``.
+   The classifier layer is filled with zeros and Inception Score is reported as unavailable with these weights.
 
 A :class:`InceptionWeightsUnavailable` error explains what to do when neither exists.
 """

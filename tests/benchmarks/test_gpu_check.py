@@ -188,7 +188,8 @@ def test_omniglot_stage_without_its_inputs_is_skipped_with_a_note(tmp_path):
                          "--stages", "2", "--omniglot-dir", str(tmp_path / "nothing")])
     assert rc == 1
     st = json.loads((tmp_path / "out" / "gpu_check.json").read_text())["stages"]["2"]
-    assert st["status"] == "skipped" and "prepare_gpu_bundle.py" in st["notes"][0] and "dagan_train.h5" in st["notes"][0]
+    note = st["notes"][0]
+    assert st["status"] == "skipped" and "prepare_gpu_bundle.py" in note and "dagan_train.h5" in note
 
 
 def test_gpu_machine_python_hides_what_the_machine_lacks(tmp_path):
