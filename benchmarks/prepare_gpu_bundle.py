@@ -32,7 +32,6 @@ imports blocked): :data:`NOT_BUNDLED`.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import importlib.metadata as metadata
 import json
 import re
@@ -263,6 +262,7 @@ def prepare_omniglot(dest: Path, data: list[Path] | tuple[Path, ...], overrides:
 
     import torch
 
+    from dagan_gn.fileio import sha256_file
     from dagan_gn.training.families import build_dataset
     from dagan_gn.training.identity import identity_embedding_for_run, save_identity_embedding
 
@@ -270,8 +270,10 @@ def prepare_omniglot(dest: Path, data: list[Path] | tuple[Path, ...], overrides:
     dest.mkdir(parents=True, exist_ok=True)
     args = fewshot.parse_args([*overrides, "--out", str(dest), "--quiet", *options, "--data", *map(str, data)])
     data, train_classes = fewshot.read_training_characters(args)
-    # Public drawings: the provenance pseudonyms only need a salt, not a kept one.
-    train_file = fewshot.write_dagan_train_file(dest / OMNIGLOT_TRAIN, data, train_classes, args.size, os.urandom(32))
+    train_file = dest / OMNIGLOT_TRAIN
+    if not fewshot.same_train_file(train_file, data, train_classes, args.size):
+        # Public drawings: the provenance pseudonyms only need a salt, not a kept one.
+        fewshot.write_dagan_train_file(train_file, data, train_classes, args.size, os.urandom(32))
     cfg = fewshot.dagan_config(args, train_file)
     if cfg.loss.embedding_identity <= 0:
         raise ValueError(f"{args.config}: loss.embedding_identity is 0; the GPU run needs no embedding")
@@ -280,7 +282,7 @@ def prepare_omniglot(dest: Path, data: list[Path] | tuple[Path, ...], overrides:
     embedding = identity_embedding_for_run(cfg, dataset, None, torch.device("cpu"), say=lambda message: None)
     meta = {"steps": cfg.loss.embedding_steps, "augmentation": cfg.loss.embedding_augmentation,
             "seed": cfg.train.seed, "characters": len(train_classes), "drawings": len(dataset),
-            "train_file_sha256": _sha256(train_file), "config": _repository_path(args.config),
+            "train_file_sha256": sha256_file(train_file), "config": _repository_path(args.config),
             "seconds": time.perf_counter() - t0}
     save_identity_embedding(embedding, dest / OMNIGLOT_EMBEDDING, channels=cfg.model.channels,
                             image_size=cfg.model.image_size, meta=meta)
@@ -308,14 +310,6 @@ def git_commit(root: Path = ROOT) -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return head.stdout.strip() + ("+dirty" if dirty else "")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def default_cifar_zip() -> Path | None:
@@ -353,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     BUNDLE_DIR.mkdir(exist_ok=True)
+    from dagan_gn.fileio import sha256_file
     from dagan_gn.metrics.inception import resolve_inception_weights
 
     import torch
@@ -378,8 +373,8 @@ def main(argv: list[str] | None = None) -> int:
 
     manifest = {
         "created": time.strftime("%Y-%m-%d %H:%M:%S"), "commit": git_commit(),
-        "wheels": {w.name: {"bytes": w.stat().st_size, "sha256": _sha256(w)} for w in wheels},
-        "files": {str(f.relative_to(BUNDLE_DIR)): {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+        "wheels": {w.name: {"bytes": w.stat().st_size, "sha256": sha256_file(w)} for w in wheels},
+        "files": {str(f.relative_to(BUNDLE_DIR)): {"bytes": f.stat().st_size, "sha256": sha256_file(f)}
                   for f in (fp16_path, cifar_copy, *omniglot_files)},
         "inception_source": weights.source, "inception_tag": weights.tag, "fp16_check": check,
         "omniglot_identity_embedding": omniglot,

@@ -317,14 +317,14 @@ def same_train_file(path: Path, data: Any, train_classes: list[str], size: int) 
 
 def write_dagan_train_file(path: Path, data: Any, train_classes: list[str], size: int, salt: bytes) -> Path:
     """Stage 1's output: every drawing of the training characters as one patch file (split ``train``), the DAGAN's
-    training data; kept when it exists with the same drawings. Also what ``benchmarks/prepare_gpu_bundle.py`` sends
-    to the GPU machine, so a DAGAN trained there has this protocol's data."""
+    training data (callers keep an existing one when :func:`same_train_file` says it is the same). Also what
+    ``benchmarks/prepare_gpu_bundle.py`` sends to the GPU machine, so a DAGAN trained there has this protocol's
+    data."""
     from dagan_gn.jobs.import_images import write_images
 
-    if not same_train_file(path, data, train_classes, size):
-        subset = data.select_classes(train_classes)
-        write_images(path, subset, ["train"] * len(subset), salt=salt,
-                     parameters=_train_file_parameters(data, train_classes, size))
+    subset = data.select_classes(train_classes)
+    write_images(path, subset, ["train"] * len(subset), salt=salt,
+                 parameters=_train_file_parameters(data, train_classes, size))
     return path
 
 
@@ -831,9 +831,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # The DAGAN's training file: every drawing of the training alphabets (the pipeline's own salt: public data).
     salt = load_or_create_salt(out / "pipeline.salt")
     train_file = out / "dagan_train.h5"
-    if args.reuse_dagan is None:
-        if (not same_train_file(train_file, data, train_classes, args.size) and (out / "dagan").is_dir()
-                and any((out / "dagan" / "checkpoints").glob("step_*.pt"))):
+    if args.reuse_dagan is None and not same_train_file(train_file, data, train_classes, args.size):
+        if (out / "dagan").is_dir() and any((out / "dagan" / "checkpoints").glob("step_*.pt")):
             raise ProtocolError(f"{train_file} is missing or was made from other data while {out / 'dagan'} holds a "
                                 "training run; use another --out")
         write_dagan_train_file(train_file, data, train_classes, args.size, salt)

@@ -50,6 +50,7 @@ __all__ = [
     "checkpoint_step",
     "save_checkpoint",
     "load_checkpoint",
+    "check_checkpoint",
     "latest_checkpoint",
     "list_checkpoints",
     "prune_checkpoints",
@@ -255,6 +256,12 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     except Exception as exc:  # truncated or corrupt file, or not a torch file at all
         raise CheckpointError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {first_line(exc)} "
                               "(truncated or not a torch checkpoint)") from exc
+    return check_checkpoint(state, path)
+
+
+def check_checkpoint(state: Any, path: str | os.PathLike) -> dict[str, Any]:
+    """``state`` (an already loaded checkpoint of ``path``) when it is a dagan-gn checkpoint of a format this version
+    reads and holds what a checkpoint must; else :class:`CheckpointError`, one line naming the file."""
     if not isinstance(state, dict) or "format_version" not in state:
         raise CheckpointError(f"{path} is not a dagan-gn training checkpoint (no format_version)")
     if int(state["format_version"]) > CHECKPOINT_FORMAT_VERSION:

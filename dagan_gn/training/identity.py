@@ -113,7 +113,7 @@ def load_identity_embedding(path: str | os.PathLike, *, channels: int, image_siz
         IdentityEmbeddingError: missing or unreadable, neither kind of file, made for other images than
             ``channels`` × ``image_size`` px, or weights that do not fit the architecture.
     """
-    from dagan_gn.training.checkpoint import CheckpointError, first_line, load_checkpoint
+    from dagan_gn.training.checkpoint import CheckpointError, check_checkpoint, first_line
 
     path = Path(path)
     if not path.is_file():
@@ -127,7 +127,7 @@ def load_identity_embedding(path: str | os.PathLike, *, channels: int, image_siz
         state, shape = raw.get("state"), (raw.get("channels"), raw.get("image_size"))
     elif isinstance(raw, dict) and "format_version" in raw:
         try:
-            ckpt = load_checkpoint(path)
+            ckpt = check_checkpoint(raw, path)  # already read: the checkpoint's own checks, not a second read
         except CheckpointError as exc:
             raise IdentityEmbeddingError(f"identity embedding {path}: {exc}") from exc
         state = (ckpt.get("train_model") or {}).get("identity_embedding")
